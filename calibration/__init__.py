@@ -1,0 +1,1 @@
+"""Calibration text: loading, tokenising, packing and splitting (importable as momcompress.calibration)."""

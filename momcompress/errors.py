@@ -1,0 +1,29 @@
+"""Errors raised by momcompress. The CLI turns each into a one-line message and a non-zero exit."""
+
+
+class MomcompressError(Exception):
+    """Base class: a problem the user can fix; the message says what and how."""
+
+
+class ModelLoadError(MomcompressError):
+    """The model path is missing, not a model, or corrupt."""
+
+
+class UnsupportedArchitectureError(MomcompressError):
+    """The model's architecture has no adapter (see momcompress.models.SUPPORTED_MODEL_TYPES)."""
+
+
+class DataError(MomcompressError):
+    """Calibration or evaluation data is missing, empty, unreadable or too small."""
+
+
+class ConfigError(MomcompressError):
+    """An option or config file value is invalid."""
+
+
+class RunDirError(MomcompressError):
+    """An output or run folder is in the wrong state (exists, missing, incomplete, corrupt)."""
+
+
+class TrainingDivergedError(MomcompressError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

@@ -1,0 +1,152 @@
+"""The mixture-of-masks FFN in its training form (DESIGN.md, "The MoM layer").
+
+Dense gated FFN: y = W_down (act(W_gate x) * (W_up x)). The F intermediate neurons are grouped in
+N = F / b contiguous blocks; each of E experts has one hard-concrete gate per block. A linear router
+picks the top-k experts per token, its softmax weights renormalised over the top-k, and block j of
+token t is scaled by w[t, j] = sum_{e in topk(t)} r[t, e] z[e, j]. With every gate on, w = 1 and the
+layer equals the dense FFN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from momcompress.learn.gates import deterministic_gates, prob_nonzero, sample_gates, union_ratio
+
+GATE_MODES = ("sample", "deterministic", "dense")
+
+
+@dataclass
+class LayerStats:
+    """What one forward pass of a MoM layer reports to the trainer (tensors keep their graph)."""
+
+    ratio: torch.Tensor  # () expected fraction of FFN blocks read, mean over tokens
+    balance: torch.Tensor  # () Switch-style load-balancing loss, 1.0 when perfectly balanced
+    expert_load: torch.Tensor  # (E,) fraction of routed slots per expert (no grad)
+    top_i: torch.Tensor  # (..., k) selected experts per token (no grad)
+
+
+class MoMFFN(nn.Module):
+    """Wraps a gated FFN module (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``)."""
+
+    def __init__(self, mlp: nn.Module, num_experts: int, top_k: int, block_size: int, log_alpha_init: float = 3.0):
+        super().__init__()
+        self.mlp = mlp
+        hidden = mlp.gate_proj.in_features
+        width = mlp.gate_proj.out_features
+        if width % block_size:
+            raise ValueError(f"block size {block_size} does not divide the FFN width {width}")
+        self.num_experts, self.top_k, self.block_size = num_experts, top_k, block_size
+        self.num_blocks = width // block_size
+        w = mlp.gate_proj.weight
+        self.log_alpha = nn.Parameter(torch.full((num_experts, self.num_blocks), float(log_alpha_init), device=w.device))
+        # The router runs in fp32 whatever the model dtype: routing decisions must not flip with precision.
+        self.router = nn.Linear(hidden, num_experts, bias=False, device=w.device, dtype=torch.float32)
+        nn.init.normal_(self.router.weight, std=0.02)
+        self.gate_mode = "deterministic"
+        self.generator: torch.Generator | None = None  # noise source in "sample" mode (set per step)
+        self.ratio_grad_temperature = 1.0  # >1 widens the sigmoid behind the ratio's gradient (see ratio())
+        self.track_stats = False
+        self.last_stats: LayerStats | None = None
+        self.gate_override: torch.Tensor | None = None  # (E, N) fixed gate values, e.g. target-matched masks
+
+    # -- gates ------------------------------------------------------------------------------------
+    def gate_values(self) -> torch.Tensor:
+        """(E, N) gate values for the current mode."""
+        if self.gate_override is not None:
+            return self.gate_override
+        if self.gate_mode == "sample":
+            return sample_gates(self.log_alpha, self.generator)
+        return deterministic_gates(self.log_alpha)
+
+    def block_on_prob(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(E, N) probability that a block gate is on, as the activation ratio counts it.
+
+        Returns (p, p_wide): p is P(z != 0) (or 0/1 for fixed gates); p_wide, when not None, is a
+        sigmoid widened by ``ratio_grad_temperature`` that supplies the ratio's gradient, so that it
+        does not vanish when gates start fully on (DESIGN.md, lessons of the first runs).
+        """
+        if self.gate_override is not None or self.gate_mode == "dense":
+            gates = self.gate_override if self.gate_override is not None else torch.ones_like(self.log_alpha)
+            return (gates > 0).float(), None
+        if self.gate_mode == "deterministic":
+            return (deterministic_gates(self.log_alpha) > 0).float(), None
+        p = prob_nonzero(self.log_alpha)
+        if self.ratio_grad_temperature == 1.0:
+            return p, None
+        return p, prob_nonzero(self.log_alpha / self.ratio_grad_temperature)
+
+    # -- routing ----------------------------------------------------------------------------------
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k routing. Returns probs (..., E), renormalised top-k weights (..., k), indices (..., k)."""
+        probs = torch.softmax(self.router(x.float()), dim=-1)
+        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        return probs, top_w / top_w.sum(dim=-1, keepdim=True), top_i
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_mode == "dense":
+            return self.mlp(x)
+        mlp = self.mlp
+        h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # (..., F)
+        probs, top_w, top_i = self.route(x)  # (..., E), (..., k), (..., k)
+        z = self.gate_values()  # (E, N)
+        w = (top_w.unsqueeze(-1) * z[top_i]).sum(dim=-2)  # (..., N)
+        lead = h.shape[:-1]
+        h = (h.view(*lead, self.num_blocks, self.block_size) * w.unsqueeze(-1).to(h.dtype)).view(*lead, -1)
+        if self.track_stats:
+            self.last_stats = self._stats(probs, top_i)
+        return mlp.down_proj(h)
+
+    def _stats(self, probs: torch.Tensor, top_i: torch.Tensor) -> LayerStats:
+        p_on, p_wide = self.block_on_prob()  # (E, N)
+        ratio = union_ratio(p_on[top_i]).mean()  # p_on[top_i]: (..., k, N)
+        if p_wide is not None:  # value of the exact ratio, gradient of the widened one
+            wide = union_ratio(p_wide[top_i]).mean()
+            ratio = wide + (ratio - wide).detach()
+        E = self.num_experts
+        slots = torch.zeros(E, device=probs.device).scatter_add_(
+            0, top_i.reshape(-1), torch.ones(top_i.numel(), device=probs.device)
+        )
+        load = slots / slots.sum()  # (E,) fraction of routed slots
+        mean_prob = probs.reshape(-1, E).mean(dim=0)  # (E,)
+        return LayerStats(
+            ratio=ratio, balance=E * (load.detach() * mean_prob).sum(), expert_load=load.detach(), top_i=top_i.detach()
+        )
+
+
+def mom_layers(model: nn.Module) -> list[MoMFFN]:
+    """All MoM layers of a wrapped model, in module order."""
+    return [m for m in model.modules() if isinstance(m, MoMFFN)]
+
+
+@contextlib.contextmanager
+def gate_mode(model: nn.Module, mode: str):
+    """Temporarily set every MoM layer's gate mode ("sample", "deterministic" or "dense")."""
+    if mode not in GATE_MODES:
+        raise ValueError(f"gate mode must be one of {GATE_MODES}, got {mode!r}")
+    layers = mom_layers(model)
+    before = [m.gate_mode for m in layers]
+    for m in layers:
+        m.gate_mode = mode
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m.gate_mode = b
+
+
+@contextlib.contextmanager
+def tracking(model: nn.Module, on: bool = True):
+    """Make every MoM layer record LayerStats on its forward passes."""
+    layers = mom_layers(model)
+    for m in layers:
+        m.track_stats, m.last_stats = on, None
+    try:
+        yield layers
+    finally:
+        for m in layers:
+            m.track_stats = False

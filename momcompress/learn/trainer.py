@@ -1,0 +1,486 @@
+"""`learn`: train per-expert block masks and routers on calibration text (DESIGN.md, "The MoM layer").
+
+Orchestration only: the math lives in gates.py (hard-concrete), mom.py (the layer), lagrangian.py
+(target control) and init.py. Run it with `momcompress learn MODEL --target 0.5 -o RUN_DIR`, or under
+`torchrun --nproc_per_node N` for data parallel training.
+
+The run folder is written as RUN_DIR.partial while training (checkpoints every few steps, resumable
+with --resume) and renamed to RUN_DIR once complete, so RUN_DIR never holds a half-written run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from momcompress import __version__
+from momcompress.config import LearnConfig
+from momcompress.errors import ConfigError, DataError, RunDirError, TrainingDivergedError
+from momcompress.learn import distributed as ddp
+from momcompress.learn.lagrangian import RatioController, routing_histogram, solve_offset
+from momcompress.learn.mom import gate_mode, mom_layers, tracking
+from momcompress.learn.select import match_target, measure_ratio, set_gate_offset
+from momcompress.metrics import perplexity
+from momcompress.models import (
+    default_block_size,
+    ffn_width,
+    load_model,
+    model_fingerprint,
+    read_config,
+    resolve_model_dir,
+    wrap_with_mom,
+)
+
+log = logging.getLogger(__name__)
+
+MASKS_FILE = "masks.safetensors"
+WEIGHTS_FILE = "weights.safetensors"
+STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "manifest.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class RunPaths:
+    final: Path
+    partial: Path
+
+    @classmethod
+    def of(cls, output: str | os.PathLike) -> "RunPaths":
+        final = Path(output)
+        return cls(final=final, partial=final.with_name(final.name + ".partial"))
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.partial / CHECKPOINT_DIR
+
+
+def prepare_run_dir(paths: RunPaths, resume: bool, overwrite: bool) -> bool:
+    """Check the output folder's state; return True when resuming from a checkpoint."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: pick one")
+    if paths.final.exists() and not overwrite:
+        if resume:
+            raise RunDirError(f"{paths.final} is a complete run; nothing to resume (pass --overwrite to learn again)")
+        raise RunDirError(f"output folder {paths.final} exists: pass --overwrite to replace it, or choose another -o")
+    if resume:
+        if not _has_checkpoint(paths):
+            raise RunDirError(f"nothing to resume: {paths.checkpoint} has no checkpoint (start without --resume)")
+        return True
+    if paths.partial.exists():
+        if not overwrite:
+            raise RunDirError(
+                f"an interrupted run is in {paths.partial}: pass --resume to continue it or --overwrite to start over"
+            )
+    return False
+
+
+def resolve_block_size(config: LearnConfig, width: int) -> int:
+    if config.block_size is None:
+        return default_block_size(width)
+    if width % config.block_size:
+        divisors = [b for b in (128, 64, 32, 16, 8) if width % b == 0]
+        raise ConfigError(
+            f"--block-size {config.block_size} does not divide the FFN width {width}; "
+            f"use one of {divisors} (or omit it for the default {default_block_size(width)})"
+        )
+    return config.block_size
+
+
+def target_at(step: int, config: LearnConfig) -> float:
+    """Scheduled target: linear from 1 to config.target over the warm-up steps, then constant."""
+    warm = max(1, round(config.warmup * config.steps))
+    return 1.0 - (1.0 - config.target) * min(1.0, step / warm)
+
+
+def _generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + rank)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per token, averaged: logits (B, L, V)."""
+    s = F.log_softmax(student.float(), dim=-1)
+    t = F.log_softmax(teacher.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def _atomic_dir_write(target: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder via a temp name, then swap it in (the old one survives until the swap)."""
+    tmp = target.with_name(target.name + ".tmp")
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class Learner:
+    """Holds the wrapped model, optimiser and controller of one run."""
+
+    def __init__(self, model, config: LearnConfig, block_size: int, device: torch.device):
+        self.model, self.config, self.device = model, config, device
+        self.layers = wrap_with_mom(model, config.experts, config.top_k, block_size, config.log_alpha_init)
+        for m in self.layers:
+            m.ratio_grad_temperature = config.ratio_grad_temperature
+        self.gate_params = [m.log_alpha for m in self.layers]
+        self.router_params = [m.router.weight for m in self.layers]
+        self.weight_params = []
+        if config.tune_weights:
+            for m in self.layers:
+                for lin in (m.mlp.gate_proj, m.mlp.up_proj, m.mlp.down_proj):
+                    lin.weight.requires_grad_(True)
+                    self.weight_params.append(lin.weight)
+        groups = [
+            {"params": self.gate_params, "lr": config.lr, "name": "log_alpha"},
+            {"params": self.router_params, "lr": config.router_lr, "name": "router"},
+        ]
+        if self.weight_params:
+            groups.append({"params": self.weight_params, "lr": config.weight_lr, "name": "weights"})
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999))
+        self.controller = RatioController(config.target, config.lambda_lr, config.control)
+        self.step = 0
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return self.gate_params + self.router_params + self.weight_params
+
+    def train_step(self, batch: torch.Tensor, rank: int) -> dict:
+        """One optimisation step on batch (B, L); returns the step's metrics."""
+        cfg = self.config
+        target = target_at(self.step, cfg)
+        gen = _generator(cfg.seed, self.step, rank)
+        for m in self.layers:
+            m.generator = gen
+        teacher = None
+        if cfg.distill:
+            with torch.no_grad(), gate_mode(self.model, "dense"):
+                teacher = self.model(input_ids=batch, use_cache=False).logits
+        with gate_mode(self.model, "sample"), tracking(self.model) as layers:
+            logits = self.model(input_ids=batch, use_cache=False).logits
+            ratio = torch.stack([m.last_stats.ratio for m in layers]).mean()
+            balance = torch.stack([m.last_stats.balance for m in layers]).mean()
+        lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+        kd = distill_loss(logits, teacher) if teacher is not None else torch.zeros((), device=logits.device)
+        main = kd + cfg.lm_weight * lm if cfg.distill else lm
+        penalty = self.controller.penalty(ratio, target)
+        loss = main + penalty + cfg.balance_weight * balance
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"loss became {float(loss)} at step {self.step}: training stopped; lower --lr"
+                + (" or --weight-lr" if cfg.tune_weights else "")
+                + " (or use --dtype float32) and resume from the last checkpoint with --resume"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ddp.average_gradients(self.trainable)
+        self.optimizer.step()
+        if self.controller.mode == "projection":
+            self._project(layers, target_at(self.step + 1, cfg))
+        ratio_v, lm_v, kd_v, bal_v = ddp.average_scalars(
+            [float(ratio.detach()), float(lm.detach()), float(kd.detach()), float(balance.detach())], self.device
+        )
+        self.controller.update(ratio_v, target)
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss": float(loss.detach()),
+            "lm": lm_v,
+            "kd": kd_v,
+            "ratio": ratio_v,
+            "target": target,
+            "lambda1": self.controller.lambda1,
+            "lambda2": self.controller.lambda2,
+            "balance": bal_v,
+        }
+
+    @torch.no_grad()
+    def _project(self, layers, next_target: float) -> None:
+        """Shift every log_alpha by one offset so the expected ratio of this step's routing is next_target."""
+        hists = [routing_histogram(m.last_stats.top_i, m.num_experts) for m in layers]
+        offset = solve_offset([m.log_alpha.detach().float() for m in layers], hists, next_target)
+        (offset,) = ddp.average_scalars([offset], self.device)
+        for m in layers:
+            m.log_alpha.add_(offset)
+        self.controller.last_offset = offset
+
+    # -- state ------------------------------------------------------------------------------------
+    def mask_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "log_alpha": torch.stack([p.detach().float().cpu() for p in self.gate_params]).contiguous(),  # (L, E, N)
+            "router": torch.stack([p.detach().float().cpu() for p in self.router_params]).contiguous(),  # (L, E, d)
+        }
+
+    def weight_tensors(self) -> dict[str, torch.Tensor]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {names[id(p)]: p.detach().cpu().contiguous() for p in self.weight_params}
+
+    def save(self, folder: Path, extra: dict) -> None:
+        save_file(self.mask_tensors(), folder / MASKS_FILE)
+        if self.weight_params:
+            save_file(self.weight_tensors(), folder / WEIGHTS_FILE)
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "controller": self.controller.state_dict(),
+            "config": self.config.to_json(),
+            **extra,
+        }
+        torch.save(state, folder / STATE_FILE)
+
+    def load(self, folder: Path) -> dict:
+        try:
+            masks = load_file(folder / MASKS_FILE)
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+            weights = load_file(folder / WEIGHTS_FILE) if self.weight_params else {}
+        except Exception as exc:  # noqa: BLE001 - any failure means an unreadable checkpoint
+            raise RunDirError(f"checkpoint in {folder} is corrupt or incomplete ({exc}); start over with --overwrite") from exc
+        saved_cfg = LearnConfig.from_json(state["config"])
+        if saved_cfg != self.config:
+            diff = {k: (v, getattr(self.config, k)) for k, v in saved_cfg.to_dict().items() if getattr(self.config, k) != v}
+            raise RunDirError(f"--resume with different options than the checkpoint: {diff} (saved, now); use the same options")
+        la, router = masks["log_alpha"], masks["router"]
+        if la.shape[0] != len(self.layers) or la.shape[1:] != self.gate_params[0].shape:
+            raise RunDirError(f"checkpoint gates have shape {tuple(la.shape)}, not this model's; wrong run folder?")
+        with torch.no_grad():
+            for i, m in enumerate(self.layers):
+                m.log_alpha.copy_(la[i])
+                m.router.weight.copy_(router[i])
+            named = dict(self.model.named_parameters())
+            for name, t in weights.items():
+                named[name].copy_(t)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.controller.load_state_dict(state["controller"])
+        self.step = int(state["step"])
+        return state
+
+
+def _checksum(learner: Learner) -> float:
+    return float(sum(p.detach().double().sum() * (i + 1) for i, p in enumerate(learner.trainable)))
+
+
+def learn(
+    model: str | os.PathLike | None,
+    output: str | os.PathLike,
+    config: LearnConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_step: Callable[[dict], None] | None = None,
+) -> dict:
+    """Learn masks and routers for MODEL; write the run folder OUTPUT and return its manifest.
+
+    Args:
+        model: Hugging Face model folder, .gguf file, or None / "default" for the embedded model.
+        output: run folder to create (written as OUTPUT.partial until complete).
+        config: what to learn.
+        resume: continue the interrupted run in OUTPUT.partial from its last checkpoint.
+        overwrite: replace an existing OUTPUT (or OUTPUT.partial).
+        on_step: called with each step's metrics (progress reporting, tests).
+    """
+    from momcompress.calibration.data import batch_for_step, build_token_batches
+
+    paths = RunPaths.of(output)
+    resuming = prepare_run_dir(paths, resume, overwrite)
+    model_dir = resolve_model_dir(model)
+    read_config(model_dir)  # architecture check before any heavy work
+    device = ddp.local_device(config.device)
+    rank, world = ddp.init_from_env(device)
+    main_rank = rank == 0
+    t_start = time.time()
+    try:
+        dense, tokenizer = load_model(model_dir, dtype=getattr(torch, config.dtype), device=device)
+        block_size = resolve_block_size(config, ffn_width(dense))
+        global_batch = config.batch_size * world
+        need = config.steps * global_batch * config.seq_len
+        data = build_token_batches(
+            tokenizer,
+            config.data,
+            seq_len=config.seq_len,
+            train_tokens=need,
+            heldout_tokens=config.eval_tokens,
+            seed=config.seed,
+            min_train_tokens=global_batch * config.seq_len,
+        )
+        train, heldout = data.train, data.heldout
+        if config.eval_tokens and len(heldout) == 0:
+            raise DataError("no held-out tokens for evaluation: add data or pass eval_tokens 0")
+        learner = Learner(dense, config, block_size, device)
+        source_hash = model_fingerprint(model_dir)
+        if main_rank:
+            paths.partial.mkdir(parents=True, exist_ok=True)
+        if resuming:
+            ckpt = paths.checkpoint if (paths.checkpoint / STATE_FILE).is_file() else paths.partial / (CHECKPOINT_DIR + ".old")
+            state = learner.load(ckpt)
+            if state.get("source_model_hash") != source_hash:
+                raise RunDirError(f"the source model {model_dir} changed since the checkpoint was written; resume needs the same model")
+            log.info("resuming from step %d of %d", learner.step, config.steps)
+        else:
+            if config.init == "importance":
+                init_seqs = train[: max(1, math.ceil(config.init_tokens / config.seq_len))]
+                from momcompress.learn.init import importance_init
+
+                importance_init(dense, learner.layers, init_seqs, config.batch_size, config.init_tokens, config.seed, config.log_alpha_init)
+            ddp.broadcast_params(learner.trainable)
+            if main_rank:
+                (paths.partial / LOG_FILE).write_text("")
+        if main_rank:
+            _trim_log(paths.partial / LOG_FILE, learner.step)
+        ckpt_extra = {"source_model_hash": source_hash}
+        records = _train_loop(learner, train, batch_for_step, paths, rank, world, ckpt_extra, on_step)
+        checks = ddp.gather_checksums(_checksum(learner))
+        if len(set(checks)) != 1:
+            raise RuntimeError(f"ranks diverged: gate checksums {checks}")
+        if not main_rank:
+            ddp.barrier()
+            return {}
+        manifest = _finish(learner, dense, heldout, train, model_dir, source_hash, block_size, world, checks, records, t_start)
+
+        def write(folder: Path):
+            learner.save(folder, ckpt_extra)
+            shutil.copy(paths.partial / LOG_FILE, folder / LOG_FILE)
+            (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+
+        _atomic_dir_write(paths.final, write)
+        shutil.rmtree(paths.partial, ignore_errors=True)
+        ddp.barrier()
+        return manifest
+    except BaseException:
+        # Keep a resumable checkpoint; otherwise leave nothing behind.
+        if main_rank and paths.partial.exists() and not _has_checkpoint(paths):
+            shutil.rmtree(paths.partial, ignore_errors=True)
+        raise
+    finally:
+        ddp.shutdown()
+
+
+def _has_checkpoint(paths: RunPaths) -> bool:
+    return (paths.checkpoint / STATE_FILE).is_file() or (paths.partial / (CHECKPOINT_DIR + ".old") / STATE_FILE).is_file()
+
+
+def _train_loop(learner: Learner, train, batch_for_step, paths: RunPaths, rank: int, world: int, ckpt_extra: dict, on_step) -> list[dict]:
+    cfg = learner.config
+    main_rank = rank == 0
+    records: list[dict] = []
+    bar = tqdm(total=cfg.steps, initial=learner.step, desc="learn", disable=not main_rank, file=sys.stderr, dynamic_ncols=True)
+    t_last, tokens_since = time.time(), 0
+    logf = open(paths.partial / LOG_FILE, "a") if main_rank else None
+    try:
+        while learner.step < cfg.steps:
+            batch = batch_for_step(train, learner.step, cfg.batch_size, cfg.seed, rank, world).to(learner.device)
+            metrics = learner.train_step(batch, rank)
+            tokens_since += batch.numel() * world
+            now = time.time()
+            metrics["tok_per_s"] = tokens_since / max(now - t_last, 1e-9)
+            t_last, tokens_since = now, 0
+            records.append(metrics)
+            if main_rank:
+                logf.write(json.dumps(metrics) + "\n")
+                logf.flush()
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}", ratio=f"{metrics['ratio']:.3f}", target=f"{metrics['target']:.3f}",
+                    l1=f"{metrics['lambda1']:.2f}", l2=f"{metrics['lambda2']:.2f}", tok_s=f"{metrics['tok_per_s']:.0f}",
+                )
+                bar.update(1)
+                if learner.step % cfg.log_every == 0 or learner.step == cfg.steps:
+                    tqdm.write(
+                        f"step {learner.step}: loss {metrics['loss']:.3f} (kd {metrics['kd']:.3f}, lm {metrics['lm']:.3f}), "
+                        f"ratio {metrics['ratio']:.3f}, target {metrics['target']:.3f}, lambda {metrics['lambda1']:.2f}/"
+                        f"{metrics['lambda2']:.2f}, {metrics['tok_per_s']:.0f} tok/s",
+                        file=sys.stderr,
+                    )
+                if learner.step % cfg.checkpoint_every == 0 and learner.step < cfg.steps:
+                    _atomic_dir_write(paths.checkpoint, lambda d: learner.save(d, ckpt_extra))
+            if on_step is not None:
+                on_step(metrics)
+    except TrainingDivergedError as exc:
+        kept = f"; the last good checkpoint is in {paths.checkpoint}" if paths.checkpoint.exists() else "; no checkpoint was written yet"
+        raise TrainingDivergedError(str(exc) + kept) from None
+    finally:
+        bar.close()
+        if logf:
+            logf.close()
+    return records
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from (they are recomputed)."""
+    if not path.exists():
+        path.write_text("")
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _finish(learner, model, heldout, train, model_dir, source_hash, block_size, world, checks, records, t_start) -> dict:
+    """Final measurements (rank 0): ratios, held-out perplexity dense vs learned; the manifest."""
+    cfg = learner.config
+    learner.model.eval()
+    final = records[-1] if records else {}
+    eval_seqs = heldout if len(heldout) else train[: max(1, cfg.eval_tokens // cfg.seq_len)]
+    result = {
+        "expected_ratio": final.get("ratio"),
+        "final_target": final.get("target"),
+    }
+    if cfg.eval_tokens and len(heldout):
+        bs = max(1, min(8, cfg.batch_size))
+        det_ratio, per_layer = measure_ratio(model, eval_seqs, bs)
+        offset, matched = match_target(model, eval_seqs, cfg.target, bs)
+        with gate_mode(model, "dense"):
+            ppl_dense = perplexity(model, eval_seqs, bs)
+        with gate_mode(model, "deterministic"):
+            set_gate_offset(model, offset)
+            ppl_matched = perplexity(model, eval_seqs, bs)
+            set_gate_offset(model, None)
+        result.update(
+            {
+                "eval_tokens": int(eval_seqs.numel()),
+                "deterministic_ratio": det_ratio,
+                "deterministic_ratio_per_layer": per_layer,
+                "target_matched_offset": offset,
+                "target_matched_ratio": matched,
+                "perplexity_dense": ppl_dense,
+                "perplexity_target_matched": ppl_matched,
+            }
+        )
+        log.info("held-out perplexity: dense %.2f, learned %.2f at measured ratio %.3f", ppl_dense, ppl_matched, matched)
+    import transformers
+
+    last = records[-1] if records else {}
+    return {
+        "stage": "learn",
+        "momcompress_version": __version__,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]},
+        "config": learner.config.to_dict(),
+        "source_model": str(model_dir.resolve()),
+        "source_model_hash": source_hash,
+        "architecture": model.config.model_type,
+        "num_layers": len(learner.layers),
+        "ffn_width": learner.layers[0].num_blocks * block_size,
+        "block_size": block_size,
+        "num_blocks": learner.layers[0].num_blocks,
+        "world_size": world,
+        "rank_checksums": checks,
+        "steps": learner.step,
+        "train_tokens_seen": learner.step * cfg.tokens_per_step * world,
+        "wall_seconds": time.time() - t_start,
+        "final_losses": {k: last.get(k) for k in ("loss", "kd", "lm", "balance")},
+        "lambdas": learner.controller.state_dict(),
+        "metrics": result,
+    }
