@@ -41,6 +41,7 @@ class LearnConfig:
             cluster, every gate still on) or "uniform" (random routers, equal gates).
         init_tokens: calibration tokens used by the importance init.
         data: calibration data (None = the default novels); see momcompress.calibration.data.
+        text_field: field holding the text in .jsonl / .parquet / datasets data (None: text, content, ...).
         eval_tokens: held-out tokens for the final perplexity and ratio (0 = skip).
         seed: seed of data order, gate noise and init.
         device: "auto", "cpu", "cuda" or "cuda:N".
@@ -50,27 +51,28 @@ class LearnConfig:
     """
 
     target: float = 0.5
-    experts: int = 8
-    top_k: int = 2
+    experts: int = 16
+    top_k: int = 1
     block_size: int | None = None
     steps: int = 200
     batch_size: int = 4
     seq_len: int = 256
     lr: float = 0.3
     router_lr: float = 1e-3
-    weight_lr: float = 2e-5
+    weight_lr: float = 1e-4
     lambda_lr: float = 2.0
     control: str = "projection"
     warmup: float = 0.6
     distill: bool = True
     lm_weight: float = 0.0
-    tune_weights: bool = False
+    tune_weights: bool = True
     balance_weight: float = 0.01
     ratio_grad_temperature: float = 4.0
     log_alpha_init: float = 3.0
     init: str = "importance"
     init_tokens: int = 16384
     data: str | None = None
+    text_field: str | None = None
     eval_tokens: int = 8192
     seed: int = 0
     device: str = "auto"

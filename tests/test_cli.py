@@ -56,7 +56,7 @@ def _unsupported_model(path: Path) -> Path:
         ("target 0", ["MODEL", "--target", "0"], 2, "--target"),
         ("top-k > experts", ["MODEL", "--experts", "2", "--top-k", "3"], 1, "--top-k must be between 1 and --experts"),
         ("block size", ["MODEL", "--block-size", "48"], 1, "does not divide the FFN width 128"),
-        ("empty data", ["MODEL", "--data", "EMPTY_TXT"], 1, "no text"),
+        ("empty data", ["MODEL", "--data", "EMPTY_TXT"], 1, "No text found"),
         ("too little data", ["MODEL", "--data", "TINY_TXT", "--batch-size", "64"], 1, "tokens"),
         ("output exists", ["MODEL", "--output-exists"], 1, "exists: pass --overwrite"),
         ("resume nothing", ["MODEL", "--resume"], 1, "nothing to resume"),

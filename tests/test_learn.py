@@ -38,7 +38,7 @@ def test_ratio_reaches_target_and_run_folder_is_complete(tiny_llama_dir, text_da
     assert [r["step"] for r in lines] == list(range(1, len(lines) + 1))
     # the schedule: target falls linearly then holds; the ratio follows it, never 0.03 below
     for r in lines:
-        assert abs(r["ratio"] - r["target"]) <= 0.03
+        assert r["ratio"] >= r["target"] - 0.03
 
 
 def test_lagrangian_multipliers_rise_while_ratio_is_above_target(tiny_llama_dir, text_data, tmp_path):
@@ -112,5 +112,27 @@ def test_overwrite_replaces_a_finished_run(tiny_llama_dir, text_data, tmp_path):
 
 
 def test_lm_loss_only_and_uniform_init_run(tiny_llama_dir, text_data, tmp_path):
-    m = learn(str(tiny_llama_dir), tmp_path / "u", _cfg(text_data, steps=20, distill=False, init="uniform", experts=2, top_k=1))
+    m = learn(str(tiny_llama_dir), tmp_path / "u", _cfg(text_data, steps=30, distill=False, init="uniform", experts=2, top_k=1))
     assert abs(m["metrics"]["expected_ratio"] - 0.5) <= 0.02
+
+
+def test_tuned_weights_keep_the_original_model_as_teacher(tiny_llama_dir, text_data, tmp_path):
+    from momcompress.learn.mom import gate_mode
+    from momcompress.models import load_model
+
+    dense, _ = load_model(tiny_llama_dir)
+    ids = torch.randint(3, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = dense(input_ids=ids).logits
+    cfg = _cfg(text_data, steps=6, tune_weights=True, weight_lr=1e-2)
+    learner = trainer.Learner(dense, cfg, block_size=16, device=torch.device("cpu"))
+    from momcompress.calibration.data import build_token_batches
+    from conftest import tiny_tokenizer
+
+    data = build_token_batches(tiny_tokenizer(), str(text_data), 32, 6 * 4 * 32, 0, 0)
+    for step in range(6):
+        learner.train_step(data.train[step % len(data.train) :][:4], 0)
+    with torch.no_grad(), gate_mode(dense, "dense"):
+        torch.testing.assert_close(dense(input_ids=ids).logits, before)
+    w0 = learner.layers[0].reference_mlp.down_proj.weight
+    assert not torch.equal(learner.layers[0].mlp.down_proj.weight, w0)

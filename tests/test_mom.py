@@ -109,3 +109,20 @@ def test_dense_mode_bypasses_gates():
 def test_default_block_size(width, expected):
     b = default_block_size(width)
     assert width % b == 0 and b == expected
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_gets_task_gradient(top_k):
+    model = _tiny("llama")
+    layers = wrap_with_mom(model, num_experts=4, top_k=top_k, block_size=16)
+    for m in layers:  # half the gates off so routing matters
+        with torch.no_grad():
+            m.log_alpha.copy_(torch.randn(m.log_alpha.shape) * 5)
+    ids = torch.randint(3, 256, (2, 16))
+    with gate_mode(model, "deterministic"):
+        model(input_ids=ids).logits.pow(2).mean().backward()
+    assert all(m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0 for m in layers)
+    # values are unchanged by the straight-through term
+    with torch.no_grad():
+        _, w, _ = layers[0].route(torch.randn(3, 64))
+    torch.testing.assert_close(w.sum(-1), torch.ones(3))

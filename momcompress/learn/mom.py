@@ -53,6 +53,15 @@ class MoMFFN(nn.Module):
         self.track_stats = False
         self.last_stats: LayerStats | None = None
         self.gate_override: torch.Tensor | None = None  # (E, N) fixed gate values, e.g. target-matched masks
+        # Frozen copy of the original FFN, used in "dense" mode when the MoM weights are being tuned, so
+        # the distillation teacher and the dense reference stay the original model.
+        self.reference_mlp: nn.Module | None = None
+
+    def freeze_reference(self) -> None:
+        """Keep a frozen copy of the current FFN weights as the dense reference (for weight tuning)."""
+        import copy
+
+        self.reference_mlp = copy.deepcopy(self.mlp).requires_grad_(False)
 
     # -- gates ------------------------------------------------------------------------------------
     def gate_values(self) -> torch.Tensor:
@@ -84,12 +93,17 @@ class MoMFFN(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k routing. Returns probs (..., E), renormalised top-k weights (..., k), indices (..., k)."""
         probs = torch.softmax(self.router(x.float()), dim=-1)
-        top_w, top_i = probs.topk(self.top_k, dim=-1)
-        return probs, top_w / top_w.sum(dim=-1, keepdim=True), top_i
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        top_w = top_p / top_p.sum(dim=-1, keepdim=True)
+        if self.top_k == 1 and torch.is_grad_enabled():
+            # Renormalised over one expert the weight is always 1 and the router would get no gradient;
+            # pass the task's gradient to the chosen expert's probability instead (value unchanged).
+            top_w = top_w + (top_p - top_p.detach())
+        return probs, top_w, top_i
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_mode == "dense":
-            return self.mlp(x)
+            return (self.reference_mlp if self.reference_mlp is not None else self.mlp)(x)
         mlp = self.mlp
         h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # (..., F)
         probs, top_w, top_i = self.route(x)  # (..., E), (..., k), (..., k)

@@ -37,6 +37,21 @@ def _forward_routing(model, seqs: torch.Tensor, batch_size: int, offset: float):
     return per_layer / max(n, 1), [torch.cat(t) for t in tops]
 
 
+@torch.no_grad()
+def expected_ratio(model, seqs: torch.Tensor, batch_size: int) -> float:
+    """Expected activation ratio (P(z != 0), union over each token's top-k) of the learned gates over seqs."""
+    layers = mom_layers(model)
+    total, n = 0.0, 0
+    device = next(model.parameters()).device
+    with gate_mode(model, "sample"), tracking(model):
+        for start in range(0, len(seqs), batch_size):
+            batch = seqs[start : start + batch_size].to(device)
+            model(input_ids=batch, use_cache=False)
+            total += batch.numel() * float(torch.stack([m.last_stats.ratio.float() for m in layers]).mean())
+            n += batch.numel()
+    return total / max(n, 1)
+
+
 def measure_ratio(model, seqs: torch.Tensor, batch_size: int, offset: float = 0.0) -> tuple[float, list[float]]:
     """Measured activation ratio of deterministic gates (log_alpha + offset) over seqs: (mean, per layer)."""
     per_layer, _ = _forward_routing(model, seqs, batch_size, offset)

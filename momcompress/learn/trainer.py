@@ -32,7 +32,7 @@ from momcompress.errors import ConfigError, DataError, RunDirError, TrainingDive
 from momcompress.learn import distributed as ddp
 from momcompress.learn.lagrangian import RatioController, routing_histogram, solve_offset
 from momcompress.learn.mom import gate_mode, mom_layers, tracking
-from momcompress.learn.select import match_target, measure_ratio, set_gate_offset
+from momcompress.learn.select import expected_ratio, match_target, measure_ratio, set_gate_offset
 from momcompress.metrics import perplexity
 from momcompress.models import (
     default_block_size,
@@ -145,6 +145,7 @@ class Learner:
         self.weight_params = []
         if config.tune_weights:
             for m in self.layers:
+                m.freeze_reference()
                 for lin in (m.mlp.gate_proj, m.mlp.up_proj, m.mlp.down_proj):
                     lin.weight.requires_grad_(True)
                     self.weight_params.append(lin.weight)
@@ -317,6 +318,7 @@ def learn(
             heldout_tokens=config.eval_tokens,
             seed=config.seed,
             min_train_tokens=global_batch * config.seq_len,
+            text_field=config.text_field,
         )
         train, heldout = data.train, data.heldout
         if config.eval_tokens and len(heldout) == 0:
@@ -435,11 +437,13 @@ def _finish(learner, model, heldout, train, model_dir, source_hash, block_size, 
     final = records[-1] if records else {}
     eval_seqs = heldout if len(heldout) else train[: max(1, cfg.eval_tokens // cfg.seq_len)]
     result = {
-        "expected_ratio": final.get("ratio"),
+        "expected_ratio": final.get("ratio"),  # replaced by the held-out measurement below when there is one
+        "expected_ratio_last_step": final.get("ratio"),
         "final_target": final.get("target"),
     }
     if cfg.eval_tokens and len(heldout):
         bs = max(1, min(8, cfg.batch_size))
+        result["expected_ratio"] = expected_ratio(model, eval_seqs, bs)
         det_ratio, per_layer = measure_ratio(model, eval_seqs, bs)
         offset, matched = match_target(model, eval_seqs, cfg.target, bs)
         with gate_mode(model, "dense"):
