@@ -54,7 +54,7 @@ class LearnConfig:
     experts: int = 16
     top_k: int = 1
     block_size: int | None = None
-    steps: int = 200
+    steps: int = 100
     batch_size: int = 4
     seq_len: int = 256
     lr: float = 0.3
