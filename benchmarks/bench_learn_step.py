@@ -61,11 +61,12 @@ def main():
         opt.step()
 
     results = {}
-    for distill in (True, False):
+    for distill, tune in ((True, False), (True, True), (False, False)):
         model = build(args.model)
-        cfg = LearnConfig(steps=10_000, batch_size=args.batch_size, seq_len=args.seq_len, distill=distill)
+        cfg = LearnConfig(steps=10_000, batch_size=args.batch_size, seq_len=args.seq_len, distill=distill, tune_weights=tune)
         learner = Learner(model, cfg, block_size=16, device=torch.device("cpu"))
-        fns = {"plain fwd+bwd": plain_step, f"learn step (distill={distill})": lambda: learner.train_step(ids, 0)}
+        name = f"learn ({'distill' if distill else 'lm'}, {'tuned' if tune else 'frozen'} weights)"
+        fns = {"plain fwd+bwd": plain_step, name: lambda: learner.train_step(ids, 0)}
         times = {k: [] for k in fns}
         for fn in fns.values():  # warm-up
             fn()
@@ -75,13 +76,12 @@ def main():
                 fn()
                 times[k].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
-        name = f"learn step (distill={distill})"
         results[name] = {"median_s": med[name], "plain_median_s": med["plain fwd+bwd"], "ratio": med[name] / med["plain fwd+bwd"]}
 
     tokens = args.batch_size * args.seq_len
-    print(f"{'step':<28} {'median s':>9} {'plain s':>9} {'ratio':>7} {'tok/s':>8}")
+    print(f"{'step':<34} {'median s':>9} {'plain s':>9} {'ratio':>7} {'tok/s':>8}")
     for name, r in results.items():
-        print(f"{name:<28} {r['median_s']:9.3f} {r['plain_median_s']:9.3f} {r['ratio']:7.2f} {tokens / r['median_s']:8.0f}")
+        print(f"{name:<34} {r['median_s']:9.3f} {r['plain_median_s']:9.3f} {r['ratio']:7.2f} {tokens / r['median_s']:8.0f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"batch_size": args.batch_size, "seq_len": args.seq_len, "threads": torch.get_num_threads(), "results": results}, f, indent=2)

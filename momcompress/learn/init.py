@@ -8,8 +8,6 @@ gradient until noise breaks the symmetry (DESIGN.md, lessons of the first runs).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from momcompress.learn.gates import LOG_ALPHA_FULLY_ON
@@ -85,20 +83,7 @@ def importance_init(model, layers: list[MoMFFN], seqs: torch.Tensor, batch_size:
     base = max(log_alpha_init, LOG_ALPHA_FULLY_ON + 0.1)
     for layer, (x, energy) in zip(layers, collect_ffn_inputs(model, layers, seqs, batch_size, max_tokens)):
         E = layer.num_experts
-        if E > 1 and os.environ.get("MOM_CLUSTER", "input") == "energy":
-            # Cluster tokens by which blocks they use (normalised block-energy pattern), then fit the
-            # router to predict the cluster from the FFN input (ridge regression on one-hot labels).
-            pattern = torch.sqrt(energy / energy.sum(dim=1, keepdim=True).clamp_min(1e-12))
-            _, labels = spherical_kmeans(pattern, E, iters=15, generator=g)
-            xs = torch.cat([x, torch.ones(len(x), 1)], dim=1)
-            onehot = torch.nn.functional.one_hot(labels, E).float()
-            reg = 1e-2 * xs.pow(2).mean() * torch.eye(xs.shape[1])
-            w = torch.linalg.solve(xs.T @ xs + reg * len(x), xs.T @ onehot)[:-1]  # (d, E)
-            logits = x @ w
-            labels = logits.argmax(dim=1)  # what the router will actually do
-            scale = ROUTER_LOGIT_STD / logits.std(dim=1).median().clamp_min(1e-6)
-            layer.router.weight.copy_((w.T * scale).to(layer.router.weight))
-        elif E > 1:
+        if E > 1:
             cent, labels = spherical_kmeans(x, E, iters=15, generator=g)
             logits = x @ cent.T  # (n, E)
             scale = ROUTER_LOGIT_STD / logits.std(dim=1).median().clamp_min(1e-6)
