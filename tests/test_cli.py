@@ -110,3 +110,11 @@ def test_torchrun_two_processes_identical_gates_rank0_writes(tiny_llama_dir, tex
     # only rank 0 wrote: one run folder, no leftovers
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ddp")) == ["ddp"]
     assert res.stdout.count('"expected_ratio"') == 1
+
+
+def test_tokens_budget_sets_steps(tiny_llama_dir, text_data, tmp_path):
+    out = tmp_path / "tok"
+    args = ["learn", str(tiny_llama_dir), "-o", str(out), "--data", str(text_data), *FAST, "--tokens", "640"]
+    res = run(args)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "manifest.json").read_text())["steps"] == 640 // (2 * 32)
