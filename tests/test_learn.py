@@ -136,3 +136,13 @@ def test_tuned_weights_keep_the_original_model_as_teacher(tiny_llama_dir, text_d
         torch.testing.assert_close(dense(input_ids=ids).logits, before)
     w0 = learner.layers[0].reference_mlp.down_proj.weight
     assert not torch.equal(learner.layers[0].mlp.down_proj.weight, w0)
+
+
+def test_overwrite_discards_an_interrupted_run(tiny_llama_dir, text_data, tmp_path):
+    cfg = _cfg(text_data, steps=6, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        learn(str(tiny_llama_dir), tmp_path / "i", cfg, on_step=lambda m: (_ for _ in ()).throw(KeyboardInterrupt) if m["step"] == 3 else None)
+    assert (tmp_path / "i.partial" / "checkpoint").is_dir()
+    with pytest.raises(ZeroDivisionError):
+        learn(str(tiny_llama_dir), tmp_path / "i", cfg, overwrite=True, on_step=lambda m: 1 / 0)
+    assert not (tmp_path / "i.partial").exists()  # the stale checkpoint went with --overwrite

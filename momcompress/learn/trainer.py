@@ -326,6 +326,8 @@ def learn(
         learner = Learner(dense, config, block_size, device)
         source_hash = model_fingerprint(model_dir)
         if main_rank:
+            if overwrite and not resuming:
+                shutil.rmtree(paths.partial, ignore_errors=True)  # a stale interrupted run must not survive
             paths.partial.mkdir(parents=True, exist_ok=True)
         if resuming:
             ckpt = paths.checkpoint if (paths.checkpoint / STATE_FILE).is_file() else paths.partial / (CHECKPOINT_DIR + ".old")
