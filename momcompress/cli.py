@@ -10,10 +10,6 @@ import click
 
 from momcompress.errors import MomcompressError
 
-# Option name -> LearnConfig field (only the ones whose names differ).
-_LEARN_FIELDS = {"experts": "experts", "top_k": "top_k"}
-
-
 def _fail(exc: Exception):
     raise click.ClickException(str(exc))
 

@@ -66,7 +66,6 @@ def test_block_weight_formula_and_expected_ratio_by_hand():
     assert stats.ratio.item() == pytest.approx(by_hand.item(), rel=1e-6)
     # output: W_down((act(W_g x) * W_u x) * expand(w)), w = sum_k r z[e]
     mlp = layer.mlp
-    z = layer.gate_values().detach() if False else None  # noqa: F841 (deterministic check below)
     with gate_mode(model, "deterministic"):
         y = layer(x)
     zd = (torch.sigmoid(layer.log_alpha) * 1.2 - 0.1).clamp(0, 1).detach()
