@@ -62,14 +62,18 @@ def routing_histogram(top_i: torch.Tensor, num_experts: int) -> tuple[torch.Tens
     return sets, counts.float() / counts.sum()
 
 
-def expected_ratio_at(log_alphas: list[torch.Tensor], hists: list[tuple[torch.Tensor, torch.Tensor]], offset: float) -> float:
-    """Expected activation ratio if `offset` were added to every layer's log_alpha (E, N)."""
+def ratio_for_routing(p_on: list[torch.Tensor], hists: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean over layers of the union ratio for fixed routing, given each layer's block-on probabilities (E, N)."""
     total = 0.0
-    for la, (sets, weights) in zip(log_alphas, hists):
-        p = prob_nonzero(la + offset)  # (E, N)
+    for p, (sets, weights) in zip(p_on, hists):
         union = 1.0 - torch.prod(1.0 - p[sets], dim=1)  # (S, N)
         total += float((union.mean(dim=1) * weights).sum())
-    return total / len(log_alphas)
+    return total / len(p_on)
+
+
+def expected_ratio_at(log_alphas: list[torch.Tensor], hists: list[tuple[torch.Tensor, torch.Tensor]], offset: float) -> float:
+    """Expected activation ratio if `offset` were added to every layer's log_alpha (E, N)."""
+    return ratio_for_routing([prob_nonzero(la + offset) for la in log_alphas], hists)
 
 
 @torch.no_grad()

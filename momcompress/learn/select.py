@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from momcompress.learn.gates import LOG_ALPHA_FULLY_OFF, deterministic_gates
-from momcompress.learn.lagrangian import routing_histogram
+from momcompress.learn.lagrangian import ratio_for_routing, routing_histogram
 from momcompress.learn.mom import gate_mode, mom_layers, tracking
 
 
@@ -59,12 +59,8 @@ def measure_ratio(model, seqs: torch.Tensor, batch_size: int, offset: float = 0.
 
 
 def _ratio_for_routing(log_alphas, hists, offset: float) -> float:
-    total = 0.0
-    for la, (sets, weights) in zip(log_alphas, hists):
-        on = (la + offset > LOG_ALPHA_FULLY_OFF).float()  # (E, N)
-        union = 1.0 - torch.prod(1.0 - on[sets], dim=1)  # (S, N)
-        total += float((union.mean(dim=1) * weights).sum())
-    return total / len(log_alphas)
+    """Measured ratio for fixed routing: a block is read when its deterministic gate is non-zero."""
+    return ratio_for_routing([(la + offset > LOG_ALPHA_FULLY_OFF).float() for la in log_alphas], hists)
 
 
 @torch.no_grad()
