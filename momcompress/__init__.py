@@ -9,11 +9,14 @@ __version__ = "0.1.0"
 from momcompress.errors import MomcompressError  # noqa: E402
 
 
-def learn(*args, **kwargs):
-    """Learn masks and a router; see :func:`momcompress.learn.trainer.learn`."""
-    from momcompress.learn.trainer import learn as _learn
-
-    return _learn(*args, **kwargs)
+from momcompress import freeze, learn  # noqa: E402  callable stage packages (see _stage.py)
 
 
-__all__ = ["MomcompressError", "learn", "__version__"]
+def load(*args, **kwargs):
+    """Load a frozen model folder as a transformers causal LM; see :func:`momcompress.runtime.load.load`."""
+    from momcompress.runtime.load import load as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = ["MomcompressError", "learn", "freeze", "load", "__version__"]

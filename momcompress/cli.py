@@ -81,5 +81,57 @@ def learn(model, output, config_file, tokens, resume, overwrite, **flags):
         click.echo(json.dumps({"output": output, **manifest["metrics"]}, indent=2))
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Frozen model folder to create.")
+@click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Activation ratio to meet (default: the run's target).")
+@click.option("--tolerance", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), default=0.01, show_default=True, help="Largest accepted |measured ratio - target|.")
+@click.option("--tokens", type=click.IntRange(min=1), help="Held-out tokens the ratio is measured on (default: the run's --eval-tokens, or 8192).")
+@click.option("--data", help="Held-out text to measure on instead of the run's held-out split (.txt, .jsonl, .parquet, datasets folder).")
+@click.option("--uniform-experts", is_flag=True, help="Pad experts to equal width with zero blocks, for runtimes that need uniform experts.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), help="The source model folder, if it moved since learn ran (its sha256 must match).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per forward pass while measuring.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT folder.")
+def freeze(run_dir, output, target, tolerance, tokens, data, uniform_experts, model_dir, device, batch_size, overwrite):
+    """Freeze the learn run RUN_DIR into a loadable sparse model folder.
+
+    Picks deterministic gates whose activation ratio, measured with the real router on held-out tokens,
+    meets the target; classifies every FFN block as shared, routed or pruned; repacks the weights into
+    contiguous tensors. Prints the per-layer split and sizes; OUTPUT loads with `momcompress.load(OUTPUT)`.
+    """
+    from momcompress.freeze.freezer import format_block_table
+    from momcompress.freeze.freezer import freeze as run_freeze
+
+    try:
+        m = run_freeze(
+            run_dir, output, target=target, tokens=tokens, data=data, tolerance=tolerance, uniform_experts=uniform_experts,
+            model=model_dir, overwrite=overwrite, device=device, batch_size=batch_size,
+        )
+    except MomcompressError as exc:
+        _fail(exc)
+    p = m["parameters"]
+    click.echo(format_block_table(m))
+    click.echo(
+        f"target {m['target']:.3f}, measured ratio {m['measured_ratio']:.4f} on {m['heldout_tokens']} held-out tokens; "
+        f"threshold: {m['threshold']['rule']}"
+    )
+    if m["uniform_experts"]:
+        click.echo(f"uniform experts: padding adds {m['padding_overhead']:.1%} to the routed expert entries")
+    click.echo(
+        f"parameters on disk: {p['dense_total']:,} dense -> {p['frozen_total']:,} frozen "
+        f"({m['disk_bytes']['dense'] / 1e6:.1f} MB -> {m['disk_bytes']['frozen'] / 1e6:.1f} MB)"
+    )
+    click.echo(
+        f"active per token: FFN {p['ffn_active_per_token']:,} of {p['dense_ffn_active_per_token']:,} "
+        f"({p['ffn_active_per_token'] / p['dense_ffn_active_per_token']:.3f}, incl. router); whole model "
+        f"{p['model_active_per_token']:,} of {p['dense_model_active_per_token']:,} "
+        f"({p['model_active_per_token'] / p['dense_model_active_per_token']:.3f}, incl. attention, embedding row, lm_head)"
+    )
+    ppl = m["perplexity"]
+    click.echo(f"held-out perplexity: dense {ppl['dense']:.2f}, frozen {ppl['frozen']:.2f} ({ppl['tokens']} tokens)")
+    click.echo(f"wrote {output}")
+
+
 if __name__ == "__main__":
     main()

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from momcompress import __version__
 from momcompress.config import LearnConfig
 from momcompress.errors import ConfigError, DataError, RunDirError, TrainingDivergedError
+from momcompress.fsutil import atomic_dir_write
 from momcompress.learn import distributed as ddp
 from momcompress.learn.lagrangian import RatioController, routing_histogram, solve_offset
 from momcompress.learn.mom import gate_mode, mom_layers, tracking
@@ -116,20 +117,6 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     s = F.log_softmax(student.float(), dim=-1)
     t = F.log_softmax(teacher.float(), dim=-1)
     return (t.exp() * (t - s)).sum(-1).mean()
-
-
-def _atomic_dir_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a folder via a temp name, then swap it in (the old one survives until the swap)."""
-    tmp = target.with_name(target.name + ".tmp")
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class Learner:
@@ -361,7 +348,7 @@ def learn(
             shutil.copy(paths.partial / LOG_FILE, folder / LOG_FILE)
             (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
-        _atomic_dir_write(paths.final, write)
+        atomic_dir_write(paths.final, write)
         shutil.rmtree(paths.partial, ignore_errors=True)
         ddp.barrier()
         return manifest
@@ -410,7 +397,7 @@ def _train_loop(learner: Learner, train, batch_for_step, paths: RunPaths, rank: 
                         file=sys.stderr,
                     )
                 if learner.step % cfg.checkpoint_every == 0 and learner.step < cfg.steps:
-                    _atomic_dir_write(paths.checkpoint, lambda d: learner.save(d, ckpt_extra))
+                    atomic_dir_write(paths.checkpoint, lambda d: learner.save(d, ckpt_extra))
             if on_step is not None:
                 on_step(metrics)
     except TrainingDivergedError as exc:

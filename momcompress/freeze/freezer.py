@@ -1,0 +1,398 @@
+"""`freeze`: turn a learn run into a loadable frozen model folder (DESIGN.md, "Freeze").
+
+Orchestration only (the classification and repacking math is in plan.py, the runtime in
+momcompress/runtime). Run it with `momcompress freeze RUN_DIR -o FROZEN_DIR`.
+
+1. Read and check the run folder and its source model (sha256 must match the run's manifest).
+2. Choose deterministic gates: one log_alpha offset, found by `match_target`, so that the activation
+   ratio measured with the real router on held-out tokens meets the target.
+3. Classify blocks (shared / routed / pruned) and repack each FFN into a FrozenMoMFFN.
+4. Check the frozen model against the learned one (logits, measured ratio), measure perplexity, and
+   write FROZEN_DIR: config.json (+ a `momcompress` section), tokenizer, model.safetensors, manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from momcompress import __version__
+from momcompress.config import LearnConfig
+from momcompress.errors import ConfigError, DataError, ModelLoadError, RunDirError
+from momcompress.freeze.plan import LayerPlan, pad_uniform, padding_overhead, plan_layer, repack_layer
+from momcompress.fsutil import atomic_dir_write
+from momcompress.learn.gates import LOG_ALPHA_FULLY_OFF, deterministic_gates
+from momcompress.learn.mom import gate_mode, mom_layers
+from momcompress.learn.select import match_target, set_gate_offset
+from momcompress.metrics import perplexity
+from momcompress.models import WEIGHT_SUFFIXES, decoder_layers, load_model, model_fingerprint, read_config, wrap_with_mom
+from momcompress.runtime.mom_ffn import ACTIVATIONS, frozen_layers
+from momcompress.sizes import active_params_per_token, param_breakdown
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+RUN_FILES = ("manifest.json", "masks.safetensors")
+LOGITS_RTOL = 1e-4  # frozen vs learned logits, relative to the largest |logit| (fp32 gives ~1e-6)
+
+
+@dataclass
+class LearnedRun:
+    """A complete learn run folder, read and checked."""
+
+    path: Path
+    manifest: dict
+    config: LearnConfig
+    log_alpha: torch.Tensor  # (L, E, N)
+    router: torch.Tensor  # (L, E, d)
+    weights: dict[str, torch.Tensor]  # tuned model weights (empty when weights were frozen)
+
+
+def read_run(run_dir: str | os.PathLike) -> LearnedRun:
+    """Read RUN_DIR's manifest, masks and tuned weights; RunDirError names any missing or corrupt file."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        partial = path.with_name(path.name + ".partial")
+        hint = f" ({partial} holds an unfinished run: finish it with `momcompress learn ... --resume`)" if partial.exists() else ""
+        raise RunDirError(f"run folder {path} does not exist{hint}")
+    for name in RUN_FILES:
+        if not (path / name).is_file():
+            raise RunDirError(f"{path} is not a complete learn run: {name} is missing (re-run `momcompress learn`)")
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        config = LearnConfig.from_dict(manifest["config"])
+        if manifest.get("stage") != "learn":
+            raise ValueError(f"stage is {manifest.get('stage')!r}, not 'learn'")
+        manifest["source_model"], manifest["source_model_hash"]  # noqa: B018 - presence check
+    except Exception as exc:  # noqa: BLE001
+        raise RunDirError(f"{path / 'manifest.json'} is corrupt or not a learn manifest ({exc}); re-run `momcompress learn`") from None
+    try:
+        masks = load_file(path / "masks.safetensors")
+        log_alpha, router = masks["log_alpha"].float(), masks["router"].float()
+    except Exception as exc:  # noqa: BLE001
+        raise RunDirError(f"{path / 'masks.safetensors'} is corrupt ({exc}); re-run `momcompress learn`") from None
+    L, E, N = log_alpha.shape
+    if (L, E, N) != (manifest.get("num_layers"), config.experts, manifest.get("num_blocks")) or router.shape[:2] != (L, E):
+        raise RunDirError(f"{path / 'masks.safetensors'} has gates {tuple(log_alpha.shape)} that do not match its manifest; re-run learn")
+    if not torch.isfinite(log_alpha).all() or not torch.isfinite(router).all():
+        raise RunDirError(f"{path / 'masks.safetensors'} holds NaN or infinite values; re-run learn")
+    weights: dict[str, torch.Tensor] = {}
+    if config.tune_weights:
+        wfile = path / "weights.safetensors"
+        if not wfile.is_file():
+            raise RunDirError(f"{path} was learned with tuned weights but weights.safetensors is missing; re-run learn")
+        try:
+            weights = load_file(wfile)
+        except Exception as exc:  # noqa: BLE001
+            raise RunDirError(f"{wfile} is corrupt ({exc}); re-run `momcompress learn`") from None
+    return LearnedRun(path, manifest, config, log_alpha, router, weights)
+
+
+def resolve_source(run: LearnedRun, model: str | os.PathLike | None = None) -> Path:
+    """The run's source model folder (or MODEL), checked against the run's sha256."""
+    model_dir = Path(model) if model else Path(run.manifest["source_model"])
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(
+            f"the run's source model {model_dir} is gone; pass --model PATH to the same model "
+            f"(for the default model, `momcompress learn` re-creates it in the cache)"
+        )
+    if model_fingerprint(model_dir) != run.manifest["source_model_hash"]:
+        raise ModelLoadError(
+            f"the model in {model_dir} is not the one this run learned from (sha256 differs from the run's "
+            "manifest): pass --model PATH to the original model, or learn again on this one"
+        )
+    return model_dir
+
+
+def detect_activation(act_fn: torch.nn.Module) -> str:
+    """Name (in momcompress.runtime.mom_ffn.ACTIVATIONS) of the function act_fn computes, by probing it."""
+    probe = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    out = act_fn(probe)
+    for name, fn in ACTIVATIONS.items():
+        if torch.allclose(out, fn(probe), rtol=0, atol=1e-6):
+            return name
+    raise ModelLoadError(f"FFN activation {type(act_fn).__name__} is none of {sorted(ACTIVATIONS)}: cannot freeze it")
+
+
+def load_learned(run: LearnedRun, model_dir: Path, device: torch.device):
+    """(learned model, tokenizer, dense parameter breakdown): the source model wrapped with the run's
+    gates, routers and tuned weights; "dense" gate mode still gives the original model."""
+    cfg = run.config
+    model, tokenizer = load_model(model_dir, dtype=getattr(torch, cfg.dtype), device=device)
+    dense_parts = param_breakdown(model)
+    L, E, N = run.log_alpha.shape
+    layers = decoder_layers(model)
+    if len(layers) != L:
+        raise RunDirError(f"the run has gates for {L} layers but {model_dir} has {len(layers)}")
+    block_size = run.manifest["block_size"]
+    mom = wrap_with_mom(model, E, cfg.top_k, block_size)
+    with torch.no_grad():
+        for i, m in enumerate(mom):
+            m.log_alpha.copy_(run.log_alpha[i])
+            m.router.weight.copy_(run.router[i])
+            if run.weights:
+                m.freeze_reference()  # dense mode keeps the original FFN
+        named = dict(model.named_parameters())
+        for name, tensor in run.weights.items():
+            if name not in named or named[name].shape != tensor.shape:
+                raise RunDirError(f"{run.path / 'weights.safetensors'} holds {name} {tuple(tensor.shape)}, which this model lacks")
+            named[name].copy_(tensor)
+    model.requires_grad_(False)
+    return model, tokenizer, dense_parts
+
+
+def heldout_tokens(run: LearnedRun, tokenizer, tokens: int | None, data: str | None) -> torch.Tensor:
+    """Held-out windows (S, L) for matching the target: the run's own held-out split, or DATA (all held out)."""
+    from momcompress.calibration.data import build_token_batches, is_default_data, pack_tokens, read_texts
+
+    cfg = run.config
+    want = tokens if tokens is not None else (cfg.eval_tokens or 8192)
+    if data is not None:
+        seqs = pack_tokens(tokenizer, read_texts(data, cfg.text_field), cfg.seq_len, want)
+    elif is_default_data(cfg.data):
+        # The default held-out text (Wikipedia) is a separate source from the calibration novels.
+        seqs = build_token_batches(tokenizer, None, cfg.seq_len, cfg.seq_len, want, cfg.seed).heldout
+    else:
+        if not cfg.eval_tokens:
+            raise DataError(
+                "the run kept no held-out tokens (eval_tokens 0) and its calibration text must not be reused: "
+                "pass --data with held-out text"
+            )
+        world = run.manifest.get("world_size", 1)
+        train_tokens = cfg.steps * cfg.batch_size * cfg.seq_len * world
+        # The same call as learn made, so the split is the same and no training window leaks in.
+        seqs = build_token_batches(tokenizer, cfg.data, cfg.seq_len, train_tokens, cfg.eval_tokens, cfg.seed, 1, cfg.text_field).heldout
+        seqs = seqs[: max(1, -(-want // cfg.seq_len))]
+    if len(seqs) == 0:
+        raise DataError("no held-out tokens to measure the activation ratio on: pass --data with more text")
+    return seqs
+
+
+@torch.no_grad()
+def measure_frozen_ratio(model, seqs: torch.Tensor, batch_size: int) -> tuple[float, list[float], list[float]]:
+    """Measured activation ratio of a frozen model over seqs: (mean, per layer, mean blocks read per layer)."""
+    layers = frozen_layers(model)
+    device = next(model.parameters()).device
+    ratio = torch.zeros(len(layers), dtype=torch.float64)
+    blocks = torch.zeros(len(layers), dtype=torch.float64)
+    n = 0
+    for m in layers:
+        m.track_stats = True
+    try:
+        for start in range(0, len(seqs), batch_size):
+            batch = seqs[start : start + batch_size].to(device)
+            model(input_ids=batch, use_cache=False)
+            ratio += torch.stack([m.last_ratio.double().sum().cpu() for m in layers])
+            blocks += torch.stack([(m.last_ratio.double() * m.num_blocks).sum().cpu() for m in layers])
+            n += batch.numel()
+    finally:
+        for m in layers:
+            m.track_stats, m.last_ratio = False, None
+    ratio, blocks = ratio / max(n, 1), blocks / max(n, 1)
+    return float(ratio.mean()), ratio.tolist(), blocks.tolist()
+
+
+def _logits(model, seqs: torch.Tensor, device) -> torch.Tensor:
+    return model(input_ids=seqs.to(device), use_cache=False).logits.float().cpu()
+
+
+def freeze(
+    run_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    target: float | None = None,
+    tokens: int | None = None,
+    data: str | None = None,
+    tolerance: float = 0.01,
+    uniform_experts: bool = False,
+    model: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    batch_size: int = 8,
+) -> dict:
+    """Freeze the learn run RUN_DIR into the model folder OUTPUT and return its manifest.
+
+    Args:
+        run_dir: a complete `learn` run folder.
+        output: frozen model folder to create (written under a temporary name, then renamed).
+        target: activation ratio to meet (default: the run's target).
+        tokens: held-out tokens on which the ratio is measured (default: the run's eval_tokens).
+        data: text to measure on instead of the run's held-out split (all of it is held out).
+        tolerance: largest accepted |measured ratio - target|.
+        uniform_experts: pad experts to equal width (zero blocks) for runtimes that need it.
+        model: the source model's folder, when it moved since learn ran (its sha256 must match).
+        overwrite: replace an existing OUTPUT.
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        batch_size: windows per forward pass while measuring.
+    """
+    from momcompress.learn.distributed import local_device
+
+    t_start = time.time()
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise RunDirError(f"output folder {out} exists: pass --overwrite to replace it, or choose another -o")
+    run = read_run(run_dir)
+    target = run.config.target if target is None else float(target)
+    if not 0.0 < target < 1.0:
+        raise ConfigError(f"target must be in (0, 1), got {target}")
+    if not 0.0 < tolerance < 0.5:
+        raise ConfigError(f"tolerance must be in (0, 0.5), got {tolerance}")
+    model_dir = resolve_source(run, model)
+    dev = local_device(device)
+    learned, tokenizer, dense_parts = load_learned(run, model_dir, dev)
+    learned.eval()
+    seqs = heldout_tokens(run, tokenizer, tokens, data)
+    n_tokens = int(seqs.numel())
+    moms = mom_layers(learned)
+    E, k, b, N = run.config.experts, run.config.top_k, run.manifest["block_size"], run.manifest["num_blocks"]
+
+    log.info("matching target %.3f on %d held-out tokens", target, n_tokens)
+    offset, matched = match_target(learned, seqs, target, batch_size, tol=min(0.005, tolerance / 2))
+    if abs(matched - target) > tolerance:
+        raise ConfigError(
+            f"the learned gates cannot meet target {target:.3f} within ±{tolerance}: the nearest achievable measured "
+            f"ratio is {matched:.4f} (gate offset {offset:+.3f}); freeze with --target {matched:.3f}, raise --tolerance, "
+            "or learn with more blocks/experts"
+        )
+    check = seqs[: min(2, len(seqs))]
+    with gate_mode(learned, "dense"):
+        ppl_dense = perplexity(learned, seqs, batch_size)
+    with gate_mode(learned, "deterministic"):
+        set_gate_offset(learned, offset)
+        ref_logits = _logits(learned, check, dev)
+        set_gate_offset(learned, None)
+
+    gates = [deterministic_gates(m.log_alpha.detach().float() + offset) for m in moms]  # L x (E, N)
+    plans: list[LayerPlan] = [plan_layer(g) for g in gates]
+    if uniform_experts:
+        plans = [pad_uniform(p) for p in plans]
+    activation = detect_activation(moms[0].mlp.act_fn)
+    for layer, mom, plan in zip(decoder_layers(learned), moms, plans):
+        layer.mlp = repack_layer(mom.mlp, mom.router.weight, plan, k, b, activation)
+    frozen = learned
+    del moms, learned
+
+    logits = _logits(frozen, check, dev)
+    rel_diff = float((logits - ref_logits).abs().max() / ref_logits.abs().max().clamp_min(1e-12))
+    if rel_diff > LOGITS_RTOL:
+        raise RuntimeError(f"frozen logits differ from the learned model's by {rel_diff:.2e} (relative): a freeze bug, please report it")
+    ratio, ratio_per_layer, blocks_per_layer = measure_frozen_ratio(frozen, seqs, batch_size)
+    ppl_frozen = perplexity(frozen, seqs, batch_size)
+
+    d = frozen.get_input_embeddings().weight.shape[1]
+    frozen_parts = param_breakdown(frozen)
+    ffn_active = int(round(sum(blk * 3 * b * d for blk in blocks_per_layer))) + len(plans) * E * d
+    counts = [p.counts() for p in plans]
+    totals = {key: sum(c[key] for c in counts) for key in ("shared", "routed", "pruned")}
+    section = {
+        "format_version": FORMAT_VERSION,
+        "num_experts": E,
+        "top_k": k,
+        "block_size": b,
+        "num_blocks": N,
+        "activation": activation,
+        "uniform_experts": uniform_experts,
+        "target": target,
+        "measured_ratio": ratio,
+        "gate_offset": offset,
+        "layers": [p.to_json() for p in plans],
+    }
+    manifest = {
+        "stage": "freeze",
+        "momcompress_version": __version__,
+        "versions": _versions(),
+        "run_dir": str(Path(run_dir).resolve()),
+        "source_model": str(model_dir.resolve()),
+        "source_model_hash": run.manifest["source_model_hash"],
+        "architecture": frozen.config.model_type,
+        "experts": E,
+        "top_k": k,
+        "block_size": b,
+        "num_blocks": N,
+        "num_layers": len(plans),
+        "uniform_experts": uniform_experts,
+        "padding_overhead": padding_overhead(plans) if uniform_experts else 0.0,
+        "threshold": {
+            "gate_offset": offset,
+            "rule": f"a block is on in an expert when log_alpha + ({offset:+.4f}) > {LOG_ALPHA_FULLY_OFF:.4f} "
+            "(its deterministic hard-concrete gate is > 0); the offset was bisected so that the measured ratio meets the target",
+        },
+        "target": target,
+        "heldout_tokens": n_tokens,
+        "measured_ratio": ratio,
+        "measured_ratio_per_layer": ratio_per_layer,
+        "blocks": {"per_layer": counts, "total": totals},
+        "parameters": {
+            "dense_total": dense_parts["total"],
+            "frozen_total": frozen_parts["total"],
+            "dense_ffn": dense_parts["ffn"],
+            "frozen_ffn_stored": frozen_parts["ffn"],
+            "ffn_active_per_token": ffn_active,
+            "dense_ffn_active_per_token": dense_parts["ffn"],
+            "model_active_per_token": active_params_per_token(frozen, ffn_active),
+            "dense_model_active_per_token": active_params_per_token(frozen, dense_parts["ffn"]),
+        },
+        "checks": {"logits_max_rel_diff": rel_diff},
+        "perplexity": {"dense": ppl_dense, "frozen": ppl_frozen, "tokens": n_tokens},
+    }
+    log.info("frozen: measured ratio %.4f, perplexity dense %.2f vs frozen %.2f", ratio, ppl_dense, ppl_frozen)
+
+    source_bytes = sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+
+    def write(folder: Path) -> None:
+        frozen.config.momcompress = section
+        frozen.config.save_pretrained(folder)
+        if (model_dir / "generation_config.json").is_file():
+            shutil.copy(model_dir / "generation_config.json", folder / "generation_config.json")
+        tokenizer.save_pretrained(folder)
+        save_file(_state_dict_for_disk(frozen), folder / WEIGHTS_FILE, metadata={"format": "pt", "momcompress_format": str(FORMAT_VERSION)})
+        manifest["disk_bytes"] = {"dense": source_bytes, "frozen": (folder / WEIGHTS_FILE).stat().st_size}
+        manifest["wall_seconds"] = time.time() - t_start
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+
+    try:
+        atomic_dir_write(out, write)
+    finally:
+        if hasattr(frozen.config, "momcompress"):
+            del frozen.config.momcompress
+    return manifest
+
+
+def _state_dict_for_disk(model) -> dict[str, torch.Tensor]:
+    """The model's tensors, contiguous, with tied weights stored once (the embedding)."""
+    seen: set[tuple] = set()
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().contiguous().cpu()
+    return tensors
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
+
+
+def format_block_table(manifest: dict) -> str:
+    """Per-layer shared / routed / pruned block counts with totals, as a text table."""
+    rows = manifest["blocks"]["per_layer"]
+    lines = [f"{'layer':>5} {'shared':>7} {'routed':>7} {'pruned':>7} {'ratio':>7}"]
+    for i, (c, r) in enumerate(zip(rows, manifest["measured_ratio_per_layer"])):
+        lines.append(f"{i:>5} {c['shared']:>7} {c['routed']:>7} {c['pruned']:>7} {r:>7.3f}")
+    t = manifest["blocks"]["total"]
+    lines.append(f"{'total':>5} {t['shared']:>7} {t['routed']:>7} {t['pruned']:>7} {manifest['measured_ratio']:>7.3f}")
+    return "\n".join(lines)

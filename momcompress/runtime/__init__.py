@@ -1,0 +1,1 @@
+"""Runtime modules: the frozen MoM FFN in torch and loading a frozen model folder."""

@@ -1,0 +1,114 @@
+"""`momcompress.load(FROZEN_DIR)`: a transformers causal LM whose FFNs are frozen MoM modules.
+
+The folder is what `momcompress freeze` writes: config.json with a `momcompress` section (experts,
+top-k, block size, per-layer block lists), the tokenizer, and model.safetensors. Loading needs no
+training state and no network; `generate()` works as usual (KV cache included).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+
+from momcompress.errors import ModelLoadError
+from momcompress.models import check_supported, decoder_layers
+from momcompress.runtime.mom_ffn import FrozenMoMFFN
+
+WEIGHTS_FILE = "model.safetensors"
+SUPPORTED_FORMATS = (1,)
+
+
+def read_frozen_config(path: Path):
+    """The model config of a frozen folder, checked; its `momcompress` section is config.momcompress."""
+    from transformers import AutoConfig
+
+    if not path.is_dir():
+        raise ModelLoadError(f"frozen model folder {path} does not exist (create it with `momcompress freeze`)")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a model folder (create one with `momcompress freeze`)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"could not read {path / 'config.json'}: {exc}") from exc
+    section = getattr(config, "momcompress", None)
+    if not isinstance(section, dict) or "layers" not in section:
+        raise ModelLoadError(
+            f"{path} is a dense model folder, not a frozen MoM model (config.json has no `momcompress` section): "
+            "run `momcompress freeze` on a learn run, or load it with transformers"
+        )
+    if section.get("format_version") not in SUPPORTED_FORMATS:
+        raise ModelLoadError(f"{path} uses frozen format {section.get('format_version')}; this momcompress reads {SUPPORTED_FORMATS}: upgrade momcompress")
+    check_supported(config)
+    return config
+
+
+def load(frozen_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load a frozen MoM model folder as a transformers causal LM (eval mode, no gradients).
+
+    Args:
+        frozen_dir: folder written by `momcompress freeze`.
+        device: where to put the model.
+        dtype: weight dtype (default: as stored); the routers stay fp32.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    path = Path(frozen_dir)
+    config = read_frozen_config(path)
+    section = config.momcompress
+    if not (path / WEIGHTS_FILE).is_file():
+        raise ModelLoadError(f"{path / WEIGHTS_FILE} is missing: the folder is incomplete; freeze again")
+    try:
+        state = load_file(path / WEIGHTS_FILE)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"{path / WEIGHTS_FILE} is corrupt ({exc}); freeze again") from None
+    # Build the model with a one-block FFN so no dense FFN weights are allocated, then swap in the MoM layers.
+    build_config = copy.deepcopy(config)
+    build_config.intermediate_size = section["block_size"]
+    del build_config.momcompress
+    # The weights' dtype, from a dense matrix (routers and scales are fp32 whatever the model dtype).
+    stored = next((t.dtype for k, t in state.items() if k.endswith("shared_gate") or k.endswith("embed_tokens.weight")), torch.float32)
+    model = AutoModelForCausalLM.from_config(build_config, dtype=stored)
+    model.config.intermediate_size = config.intermediate_size
+    model.config.momcompress = section
+    layers = decoder_layers(model)
+    if len(layers) != len(section["layers"]):
+        raise ModelLoadError(f"{path}: config has {len(layers)} layers but the momcompress section lists {len(section['layers'])}")
+    for i, (layer, plan) in enumerate(zip(layers, section["layers"])):
+        prefix = f"model.layers.{i}.mlp."
+        num_routed = state[prefix + "routed_gate"].shape[0] if prefix + "routed_gate" in state else len(plan["routed"])
+        layer.mlp = FrozenMoMFFN(
+            config.hidden_size,
+            section["block_size"],
+            section["num_blocks"],
+            section["top_k"],
+            len(plan["shared"]),
+            num_routed,
+            [len(e) for e in plan["experts"]],
+            section["activation"],
+            dtype=stored,
+        )
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    tied = getattr(config, "tie_word_embeddings", False)
+    allowed_missing = {"lm_head.weight"} if tied else set()
+    unexpected = [k for k in state if k not in expected]
+    if set(missing) - allowed_missing or unexpected:
+        raise ModelLoadError(
+            f"{path / WEIGHTS_FILE} does not match its config (missing {sorted(set(missing) - allowed_missing)[:4]}, "
+            f"unexpected {unexpected[:4]}); freeze again"
+        )
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{path / WEIGHTS_FILE} does not match its config ({exc}); freeze again") from None
+    if tied:
+        model.tie_weights()
+    if dtype is not None:
+        model.to(dtype)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,249 @@
+"""The frozen mixture-of-masks FFN: what `freeze` writes and `momcompress.load` runs (DESIGN.md, "Freeze").
+
+One layer holds, for hidden size d, block size b, E experts, S shared and R routed blocks:
+    router_weight   (E, d)     fp32 linear router (softmax, top-k, weights renormalised over the top-k)
+    shared_gate     (S*b, d)   \
+    shared_up       (S*b, d)    } a dense FFN over the shared neurons only (nn.Linear layout)
+    shared_down     (d, S*b)   /
+    shared_scale    (E, S)     gate value of each shared block in each expert (usually all 1)
+    routed_gate     (R, b, d)  the routed blocks, each stored once, gate/up rows per block
+    routed_up       (R, b, d)
+    routed_down     (R, b, d)  down projection transposed: routed_down[r, i] = W_down[:, neuron]
+    expert_offsets  (E+1,)     expert e owns expert_blocks[offsets[e]:offsets[e+1]] (lists may overlap)
+    expert_blocks   (nnz,)     indices into the routed blocks
+    expert_scales   (nnz,)     gate value of each listed block in that expert
+Pruned blocks are not stored. For token t with top-k experts and weights r, block j is scaled by
+w[t, j] = sum_e r[t, e] z[e, j] (z the expert's gate value, 0 if the block is not in its list), the
+same formula as the training layer, so the frozen layer reproduces it exactly.
+
+Two execution paths, both reading only what a token needs:
+- grouped (any token count, the reference): the shared part as one dense matmul; tokens grouped by
+  expert, each expert's blocks gathered once and applied to its tokens only (as MoE engines do);
+- decode (few tokens): per token, the union of its experts' blocks, each read once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Up to this many tokens per call the per-token decode path is used; above it, grouping by expert.
+DECODE_MAX_TOKENS = 4
+
+
+def _kernels_ready(device: torch.device) -> bool:
+    try:
+        from momcompress.kernels import kernels_available
+    except ImportError:
+        return False
+    return kernels_available(device)
+
+
+class FrozenMoMFFN(nn.Module):
+    """A frozen MoM FFN (shared dense part + routed blocks + per-expert block lists)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        block_size: int,
+        num_blocks: int,
+        top_k: int,
+        num_shared: int,
+        num_routed: int,
+        expert_sizes: list[int],
+        activation: str,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        d, b, E = hidden_size, block_size, len(expert_sizes)
+        if top_k < 1 or top_k > E:
+            raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
+        self.hidden_size, self.block_size, self.num_blocks, self.top_k, self.num_experts = d, b, num_blocks, top_k, E
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
+        self.use_kernels = True  # on CUDA, run the Triton kernels when Triton is installed
+        self.decode_max_tokens = DECODE_MAX_TOKENS
+
+        def param(*shape, dt=dtype):
+            return nn.Parameter(torch.zeros(*shape, dtype=dt, device=device), requires_grad=False)
+
+        # The router runs in fp32 whatever the model dtype, as in training: routing must not flip with precision.
+        self.router_weight = param(E, d, dt=torch.float32)
+        self.shared_gate = param(num_shared * b, d)
+        self.shared_up = param(num_shared * b, d)
+        self.shared_down = param(d, num_shared * b)
+        self.routed_gate = param(num_routed, b, d)
+        self.routed_up = param(num_routed, b, d)
+        self.routed_down = param(num_routed, b, d)
+        nnz = int(sum(expert_sizes))
+        offsets = torch.tensor([0] + list(expert_sizes), dtype=torch.int64).cumsum(0)
+        self.register_buffer("shared_scale", torch.ones(E, num_shared, dtype=torch.float32, device=device))
+        self.register_buffer("expert_offsets", offsets.to(device))
+        self.register_buffer("expert_blocks", torch.zeros(nnz, dtype=torch.int64, device=device))
+        self.register_buffer("expert_scales", torch.zeros(nnz, dtype=torch.float32, device=device))
+        # Derived in refresh(); non-persistent so that .to(device) moves them and files do not store them.
+        self.register_buffer("expert_block_scale", torch.zeros(E, num_routed, device=device), persistent=False)
+        self.register_buffer("expert_uses", torch.zeros(E, num_routed, dtype=torch.bool, device=device), persistent=False)
+        self.track_stats = False
+        self.last_ratio: torch.Tensor | None = None  # (T,) fraction of the layer's blocks each token read
+        self.refresh()
+
+    # -- derived tables -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Rebuild the tables derived from the stored tensors (call after loading a state dict)."""
+        E, R = self.num_experts, self.routed_gate.shape[0]
+        dense = torch.zeros(E, R, dtype=torch.float32, device=self.expert_blocks.device)  # (E, R)
+        owner = torch.repeat_interleave(torch.arange(E, device=dense.device), self.expert_offsets.diff())
+        if len(owner):
+            dense.index_put_((owner, self.expert_blocks), self.expert_scales.float(), accumulate=True)
+        self.expert_block_scale = dense  # (E, R) gate value of routed block r in expert e (0: not used)
+        self.expert_uses = dense != 0  # (E, R)
+        scale = self.shared_scale.float()
+        # Usually every expert gives a shared block the same scale (1): then no per-token mixing is needed.
+        self._shared_uniform = bool((scale == scale[:1]).all()) if scale.numel() else True
+        self._shared_is_one = scale.numel() == 0 or bool((scale == 1).all())
+        self._offsets_list = self.expert_offsets.tolist()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh()
+
+    def extra_repr(self) -> str:
+        S = self.shared_gate.shape[0] // self.block_size
+        return (
+            f"hidden={self.hidden_size}, block={self.block_size}, blocks={self.num_blocks} "
+            f"(shared {S}, routed {self.routed_gate.shape[0]}), experts={self.num_experts}, top_k={self.top_k}"
+        )
+
+    # -- forward ------------------------------------------------------------------------------------
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, d) -> renormalised top-k weights (T, k) fp32 and expert indices (T, k); as in training."""
+        probs = torch.softmax(F.linear(x.float(), self.router_weight.float()), dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        return top_p / top_p.sum(dim=-1, keepdim=True), top_i
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xf = x.reshape(-1, self.hidden_size)  # (T, d)
+        top_w, top_i = self.route(xf)  # (T, k), (T, k)
+        out = self.shared_forward(xf, top_w, top_i)  # (T, d)
+        if xf.is_cuda and self.use_kernels and _kernels_ready(xf.device):
+            from momcompress.kernels import routed_experts
+
+            out = out + routed_experts(xf, top_w, top_i, self.routed_gate, self.routed_up, self.routed_down, self.expert_block_scale, self.activation)
+        elif xf.shape[0] <= self.decode_max_tokens:
+            self.routed_decode(xf, top_w, top_i, out)
+        else:
+            self.routed_grouped(xf, top_w, top_i, out)
+        if self.track_stats:
+            self.last_ratio = self.blocks_read(top_i) / self.num_blocks
+        return out.view(*lead, self.hidden_size)
+
+    def shared_forward(self, x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+        """The shared blocks as one dense FFN: (T, d) -> (T, d)."""
+        if self.shared_gate.shape[0] == 0:
+            return torch.zeros_like(x)
+        h = ACTIVATIONS[self.activation](F.linear(x, self.shared_gate)) * F.linear(x, self.shared_up)  # (T, S*b)
+        if not self._shared_is_one:
+            T, b = x.shape[0], self.block_size
+            if self._shared_uniform:
+                scale = self.shared_scale[0].expand(T, -1)  # (T, S)
+            else:
+                scale = (top_w.unsqueeze(-1) * self.shared_scale[top_i]).sum(dim=-2)  # (T, S)
+            h = (h.view(T, -1, b) * scale.unsqueeze(-1).to(h.dtype)).view(T, -1)
+        return F.linear(h, self.shared_down)
+
+    def routed_grouped(self, x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, out: torch.Tensor) -> None:
+        """Add the routed experts' output to out (T, d): tokens grouped by expert."""
+        out += routed_experts_grouped(x, top_w, top_i, self.routed_gate, self.routed_up, self.routed_down, self.expert_block_scale, self.activation)
+
+    def routed_decode(self, x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, out: torch.Tensor) -> None:
+        """Add the routed output to out (T, d), one token at a time: the union of its experts' blocks."""
+        out += routed_experts_decode(x, top_w, top_i, self.routed_gate, self.routed_up, self.routed_down, self.expert_block_scale, self.activation)
+
+    def blocks_read(self, top_i: torch.Tensor) -> torch.Tensor:
+        """(T,) blocks read per token: the shared ones plus the union of its experts' routed blocks."""
+        S = self.shared_gate.shape[0] // self.block_size
+        return S + self.expert_uses[top_i].any(dim=-2).sum(dim=-1).float()
+
+    # -- sizes --------------------------------------------------------------------------------------
+    def block_params(self) -> int:
+        """Parameters of one block: gate, up and down rows."""
+        return 3 * self.block_size * self.hidden_size
+
+    def router_params(self) -> int:
+        return self.router_weight.numel()
+
+
+# -- functional form: the contract the Triton kernels and the ONNX op implement -------------------------
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu": F.gelu,
+}
+# Hugging Face activation names -> ours.
+HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+def _blocks_forward(x, blocks, scale, routed_gate, routed_up, routed_down, activation: str) -> torch.Tensor:
+    """x (T, d) through routed blocks (K,) with per-token block scales (T, K): (T, d)."""
+    T, d = x.shape
+    b = routed_gate.shape[1]
+    wg = routed_gate.index_select(0, blocks).view(-1, d)  # (K*b, d)
+    wu = routed_up.index_select(0, blocks).view(-1, d)
+    wd = routed_down.index_select(0, blocks).view(-1, d)
+    h = ACTIVATIONS[activation](x @ wg.T) * (x @ wu.T)  # (T, K*b)
+    h = (h.view(T, -1, b) * scale.unsqueeze(-1).to(h.dtype)).view(T, -1)
+    return h @ wd  # (T, d)
+
+
+def routed_experts_grouped(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation: str) -> torch.Tensor:
+    """Routed part of a frozen MoM FFN, tokens grouped by expert (the reference for any token count).
+
+    Args:
+        x: (T, d) FFN input. top_w: (T, k) renormalised router weights. top_i: (T, k) expert ids.
+        routed_gate, routed_up, routed_down: (R, b, d) routed blocks (down transposed).
+        expert_block_scale: (E, R) gate value of block r in expert e, 0 where the expert does not use it.
+        activation: "silu", "gelu_tanh" or "gelu".
+    Returns:
+        (T, d): sum over each token's experts e of top_w * W_down_e (act(W_gate_e x) * W_up_e x * z_e).
+    """
+    T, k = top_i.shape
+    out = torch.zeros_like(x)
+    flat = top_i.reshape(-1)  # (T*k,)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=expert_block_scale.shape[0]).tolist()
+    token_of = order // k  # (T*k,) token of each sorted slot
+    weight_of = top_w.reshape(-1)[order].float()  # (T*k,)
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            blocks = expert_block_scale[e].nonzero().squeeze(-1)  # (K,)
+            if len(blocks):
+                tokens = token_of[start : start + count]
+                scale = weight_of[start : start + count, None] * expert_block_scale[e, blocks].float()  # (n, K)
+                y = _blocks_forward(x.index_select(0, tokens), blocks, scale, routed_gate, routed_up, routed_down, activation)
+                out.index_add_(0, tokens, y)
+        start += count
+    return out
+
+
+def routed_experts_decode(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation: str) -> torch.Tensor:
+    """Same result as routed_experts_grouped, one token at a time: each token reads the union of its
+    experts' blocks once (w[t, r] = sum_e top_w[t, e] * scale[e, r]). For few tokens (decode)."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        w = (top_w[t].float().unsqueeze(-1) * expert_block_scale[top_i[t]].float()).sum(dim=0)  # (R,)
+        blocks = w.nonzero().squeeze(-1)
+        if len(blocks):
+            out[t : t + 1] = _blocks_forward(x[t : t + 1], blocks, w[blocks].unsqueeze(0), routed_gate, routed_up, routed_down, activation)
+    return out
+
+
+def frozen_layers(model: nn.Module) -> list[FrozenMoMFFN]:
+    """All frozen MoM layers of a model, in module order."""
+    return [m for m in model.modules() if isinstance(m, FrozenMoMFFN)]
