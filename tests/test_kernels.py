@@ -1,0 +1,295 @@
+"""The routed-experts kernels and custom op (momcompress.kernels) against the torch reference.
+
+Without CUDA the Triton kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1 is set
+below, before the kernels are first imported); with CUDA the same tests run on the GPU. Tests that need
+Triton are skipped when it is not installed.
+
+    python -m pytest -q tests/test_kernels.py              # CPU (interpreter), about 15 s on 2 cores
+    python -m pytest -q -m gpu tests/test_kernels.py       # GPU: default and large model shapes
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from momcompress.runtime.mom_ffn import FrozenMoMFFN, routed_experts_grouped
+
+INTERPRET = not torch.cuda.is_available()
+if INTERPRET:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import (triton.jit reads it)
+DEVICE = "cpu" if INTERPRET else "cuda"
+# Triton 3.6's interpreter warns about numpy scalar conversions on every launch.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+# Output tolerance relative to the output's largest magnitude: fp32 is exact up to summation order;
+# 16-bit inputs also round h (grouped path) and the output.
+RTOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def make_problem(T, d, b, R, E, k, dtype=torch.float32, device="cpu", seed=0, dead_tokens=False):
+    """Random routed blocks, ragged expert block lists with fractional scales, and a routing.
+
+    The last expert uses no block; with dead_tokens the last k experts use none and token 0 is routed
+    to exactly those, so it reads nothing. Returns the argument tuple of routed_experts (no activation).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=g)
+    gate, up, down = (torch.randn(R, b, d, generator=g) / d**0.5 for _ in range(3))  # (R, b, d)
+    scale = torch.zeros(E, R)  # (E, R)
+    for e in range(E):
+        used = torch.randperm(R, generator=g)[: int(torch.randint(1, R + 1, (1,), generator=g))]
+        scale[e, used] = 0.1 + 0.9 * torch.rand(len(used), generator=g)
+    empty = k if dead_tokens else 1
+    scale[E - empty :] = 0
+    top_i = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])  # (T, k)
+    if dead_tokens:
+        top_i[0] = torch.arange(E - k, E)
+    top_w = torch.softmax(torch.randn(T, k, generator=g), dim=-1)  # (T, k), sums to 1
+    x, gate, up, down = (t.to(dtype) for t in (x, gate, up, down))
+    return tuple(t.to(device) for t in (x, top_w, top_i, gate, up, down, scale))
+
+
+def reference(args, activation):
+    """routed_experts_grouped in fp32 on the (already rounded) inputs, on CPU."""
+    x, top_w, top_i, gate, up, down, scale = (t.cpu() for t in args)
+    return routed_experts_grouped(x.float(), top_w, top_i, gate.float(), up.float(), down.float(), scale, activation)
+
+
+def assert_matches(out, args, activation):
+    x = args[0]
+    assert out.shape == x.shape and out.dtype == x.dtype
+    ref = reference(args, activation)
+    atol = RTOL[x.dtype] * max(ref.abs().max().item(), 1e-6)
+    err = (out.float().cpu() - ref).abs().max().item()
+    assert err <= atol, f"max abs error {err:.3g} > {atol:.3g} (output scale {ref.abs().max().item():.3g})"
+
+
+def kernels():
+    pytest.importorskip("triton")
+    from momcompress.kernels import triton_mom
+
+    return triton_mom
+
+
+# (T, d, b, R, E, k, dtype, activation, dead_tokens, tiles): small shapes, ragged experts, an expert with
+# no block in every case; tiles smaller than the shape force the multi-tile loops.
+DECODE_CASES = [
+    (1, 32, 8, 3, 2, 1, torch.float32, "silu", False, None),
+    (3, 64, 16, 12, 4, 2, torch.float32, "gelu_tanh", True, dict(block_n=64, block_d=64)),
+    (16, 64, 8, 12, 8, 4, torch.float32, "gelu", False, dict(block_n=64, block_d=64)),
+    (1, 64, 16, 12, 2, 2, torch.float32, "silu", False, dict(block_n=4, block_d=32)),
+    (3, 32, 16, 12, 8, 3, torch.float16, "silu", True, dict(block_n=32, block_d=32)),
+    (3, 64, 16, 12, 4, 4, torch.bfloat16, "gelu_tanh", False, dict(block_n=64, block_d=64)),
+    (3, 32, 12, 3, 2, 2, torch.float32, "silu", False, dict(block_n=16, block_d=32)),  # b not a power of two
+]
+GROUPED_CASES = [
+    (1, 32, 8, 3, 2, 1, torch.float32, "gelu", False, None),
+    (16, 64, 16, 12, 4, 2, torch.float32, "silu", True, None),
+    (70, 64, 8, 12, 4, 2, torch.float32, "gelu_tanh", False, dict(block_m=32, block_n=32, block_k=32)),
+    (70, 32, 16, 3, 2, 2, torch.bfloat16, "silu", False, None),
+    (16, 64, 16, 12, 8, 3, torch.float16, "gelu", True, None),
+    (70, 64, 16, 12, 8, 4, torch.bfloat16, "silu", True, dict(block_m=64, block_n=64, block_k=32)),
+    (16, 32, 12, 3, 2, 2, torch.float32, "silu", False, dict(block_m=16, block_n=16, block_k=16)),  # b not a power of two
+]
+
+
+def _case_id(case):
+    T, d, b, R, E, k, dtype, act, dead, tiles = case
+    return f"T{T}-d{d}-b{b}-R{R}-E{E}-k{k}-{str(dtype).split('.')[-1]}-{act}" + ("-dead" if dead else "") + ("-tiles" if tiles else "")
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=_case_id)
+def test_decode_kernel_matches_reference(case):
+    T, d, b, R, E, k, dtype, act, dead, tiles = case
+    args = make_problem(T, d, b, R, E, k, dtype, DEVICE, dead_tokens=dead)
+    out = kernels().routed_experts_decode_triton(*args, act, **(tiles or {}))
+    assert_matches(out, args, act)
+    if dead:
+        assert (out[0] == 0).all()  # token 0's experts use no block
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=_case_id)
+def test_grouped_kernel_matches_reference(case):
+    T, d, b, R, E, k, dtype, act, dead, tiles = case
+    args = make_problem(T, d, b, R, E, k, dtype, DEVICE, dead_tokens=dead)
+    out = kernels().routed_experts_grouped_triton(*args, act, **(tiles or {}))
+    assert_matches(out, args, act)
+    if dead:
+        assert (out[0] == 0).all()
+
+
+def test_dispatch_by_token_count(monkeypatch):
+    tm = kernels()
+    called = []
+    monkeypatch.setattr(tm, "routed_experts_decode_triton", lambda x, *a: called.append(("decode", len(x))))
+    monkeypatch.setattr(tm, "routed_experts_grouped_triton", lambda x, *a: called.append(("grouped", len(x))))
+    for T in (1, tm.DECODE_KERNEL_MAX_TOKENS, tm.DECODE_KERNEL_MAX_TOKENS + 1):
+        tm.routed_experts_triton(*make_problem(T, 32, 8, 3, 2, 1), "silu")
+    assert called == [("decode", 1), ("decode", 16), ("grouped", 17)]
+    with pytest.raises(ValueError, match="activation"):
+        tm.routed_experts_triton(*make_problem(1, 32, 8, 3, 2, 1), "relu")
+
+
+def test_align_tokens_groups_slots_by_expert():
+    tm = kernels()
+    top_i = torch.tensor([[2, 0], [2, 1], [0, 2]])  # 6 slots; expert 3 gets none
+    sorted_slots, block_expert = tm.align_tokens(top_i, num_experts=4, block_m=4)
+    pad = top_i.numel()
+    # Expert 0: slots 1, 4; expert 1: slot 3; expert 2: slots 0, 2, 5 (each run padded to 4).
+    assert sorted_slots[:12].tolist() == [1, 4, pad, pad, 3, pad, pad, pad, 0, 2, 5, pad]
+    assert (sorted_slots[12:] == pad).all()
+    assert block_expert.tolist()[:4] == [0, 1, 2, 4] and (block_expert[3:] == 4).all()
+
+
+def test_no_routed_blocks_gives_zeros():
+    tm = kernels()
+    x, top_w, top_i, gate, up, down, scale = make_problem(3, 32, 8, 3, 2, 1, device=DEVICE)
+    empty = gate[:0]  # (0, b, d)
+    for launch in (tm.routed_experts_decode_triton, tm.routed_experts_grouped_triton):
+        assert (launch(x, top_w, top_i, empty, empty, empty, scale[:, :0], "silu") == 0).all()
+
+
+COMPILE_CHECK = """
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from momcompress.kernels import triton_mom as tm
+
+if "constexprs" not in inspect.signature(ASTSource).parameters:
+    raise SystemExit("skip: this Triton's ASTSource differs")
+ptr = dict(x="*bf16", w="*bf16", f="*fp32", i="*i32", l="*i64")
+kernels = [
+    (tm._decode_plan_kernel, "f l f i f i f", "R d", dict(K=2, BLOCK_R=256, BLOCK_D=1024)),
+    (tm._decode_kernel, "x w w w i f i f", "R b d", dict(ACT=1, BLOCK_N=8, BLOCK_D=256)),
+    (tm._grouped_gate_up_kernel, "x w w f i i i f i x", "TK K E R b d H_WIDTH",
+     dict(ACT=2, PREC="tf32", UPCAST=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)),
+    (tm._grouped_down_kernel, "x w i i i i f", "TK E R b d H_WIDTH",
+     dict(PREC="tf32", UPCAST=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)),
+]
+for fn, pointers, ints, consts in kernels:
+    types = [ptr[p] for p in pointers.split()] + ["i32"] * len(ints.split())
+    signature = dict(zip(fn.arg_names, types)) | {name: "constexpr" for name in consts}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+    assert compiled.asm["cubin"], fn.__name__
+print("ok")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """The kernels compile to sm_90 machine code (Triton's bundled ptxas, no GPU needed): catches what the
+    interpreter does not check (types, layouts, constexpr branches)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_CHECK], capture_output=True, text=True, timeout=300, env=env)
+    if done.stdout.startswith("skip"):
+        pytest.skip(done.stdout.strip())
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+# -- the custom op ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T", [2, 9])  # the decode and grouped references
+def test_custom_op_on_cpu_equals_reference(T):
+    from momcompress.kernels import routed_experts
+
+    args = make_problem(T, 32, 8, 12, 4, 2)
+    out = routed_experts(*args, "silu")
+    torch.testing.assert_close(out, routed_experts_grouped(*args, "silu"), atol=1e-6, rtol=1e-5)
+    assert torch.ops.momcompress.routed_experts.default is not None
+
+
+def test_custom_op_opcheck():
+    from momcompress.kernels import routed_experts  # noqa: F401  (registers the op)
+
+    for T in (2, 9):
+        torch.library.opcheck(torch.ops.momcompress.routed_experts.default, (*make_problem(T, 32, 8, 12, 4, 2), "gelu"))
+
+
+def test_custom_op_fake_shapes_and_export():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from momcompress.kernels import routed_experts
+
+    args = make_problem(5, 32, 8, 12, 4, 2, dtype=torch.bfloat16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = routed_experts(*args, "silu")
+    assert out.shape == (5, 32) and out.dtype == torch.bfloat16
+
+    class Routed(torch.nn.Module):
+        def forward(self, x, top_w, top_i, gate, up, down, scale):
+            return routed_experts(x, top_w, top_i, gate, up, down, scale, "silu")
+
+    program = torch.export.export(Routed(), make_problem(5, 32, 8, 12, 4, 2))
+    assert "momcompress.routed_experts" in str(program.graph)
+
+
+def test_imports_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "import momcompress.kernels as k\n"
+        "assert not k.kernels_available(torch.device('cuda')) and not k.kernels_available(torch.device('cpu'))\n"
+        "try:\n"
+        "    k._routed_experts_cuda(*[torch.zeros(1)] * 7, 'silu')\n"
+        "except k.TritonNotInstalledError as err:\n"
+        "    assert \"pip install 'momcompress[triton]'\" in str(err), err\n"
+        "else:\n"
+        "    raise AssertionError('no error without triton')\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+# -- GPU ------------------------------------------------------------------------------------------------
+def _gpu_kernels():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return kernels()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 4, 16, 17, 128, 2048])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_default_model_shape(T, dtype):
+    """SmolLM2-135M's FFN (d=576, F=1536, b=16 -> 96 blocks; 64 of them routed over 8 experts, top-2)."""
+    tm = _gpu_kernels()
+    args = make_problem(T, 576, 16, 64, 8, 2, dtype, "cuda", dead_tokens=True)
+    assert_matches(tm.routed_experts_triton(*args, "silu"), args, "silu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 16, 512])
+def test_gpu_large_shape_bf16(T):
+    """A Llama-3-8B-sized FFN (d=4096, F=14336, b=64 -> 224 blocks; 192 routed over 16 experts, top-2)."""
+    tm = _gpu_kernels()
+    args = make_problem(T, 4096, 64, 192, 16, 2, torch.bfloat16, "cuda")
+    assert_matches(tm.routed_experts_triton(*args, "silu"), args, "silu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64])
+def test_gpu_frozen_layer_kernels_match_reference(T):
+    """FrozenMoMFFN.forward with the kernels equals its torch path."""
+    _gpu_kernels()
+    d, b, E = 576, 16, 8
+    layer = FrozenMoMFFN(d, b, num_blocks=96, top_k=2, num_shared=32, num_routed=64, expert_sizes=[8] * E,
+                         activation="silu", dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, device="cuda") / d**0.5)
+        layer.expert_blocks.copy_(torch.randperm(64, generator=g, device="cuda"))
+        layer.expert_scales.fill_(1.0)
+        layer.refresh()
+        x = torch.randn(T, d, generator=g, device="cuda", dtype=torch.bfloat16)
+        fast = layer(x)
+        layer.use_kernels = False
+        slow = layer(x)
+    atol = 2e-2 * slow.float().abs().max().item()
+    assert (fast.float() - slow.float()).abs().max().item() <= atol
