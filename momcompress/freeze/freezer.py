@@ -301,6 +301,7 @@ def freeze(
         "block_size": b,
         "num_blocks": N,
         "activation": activation,
+        "routing": "renormalized",
         "uniform_experts": uniform_experts,
         "target": target,
         "measured_ratio": ratio,

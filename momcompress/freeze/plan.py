@@ -77,7 +77,9 @@ def padding_overhead(plans: list[LayerPlan]) -> float:
 
 
 @torch.no_grad()
-def repack_layer(mlp: nn.Module, router_weight: torch.Tensor, plan: LayerPlan, top_k: int, block_size: int, activation: str):
+def repack_layer(
+    mlp: nn.Module, router_weight: torch.Tensor, plan: LayerPlan, top_k: int, block_size: int, activation: str, routing: str = "renormalized"
+):
     """Build the FrozenMoMFFN of one layer from a gated FFN (gate/up/down), its router, plan and activation
     (one of momcompress.runtime.mom_ffn.ACTIVATIONS)."""
     from momcompress.runtime.mom_ffn import FrozenMoMFFN
@@ -88,7 +90,8 @@ def repack_layer(mlp: nn.Module, router_weight: torch.Tensor, plan: LayerPlan, t
     padded = any(plan.padding)
     num_routed = len(plan.routed) + (1 if padded else 0)
     module = FrozenMoMFFN(
-        d, b, plan.num_blocks, top_k, len(plan.shared), num_routed, plan.expert_sizes, activation, dtype=wg.dtype, device=wg.device
+        d, b, plan.num_blocks, top_k, len(plan.shared), num_routed, plan.expert_sizes, activation, dtype=wg.dtype, device=wg.device,
+        routing=routing,
     )
 
     def rows(blocks: list[int]) -> torch.Tensor:

@@ -90,6 +90,7 @@ def load(frozen_dir: str | os.PathLike, device: str | torch.device = "cpu", dtyp
             [len(e) for e in plan["experts"]],
             section["activation"],
             dtype=stored,
+            routing=section.get("routing", "renormalized"),
         )
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]

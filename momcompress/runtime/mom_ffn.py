@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+ROUTINGS = ("renormalized", "unit")
 # Up to this many tokens per call the per-token decode path is used; above it, grouping by expert.
 DECODE_MAX_TOKENS = 4
 
@@ -55,6 +56,7 @@ class FrozenMoMFFN(nn.Module):
         activation: str,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        routing: str = "renormalized",
     ):
         super().__init__()
         d, b, E = hidden_size, block_size, len(expert_sizes)
@@ -64,6 +66,11 @@ class FrozenMoMFFN(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.activation = activation
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        # "renormalized": top-k softmax weights renormalised to sum to 1 (MoM, as trained);
+        # "unit": every selected expert weighs 1 (MoEfication-style experts that partition the FFN).
+        self.routing = routing
         self.use_kernels = True  # on CUDA, run the Triton kernels when Triton is installed
         self.decode_max_tokens = DECODE_MAX_TOKENS
 
@@ -124,6 +131,8 @@ class FrozenMoMFFN(nn.Module):
         """(T, d) -> renormalised top-k weights (T, k) fp32 and expert indices (T, k); as in training."""
         probs = torch.softmax(F.linear(x.float(), self.router_weight.float()), dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
+        if self.routing == "unit":
+            return torch.ones_like(top_p), top_i
         return top_p / top_p.sum(dim=-1, keepdim=True), top_i
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
