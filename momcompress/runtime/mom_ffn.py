@@ -24,6 +24,8 @@ Two execution paths, both reading only what a token needs:
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,12 @@ def _kernels_ready(device: torch.device) -> bool:
     except ImportError:
         return False
     return kernels_available(device)
+
+
+def _tracing() -> bool:
+    """True under torch.export / torch.compile / ONNX export: the python paths below branch on data."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or exporting() or torch.onnx.is_in_onnx_export()
 
 
 class FrozenMoMFFN(nn.Module):
@@ -140,7 +148,8 @@ class FrozenMoMFFN(nn.Module):
         xf = x.reshape(-1, self.hidden_size)  # (T, d)
         top_w, top_i = self.route(xf)  # (T, k), (T, k)
         out = self.shared_forward(xf, top_w, top_i)  # (T, d)
-        if xf.is_cuda and self.use_kernels and _kernels_ready(xf.device):
+        if _tracing() or (xf.is_cuda and self.use_kernels and _kernels_ready(xf.device)):
+            # The custom op: Triton on CUDA, and one traceable node for torch.export / ONNX export.
             from momcompress.kernels import routed_experts
 
             out = out + routed_experts(xf, top_w, top_i, self.routed_gate, self.routed_up, self.routed_down, self.expert_block_scale, self.activation)
@@ -198,13 +207,39 @@ ACTIVATIONS = {
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
 
+_scratch = threading.local()
+
+
+def _gather_blocks(weight: torch.Tensor, blocks: torch.Tensor, slot: int) -> torch.Tensor:
+    """weight (R, b, d) rows of `blocks` (K,) as one (K*b, d) tensor.
+
+    On CPU the copy goes into a reused per-thread buffer: a fresh multi-MB tensor per call costs
+    page faults that made the gather 100x slower than the copy itself (measured: 12 ms vs 23 us for
+    45 blocks of 16 x 576 fp32).
+    """
+    d = weight.shape[-1]
+    if weight.device.type != "cpu" or torch.compiler.is_compiling():
+        return weight.index_select(0, blocks).view(-1, d)
+    n = blocks.numel() * weight.shape[1] * d
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    key = (slot, weight.dtype)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < n:
+        buf = bufs[key] = torch.empty(n, dtype=weight.dtype)
+    out = buf[:n].view(blocks.numel(), weight.shape[1], d)
+    torch.index_select(weight, 0, blocks, out=out)
+    return out.view(-1, d)
+
+
 def _blocks_forward(x, blocks, scale, routed_gate, routed_up, routed_down, activation: str) -> torch.Tensor:
     """x (T, d) through routed blocks (K,) with per-token block scales (T, K): (T, d)."""
     T, d = x.shape
     b = routed_gate.shape[1]
-    wg = routed_gate.index_select(0, blocks).view(-1, d)  # (K*b, d)
-    wu = routed_up.index_select(0, blocks).view(-1, d)
-    wd = routed_down.index_select(0, blocks).view(-1, d)
+    wg = _gather_blocks(routed_gate, blocks, 0)  # (K*b, d)
+    wu = _gather_blocks(routed_up, blocks, 1)
+    wd = _gather_blocks(routed_down, blocks, 2)
     h = ACTIVATIONS[activation](x @ wg.T) * (x @ wu.T)  # (T, K*b)
     h = (h.view(T, -1, b) * scale.unsqueeze(-1).to(h.dtype)).view(T, -1)
     return h @ wd  # (T, d)
