@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from momcompress.errors import MomcompressError  # noqa: E402
 
 
-from momcompress import freeze, learn  # noqa: E402  callable stage packages (see _stage.py)
+from momcompress import freeze, learn, validate  # noqa: E402  callable stage packages (see _stage.py)
 
 
 def load(*args, **kwargs):
@@ -19,4 +19,4 @@ def load(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-__all__ = ["MomcompressError", "learn", "freeze", "load", "__version__"]
+__all__ = ["MomcompressError", "learn", "freeze", "validate", "load", "__version__"]

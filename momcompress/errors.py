@@ -27,3 +27,11 @@ class RunDirError(MomcompressError):
 
 class TrainingDivergedError(MomcompressError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class ExportError(MomcompressError):
+    """A model cannot be exported as asked (wrong input folder, option, missing optional dependency)."""
+
+
+class ExportCheckError(ExportError):
+    """The exported model failed one of its own checks against PyTorch; nothing was written."""

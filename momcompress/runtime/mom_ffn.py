@@ -226,7 +226,7 @@ def _gather_blocks(weight: torch.Tensor, blocks: torch.Tensor, slot: int) -> tor
         bufs = _scratch.bufs = {}
     key = (slot, weight.dtype)
     buf = bufs.get(key)
-    if buf is None or buf.numel() < n:
+    if buf is None or buf.numel() < n or buf.is_inference() != torch.is_inference_mode_enabled():
         buf = bufs[key] = torch.empty(n, dtype=weight.dtype)
     out = buf[:n].view(blocks.numel(), weight.shape[1], d)
     torch.index_select(weight, 0, blocks, out=out)
@@ -257,12 +257,14 @@ def routed_experts_grouped(x, top_w, top_i, routed_gate, routed_up, routed_down,
         (T, d): sum over each token's experts e of top_w * W_down_e (act(W_gate_e x) * W_up_e x * z_e).
     """
     T, k = top_i.shape
-    out = torch.zeros_like(x)
     flat = top_i.reshape(-1)  # (T*k,)
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=expert_block_scale.shape[0]).tolist()
     token_of = order // k  # (T*k,) token of each sorted slot
     weight_of = top_w.reshape(-1)[order].float()  # (T*k,)
+    # Expert outputs land in sorted-slot order, then one gather puts them back: cheaper than one
+    # scatter-add per expert.
+    ys = x.new_zeros(T * k, x.shape[1])  # (T*k, d)
     start = 0
     for e, count in enumerate(counts):
         if count:
@@ -270,10 +272,11 @@ def routed_experts_grouped(x, top_w, top_i, routed_gate, routed_up, routed_down,
             if len(blocks):
                 tokens = token_of[start : start + count]
                 scale = weight_of[start : start + count, None] * expert_block_scale[e, blocks].float()  # (n, K)
-                y = _blocks_forward(x.index_select(0, tokens), blocks, scale, routed_gate, routed_up, routed_down, activation)
-                out.index_add_(0, tokens, y)
+                ys[start : start + count] = _blocks_forward(x.index_select(0, tokens), blocks, scale, routed_gate, routed_up, routed_down, activation)
         start += count
-    return out
+    slot_of = torch.empty_like(order)
+    slot_of[order] = torch.arange(T * k, device=order.device)  # (T*k,) sorted position of slot (t, j)
+    return ys.index_select(0, slot_of).view(T, k, -1).sum(dim=1)
 
 
 def routed_experts_decode(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation: str) -> torch.Tensor:

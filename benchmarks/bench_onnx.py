@@ -1,0 +1,167 @@
+"""Dense ONNX vs MoM ONNX in onnxruntime (CPU), side by side, as time ratios (issue 5's benchmark).
+
+Exports the dense model and the frozen MoM model with `momcompress.export` (each checked against
+PyTorch), derives one MoM file per MoMExperts function body (the same graph, another body), and times in
+onnxruntime, fp32, batch 1, on real held-out text (Wikipedia passages):
+- prefill of 128 and 512 tokens (no past);
+- a decode step with 128 cached tokens (the cache of a real 128-token prefix; the step's token varies
+  over the next --decode-tokens tokens of the text, so routing varies as in generation).
+Runs are interleaved (dense, MoM body 1, body 2, dense, ...) so load from other processes hits all
+alike; each cell is the median. Goal (issue 5): MoM decode step <= 0.8x dense at ratio 0.5.
+
+    python benchmarks/bench_onnx.py --frozen /tmp/f6 [--dense default] [--threads 2] [--json out.json]
+    python benchmarks/bench_onnx.py --frozen F --workdir W   # reuse exports in W from an earlier run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import momcompress
+from momcompress.export import op
+from momcompress.export.causal_lm import OrtCausalLM
+
+PREFILLS = (128, 512)
+DECODE_PAST = 128
+
+
+def export_once(source: str, folder: Path, dense: bool) -> Path:
+    if not (folder / "manifest.json").is_file():
+        print(f"exporting {source} -> {folder} ...", file=sys.stderr, flush=True)
+        momcompress.export(source, folder, dense=dense, overwrite=True, new_tokens=8)
+    return folder
+
+
+def with_body(mom_folder: Path, body: str, workdir: Path) -> Path:
+    """A copy of the MoM export whose MoMExperts nodes use body (the graph is otherwise identical)."""
+    import shutil
+
+    import onnx
+
+    target = workdir / f"mom-{body}"
+    if (target / "model.onnx").is_file():
+        return target
+    manifest = json.loads((mom_folder / "manifest.json").read_text())
+    if manifest["experts_body"] == body:
+        return mom_folder
+    config = json.loads((mom_folder / "config.json").read_text())
+    model = onnx.load(str(mom_folder / "model.onnx"))
+    op.attach_function(model, body, config["momcompress"]["activation"])
+    tmp = workdir / f"mom-{body}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    onnx.save_model(model, tmp / "model.onnx", save_as_external_data=bool(manifest["onnx"]["external_data"]), location="model.onnx.data")
+    tmp.rename(target)
+    return target
+
+
+def text_tokens(tokenizer, count: int) -> np.ndarray:
+    """count tokens (1, count) of held-out text (the default Wikipedia passages, else a fixed sample)."""
+    from momcompress.calibration.data import default_heldout_texts
+
+    text = " ".join(default_heldout_texts()[:40])
+    ids = tokenizer(text, return_tensors="np")["input_ids"][:, :count].astype(np.int64)
+    if ids.shape[1] < count:
+        raise SystemExit(f"not enough held-out text for {count} tokens")
+    return ids
+
+
+def time_prefill(lm: OrtCausalLM, ids: np.ndarray) -> float:
+    mask = np.ones_like(ids)
+    pos = np.arange(ids.shape[1], dtype=np.int64)[None]
+    t = time.perf_counter()
+    lm.run(ids, mask, pos, lm.first_past(1))
+    return time.perf_counter() - t
+
+
+def time_decode(lm: OrtCausalLM, ids: np.ndarray, past: int, steps: int) -> float:
+    """Mean time of one decode step with `past` cached tokens, over `steps` different next tokens."""
+    prefix = ids[:, :past]
+    _, cache = lm.run(prefix, np.ones_like(prefix), np.arange(past, dtype=np.int64)[None], lm.first_past(1))
+    mask = np.ones((1, past + 1), dtype=np.int64)
+    pos = np.array([[past]], dtype=np.int64)
+    total = 0.0
+    for i in range(steps):
+        tok = ids[:, past + i : past + i + 1]
+        t = time.perf_counter()
+        lm.run(tok, mask, pos, cache)
+        total += time.perf_counter() - t
+    return total / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frozen", required=True, help="Frozen MoM model folder (momcompress freeze output).")
+    ap.add_argument("--dense", default="default", help="Its dense source model (folder, .gguf or 'default').")
+    ap.add_argument("--bodies", default=",".join(op.BODIES), help="MoMExperts function bodies to time.")
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads.")
+    ap.add_argument("--repeats", type=int, default=5, help="Interleaved rounds per cell (median).")
+    ap.add_argument("--decode-tokens", type=int, default=16, help="Different next tokens averaged per decode round.")
+    ap.add_argument("--workdir", help="Where the exports go (kept; reused when present). Default: a temporary folder.")
+    ap.add_argument("--json", help="Also write the results as JSON here.")
+    args = ap.parse_args()
+
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_onnx."))
+    workdir.mkdir(parents=True, exist_ok=True)
+    dense_dir = export_once(args.dense, workdir / "dense", dense=True)
+    mom_dir = export_once(args.frozen, workdir / "mom", dense=False)
+    bodies = [b for b in args.bodies.split(",") if b]
+    variants = {"dense": dense_dir, **{f"mom {b}": with_body(mom_dir, b, workdir) for b in bodies}}
+    sessions = {name: OrtCausalLM(folder / "model.onnx", threads=args.threads) for name, folder in variants.items()}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(mom_dir)
+    ids = text_tokens(tok, max(max(PREFILLS), DECODE_PAST + args.decode_tokens))
+    workloads = {f"prefill {n}": (lambda lm, n=n: time_prefill(lm, ids[:, :n])) for n in PREFILLS}
+    workloads[f"decode step, {DECODE_PAST} cached"] = lambda lm: time_decode(lm, ids, DECODE_PAST, args.decode_tokens)
+    for lm in sessions.values():  # warm-up (first runs allocate)
+        for fn in workloads.values():
+            fn(lm)
+    times: dict[str, dict[str, list[float]]] = {w: {v: [] for v in sessions} for w in workloads}
+    for r in range(args.repeats):
+        for w, fn in workloads.items():
+            for v, lm in sessions.items():
+                times[w][v].append(fn(lm))
+        print(f"round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+
+    frozen_manifest = json.loads((Path(args.frozen) / "manifest.json").read_text())
+    rows = []
+    for w in workloads:
+        dense_ms = statistics.median(times[w]["dense"]) * 1e3
+        row = {"workload": w, "dense_ms": dense_ms}
+        for v in sessions:
+            if v != "dense":
+                ms = statistics.median(times[w][v]) * 1e3
+                row[f"{v} ms"] = ms
+                row[f"{v} ratio"] = ms / dense_ms
+        rows.append(row)
+    mom_names = [v for v in sessions if v != "dense"]
+    print(f"onnxruntime CPU, fp32, batch 1, {args.threads} threads; frozen model measured ratio "
+          f"{frozen_manifest.get('measured_ratio', float('nan')):.3f}; median of {args.repeats} rounds")
+    header = f"{'workload':<26} {'dense ms':>9} " + " ".join(f"{v + ' ms':>18} {'ratio':>6}" for v in mom_names)
+    print(header)
+    for row in rows:
+        cells = " ".join(f"{row[f'{v} ms']:>18.2f} {row[f'{v} ratio']:>5.2f}x" for v in mom_names)
+        print(f"{row['workload']:<26} {row['dense_ms']:>9.2f} {cells}")
+    decode = rows[-1]
+    best = min(mom_names, key=lambda v: decode[f"{v} ratio"])
+    goal = decode[f"{best} ratio"] <= 0.8
+    print(f"decode goal (MoM <= 0.8x dense): {'met' if goal else 'NOT met'} ({best}: {decode[f'{best} ratio']:.2f}x)")
+    if args.json:
+        result = {
+            "threads": args.threads, "repeats": args.repeats, "frozen": str(args.frozen), "dense": args.dense,
+            "measured_ratio": frozen_manifest.get("measured_ratio"), "rows": rows, "raw_seconds": times, "decode_goal_met": goal,
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

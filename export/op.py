@@ -1,0 +1,349 @@
+"""The `momcompress::MoMExperts` ONNX node: schema, torch.onnx translation, and its function bodies.
+
+DESIGN.md, "Export". Per layer, the routed experts of a frozen MoM FFN are one node
+
+    out = MoMExperts(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, accumulate)
+      x (T, d) FFN input; top_w (T, k) fp32 router weights (renormalised); top_i (T, k) int64 expert ids;
+      routed_gate, routed_up, routed_down (R, b, d) routed blocks (down transposed);
+      expert_block_scale (E, R) fp32 gate value of block r in expert e (0: not used);
+      accumulate (T, d) the shared FFN's output, added to the routed output (optional input)
+      attributes: top_k, activation ("silu" | "gelu_tanh" | "gelu"), plugin_namespace, plugin_version
+    out[t] = accumulate[t] + sum_r w[t, r] (act(x[t] Wg_r^T) * (x[t] Wu_r^T)) Wd_r,  w[t, r] = sum_j top_w[t, j] z[top_i[t, j], r]
+
+the contract of `momcompress.kernels.routed_experts` (plus the accumulation). The node carries a
+model-local ONNX function (standard ops only), so plain onnxruntime runs it; TensorRT maps it to the
+plugin of `momcompress.plugins` once the function is stripped (`strip_functions`). Function bodies:
+- gather: the union of the blocks any token of the call selects (NonZero + Gather), then the FFN on
+  those blocks only: for one decode token it reads the blocks of its top-k experts and no other;
+- masked-dense: every routed block as one dense FFN, scaled per token by w (zeros where unused):
+  reads all routed weights, but is plain GEMMs;
+- moe: onnxruntime's contrib op com.microsoft::MoE on experts padded to equal width (the layout is
+  constant-folded by onnxruntime at session start); SiLU-gated models only; not for TensorRT's parser.
+Measured on the default model at ratio 0.5 (benchmarks/bench_onnx.py, onnxruntime CPU, 2 busy cores),
+no body was reliably faster than dense: decode steps 0.92x-1.17x (gather), 0.96x-1.10x (masked-dense),
+1.00x (moe); prefill 0.95x-1.05x (masked-dense). The default stays gather, the body that reads only
+the selected blocks and that DESIGN.md found fastest for one token.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+DOMAIN = "momcompress"
+OP_TYPE = "MoMExperts"
+DOMAIN_VERSION = 1
+PLUGIN_NAMESPACE = "momcompress"
+PLUGIN_VERSION = "1"
+ATTRIBUTES = ("top_k", "activation", "plugin_namespace", "plugin_version")
+INPUT_NAMES = ("x", "top_w", "top_i", "routed_gate", "routed_up", "routed_down", "expert_block_scale", "accumulate")
+BODIES = ("gather", "masked-dense", "moe")
+DEFAULT_BODY = "gather"  # see the measurements in the module docstring
+
+
+def register_schema() -> None:
+    """Register the MoMExperts schema with onnx (once): torch.onnx's translation needs it to emit the node."""
+    from onnx import defs
+
+    if defs.has(OP_TYPE, DOMAIN):
+        return
+    Param = defs.OpSchema.FormalParameter
+    opt = defs.OpSchema.FormalParameterOption.Optional
+    inputs = [
+        Param("x", "T", "(T, d) FFN input"),
+        Param("top_w", "tensor(float)", "(T, k) renormalised router weights"),
+        Param("top_i", "tensor(int64)", "(T, k) expert ids"),
+        Param("routed_gate", "T", "(R, b, d) gate rows of the routed blocks"),
+        Param("routed_up", "T", "(R, b, d) up rows of the routed blocks"),
+        Param("routed_down", "T", "(R, b, d) down projection of the routed blocks, transposed"),
+        Param("expert_block_scale", "tensor(float)", "(E, R) gate value of block r in expert e, 0 if unused"),
+        Param("accumulate", "T", "(T, d) added to the output (the shared FFN's output)", param_option=opt),
+    ]
+    Attr, A = defs.OpSchema.Attribute, defs.OpSchema.AttrType
+    schema = defs.OpSchema(
+        OP_TYPE,
+        DOMAIN,
+        DOMAIN_VERSION,
+        "Routed experts of a frozen mixture-of-masks FFN (momcompress).",
+        inputs=inputs,
+        outputs=[Param("out", "T", "(T, d) accumulate + routed experts' output")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "model dtype")],
+        attributes=[
+            Attr("top_k", A.INT, "experts per token", required=False),
+            Attr("activation", A.STRING, "silu, gelu_tanh or gelu", required=False),
+            Attr("plugin_namespace", A.STRING, "TensorRT plugin namespace", required=False),
+            Attr("plugin_version", A.STRING, "TensorRT plugin version", required=False),
+        ],
+    )
+    defs.register_schema(schema)
+
+
+def translation_table() -> dict:
+    """torch.onnx custom_translation_table entry: torch.ops.momcompress.routed_experts -> one MoMExperts node."""
+    import onnxscript
+    import torch
+
+    import momcompress.kernels  # noqa: F401  registers torch.ops.momcompress.routed_experts
+
+    register_schema()
+    opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
+
+    def routed_experts(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation: str):
+        return opset.MoMExperts(
+            x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale,
+            top_k=int(top_i.shape[-1]), activation=activation, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
+        )
+
+    return {torch.ops.momcompress.routed_experts.default: routed_experts}
+
+
+# -- graph passes ---------------------------------------------------------------------------------------
+def mom_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The MoMExperts nodes of the main graph, in graph order."""
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
+def fuse_accumulate(model: onnx.ModelProto) -> int:
+    """Fold `Add(shared, MoMExperts(...))` into MoMExperts' accumulate input (in place); returns the count."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    fused = 0
+    for node in mom_nodes(model):
+        out = node.output[0]
+        users = consumers.get(out, [])
+        if len(node.input) > 7 or len(users) != 1 or out in graph_outputs:
+            continue
+        add = users[0]
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+            continue
+        other = add.input[1] if add.input[0] == out else add.input[0]
+        node.input.append(other)
+        node.output[0] = add.output[0]
+        model.graph.node.remove(add)
+        fused += 1
+    return fused
+
+
+def _const(name: str, values: list[int]) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+
+
+def _activation_nodes(activation: str, g: str, out: str, opset: int) -> list[onnx.NodeProto]:
+    """act(g) -> out, as standard ONNX ops."""
+    if activation == "silu":
+        return [helper.make_node("Sigmoid", [g], ["act_sig"]), helper.make_node("Mul", [g, "act_sig"], [out])]
+    if activation in ("gelu_tanh", "gelu") and opset >= 20:
+        return [helper.make_node("Gelu", [g], [out], approximate="tanh" if activation == "gelu_tanh" else "none")]
+    if activation == "gelu":  # 0.5 g (1 + erf(g / sqrt 2))
+        return [
+            helper.make_node("Constant", [], ["act_c"], value_float=0.7071067811865476),
+            helper.make_node("CastLike", ["act_c", g], ["act_cl"]),
+            helper.make_node("Mul", [g, "act_cl"], ["act_s"]),
+            helper.make_node("Erf", ["act_s"], ["act_e"]),
+            helper.make_node("Constant", [], ["act_one"], value_float=1.0),
+            helper.make_node("CastLike", ["act_one", g], ["act_onel"]),
+            helper.make_node("Add", ["act_e", "act_onel"], ["act_p"]),
+            helper.make_node("Mul", [g, "act_p"], ["act_gp"]),
+            helper.make_node("Constant", [], ["act_half"], value_float=0.5),
+            helper.make_node("CastLike", ["act_half", g], ["act_halfl"]),
+            helper.make_node("Mul", ["act_gp", "act_halfl"], [out]),
+        ]
+    if activation == "gelu_tanh":  # 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
+        nodes = []
+        for name, value in (("act_a", 0.044715), ("act_k", 0.7978845608028654), ("act_one", 1.0), ("act_half", 0.5)):
+            nodes += [helper.make_node("Constant", [], [name + "_f"], value_float=value), helper.make_node("CastLike", [name + "_f", g], [name])]
+        return nodes + [
+            helper.make_node("Mul", [g, g], ["act_g2"]),
+            helper.make_node("Mul", ["act_g2", g], ["act_g3"]),
+            helper.make_node("Mul", ["act_g3", "act_a"], ["act_ag3"]),
+            helper.make_node("Add", [g, "act_ag3"], ["act_in"]),
+            helper.make_node("Mul", ["act_in", "act_k"], ["act_u"]),
+            helper.make_node("Tanh", ["act_u"], ["act_t"]),
+            helper.make_node("Add", ["act_t", "act_one"], ["act_p"]),
+            helper.make_node("Mul", [g, "act_p"], ["act_gp"]),
+            helper.make_node("Mul", ["act_gp", "act_half"], [out]),
+        ]
+    raise ValueError(f"activation must be silu, gelu_tanh or gelu, got {activation!r}")
+
+
+def function_body(body: str, activation: str, opset: int) -> onnx.FunctionProto:
+    """The model-local function ("momcompress", "MoMExperts") computing the node with standard ops.
+
+    Args:
+        body: "gather" (reads only the blocks selected in this call) or "masked-dense" (all routed blocks).
+        activation: the model's FFN activation (the function is local to one model, so it is fixed).
+        opset: the model's default-domain opset.
+    """
+    if body not in BODIES:
+        raise ValueError(f"body must be one of {BODIES}, got {body!r}")
+    if body == "moe":
+        return _moe_function(activation, opset)
+    n = helper.make_node
+    nodes = [
+        # w[t, r] = sum_j top_w[t, j] * scale[top_i[t, j], r]
+        n("Gather", ["expert_block_scale", "top_i"], ["z"], axis=0),  # (T, k, R)
+        _const("axis_last", [-1]),
+        n("Unsqueeze", ["top_w", "axis_last"], ["top_w3"]),  # (T, k, 1)
+        n("Mul", ["z", "top_w3"], ["wz"]),
+        _const("axis_1", [1]),
+        n("ReduceSum", ["wz", "axis_1"], ["w"], keepdims=0),  # (T, R) fp32
+        # (R, b, d) -> (R*b, d) reshapes need d
+        _const("minus_one", [-1]),
+        n("Shape", ["routed_gate"], ["d_dim"], start=2),  # (1,) = [d]
+        n("Concat", ["minus_one", "d_dim"], ["rows_shape"], axis=0),  # [-1, d]
+        n("Shape", ["routed_gate"], ["b_dim"], start=1, end=2),  # [b]
+        _const("zero", [0]),
+    ]
+    if body == "gather":
+        nodes += [
+            # union over the call's tokens of the blocks with w != 0: (U,) block ids
+            n("Abs", ["w"], ["w_abs"]),
+            _const("axis_0", [0]),
+            n("ReduceMax", ["w_abs", "axis_0"], ["w_any"], keepdims=0),  # (R,)
+            n("Constant", [], ["f_zero"], value_float=0.0),
+            n("Greater", ["w_any", "f_zero"], ["used"]),
+            n("NonZero", ["used"], ["used_idx2"]),  # (1, U)
+            n("Squeeze", ["used_idx2", "axis_0"], ["used_idx"]),  # (U,)
+            n("Gather", ["routed_gate", "used_idx"], ["g_sel"], axis=0),  # (U, b, d): the only weights read
+            n("Gather", ["routed_up", "used_idx"], ["u_sel"], axis=0),
+            n("Gather", ["routed_down", "used_idx"], ["d_sel"], axis=0),
+            n("Gather", ["w", "used_idx"], ["w_sel"], axis=1),  # (T, U)
+        ]
+        g, u, dn, w = "g_sel", "u_sel", "d_sel", "w_sel"
+    else:
+        g, u, dn, w = "routed_gate", "routed_up", "routed_down", "w"
+    nodes += [
+        n("Reshape", [g, "rows_shape"], ["wg"]),  # (U*b, d)
+        n("Reshape", [u, "rows_shape"], ["wu"]),
+        n("Reshape", [dn, "rows_shape"], ["wd"]),
+        n("Gemm", ["x", "wg"], ["hg"], transB=1),  # (T, U*b)
+        n("Gemm", ["x", "wu"], ["hu"], transB=1),
+        *_activation_nodes(activation, "hg", "ha", opset),
+        n("Mul", ["ha", "hu"], ["h"]),
+        # scale each block's b neurons by w[t, block]
+        n("Concat", ["zero", "minus_one", "b_dim"], ["h3_shape"], axis=0),  # [T, U, b]
+        n("Reshape", ["h", "h3_shape"], ["h3"]),
+        n("CastLike", [w, "x"], ["w_x"]),
+        n("Unsqueeze", ["w_x", "axis_last"], ["w3"]),  # (T, U, 1)
+        n("Mul", ["h3", "w3"], ["hs3"]),
+        n("Concat", ["zero", "minus_one"], ["h2_shape"], axis=0),
+        n("Reshape", ["hs3", "h2_shape"], ["hs"]),  # (T, U*b)
+        n("MatMul", ["hs", "wd"], ["routed"]),  # (T, d)
+        n("Add", ["routed", "accumulate"], ["out"]),
+    ]
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        inputs=list(INPUT_NAMES),
+        outputs=["out"],
+        nodes=nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=list(ATTRIBUTES),
+        doc_string=f"MoMExperts, {body} body ({activation}); see momcompress/export/op.py",
+    )
+
+
+def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
+    """The body on onnxruntime's contrib op com.microsoft::MoE (onnxruntime only; SiLU-gated FFNs).
+
+    MoE needs uniform experts laid out per expert: expert e's blocks, padded to the widest expert with
+    blocks of scale 0, as (E, 2*Kmax*b, d) gate/up interleaved by neuron (onnxruntime's CPU kernel takes
+    only that SwiGLU layout; alpha 1, beta 0 make it silu(g) * u) and (E, d, Kmax*b) down with the block
+    scales folded in.
+    That layout is computed here from the node's inputs, which are all initializers, so onnxruntime
+    constant-folds it once at session start (the file keeps one copy of each block). The router weights
+    go in as logits log(top_w) at the chosen experts and -1e4 elsewhere: MoE's softmax + top-k +
+    renormalisation then gives back exactly top_w.
+    """
+    if activation != "silu":
+        raise ValueError(f"the moe body needs a SiLU-gated FFN (com.microsoft::MoE has no exact {activation}); use gather or masked-dense")
+    n = helper.make_node
+    nodes = [
+        # -- expert layout (constant-folded): idx (E, Kmax) block ids of each expert, zs (E, Kmax) scales
+        n("Constant", [], ["f_zero"], value_float=0.0),
+        n("Greater", ["expert_block_scale", "f_zero"], ["on"]),  # (E, R)
+        n("Cast", ["on"], ["on_i"], to=TensorProto.INT64),
+        _const("axis_1", [1]),
+        n("ReduceSum", ["on_i", "axis_1"], ["sizes"], keepdims=1),  # (E, 1)
+        n("ReduceMax", ["sizes"], ["kmax"], keepdims=0),  # scalar
+        _const("one_shape", [1]),
+        n("Reshape", ["kmax", "one_shape"], ["kmax1"]),
+        n("Cast", ["on"], ["on_f"], to=TensorProto.FLOAT),
+        n("TopK", ["on_f", "kmax1"], ["top_on", "idx"], axis=1, largest=1, sorted=1),  # used blocks first
+        n("GatherElements", ["expert_block_scale", "idx"], ["zs"], axis=1),  # (E, Kmax); 0 on padding
+        n("Gather", ["routed_gate", "idx"], ["g4"], axis=0),  # (E, Kmax, b, d)
+        n("Gather", ["routed_up", "idx"], ["u4"], axis=0),
+        n("Gather", ["routed_down", "idx"], ["d4"], axis=0),
+        n("CastLike", ["zs", "routed_down"], ["zs_t"]),
+        _const("axes_23", [2, 3]),
+        n("Unsqueeze", ["zs_t", "axes_23"], ["zs4"]),  # (E, Kmax, 1, 1)
+        n("Mul", ["d4", "zs4"], ["d4s"]),
+        _const("zero", [0]),
+        _const("minus_one", [-1]),
+        n("Shape", ["routed_gate"], ["d_dim"], start=2),
+        n("Concat", ["zero", "minus_one", "d_dim"], ["w3_shape"], axis=0),  # [E, Kmax*b, d]
+        n("Reshape", ["g4", "w3_shape"], ["g3"]),  # (E, I, d), I = Kmax*b
+        n("Reshape", ["u4", "w3_shape"], ["u3"]),
+        _const("axis_2", [2]),
+        n("Unsqueeze", ["g3", "axis_2"], ["g3u"]),  # (E, I, 1, d)
+        n("Unsqueeze", ["u3", "axis_2"], ["u3u"]),
+        n("Concat", ["g3u", "u3u"], ["gu"], axis=2),  # (E, I, 2, d): gate/up interleaved per neuron
+        n("Reshape", ["gu", "w3_shape"], ["fc1"]),  # (E, 2I, d), rows g0, u0, g1, u1, ...
+        n("Reshape", ["d4s", "w3_shape"], ["d3"]),
+        n("Transpose", ["d3"], ["fc2"], perm=[0, 2, 1]),  # (E, d, Kmax*b)
+        # -- routing: logits whose softmax over the top-k is top_w
+        n("Shape", ["top_w"], ["tk_shape"], end=1),  # [T]
+        n("Shape", ["expert_block_scale"], ["e_dim"], end=1),  # [E]
+        n("Concat", ["tk_shape", "e_dim"], ["te_shape"], axis=0),
+        n("ConstantOfShape", ["te_shape"], ["neg"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [-1e4])),
+        n("Log", ["top_w"], ["log_w"]),
+        n("ScatterElements", ["neg", "top_i", "log_w"], ["logits"], axis=1),  # (T, E)
+        n("CastLike", ["logits", "x"], ["logits_x"]),
+        n("MoE", ["x", "logits_x", "fc1", "", "fc2"], ["routed"], domain="com.microsoft",
+          activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1,
+          k=1),  # k is set from the node's top_k below
+        n("Add", ["routed", "accumulate"], ["out"]),
+    ]
+    # k must be an attribute of MoE: reference the function's top_k attribute.
+    moe = nodes[-2]
+    del moe.attribute[[a.name for a in moe.attribute].index("k")]
+    moe.attribute.append(onnx.AttributeProto(name="k", ref_attr_name="top_k", type=onnx.AttributeProto.INT))
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        inputs=list(INPUT_NAMES),
+        outputs=["out"],
+        nodes=nodes,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)],
+        attributes=list(ATTRIBUTES),
+        doc_string="MoMExperts, moe body (com.microsoft::MoE, silu); see momcompress/export/op.py",
+    )
+
+
+def attach_function(model: onnx.ModelProto, body: str, activation: str) -> None:
+    """Give every MoMExperts node the accumulate input and add the function body to the model (in place)."""
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    for node in mom_nodes(model):
+        if len(node.input) < 8:  # no shared part to add: accumulate into zeros
+            raise ValueError("MoMExperts node without accumulate input; run fuse_accumulate first")
+    del model.functions[:]  # only ours: the torch exporter inlines everything else
+    model.functions.append(function_body(body, activation, opset))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    if body == "moe" and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def strip_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without the MoMExperts function bodies: TensorRT's parser then maps each node to the plugin
+    registered under (op type, plugin_namespace, plugin_version). Load model with load_external_data=False
+    for large models: external weights stay references."""
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    keep = [f for f in stripped.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
+    del stripped.functions[:]
+    stripped.functions.extend(keep)
+    return stripped

@@ -1,0 +1,407 @@
+"""`validate`: cost formulas by hand, retention definitions, latency timing, the ONNX runner, the report
+files, --min-retention exit codes and bad input, on a tiny learned-and-frozen model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import momcompress
+from conftest import SAMPLE_TEXT, TINY_ARCHS, make_tiny_model_dir, tiny_config, write_text_data
+from momcompress.cli import main
+from momcompress.config import LearnConfig
+from momcompress.errors import ConfigError, DataError, ModelLoadError, RunDirError
+from momcompress.validate import cost, speed, tasks
+from momcompress.validate.tasks import Doc
+from momcompress.validate.validator import average_retention
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SEQ_LEN, HELDOUT = 32, 256  # tiny evaluation: 8 windows of 32 tokens
+FAST = dict(seq_len=SEQ_LEN, heldout_tokens=HELDOUT, progress=False)
+FAST_CLI = ["--seq-len", str(SEQ_LEN), "--heldout-tokens", str(HELDOUT)]
+
+
+# ----------------------------------------------------------------------------- cost by hand
+
+
+def test_dense_and_mom_cost_by_hand():
+    # The conftest tiny llama: V=256, d=64, L=2, H=4, Hkv=2, h=16, F=128, tied; 2 RMSNorms per layer + 1 final.
+    shape = cost.ModelShape.from_config(tiny_config("llama"), other_params=2 * 2 * 64 + 64)
+    assert shape.attention_weights_per_layer == 64 * 64 + 2 * 64 * 32 + 64 * 64 == 12288
+    assert shape.dense_ffn_per_layer == 3 * 64 * 128 == 24576
+    assert shape.stored_params() == 256 * 64 + 2 * (12288 + 24576) + 320 == 90432
+
+    dense = cost.dense_cost(shape, context=10)
+    assert dense.attention_flops == 2 * (2 * 2 * 4 * 16 * 10) == 5120  # q.k and values, 4 heads x 16, 10 keys
+    assert dense.params == 64 + 24576 + 49152 + 0 + 16384 + 320 == 90496  # one embedding row, lm_head read whole
+    assert dense.flops == 2 * (24576 + 49152 + 16384) + 5120 == 185344
+
+    # 4 experts, blocks of 8 neurons (3*8*64 = 1536 weights), 4 and 2.5 blocks read on average per layer.
+    mom = cost.mom_cost(shape, blocks_read=[4.0, 2.5], block_size=8, num_experts=4, context=10)
+    assert (mom.ffn, mom.router) == (1536 * 6.5, 2 * 4 * 64) == (9984, 512)
+    assert mom.params == 64 + 24576 + 9984 + 512 + 16384 + 320 == 51840
+    assert mom.flops == 2 * (24576 + 9984 + 512 + 16384) + 5120 == 108032
+    assert mom.to_dict()["flops"] == mom.flops and mom.to_dict()["params"] == mom.params
+    with pytest.raises(ValueError, match="layers"):
+        cost.mom_cost(shape, [4.0], 8, 4, 10)
+
+
+def test_sliding_window_caps_the_attention_context():
+    shape = cost.ModelShape.from_config(tiny_config("gemma2"))  # layers alternate sliding (32 tokens) / full
+    assert shape.context_per_layer(100) == [32, 100] and shape.context_per_layer(20) == [20, 20]
+    assert cost.attention_context_flops(shape, 100) == 4 * 4 * 16 * (32 + 100)
+    full = cost.ModelShape.from_config(tiny_config("llama"))
+    assert full.context_per_layer(100) == [100, 100]
+
+
+@pytest.mark.parametrize("arch", list(TINY_ARCHS))
+def test_formulas_match_the_real_models(arch):
+    """Stored parameters match the model, and active parameters match sizes.active_params_per_token."""
+    from transformers import AutoModelForCausalLM
+
+    from momcompress.sizes import active_params_per_token, param_breakdown
+
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    shape = cost.ModelShape.from_model(model)
+    weights = sum(m.weight.numel() for layer in model.model.layers for m in
+                  (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj))
+    assert shape.num_layers * shape.attention_weights_per_layer == weights
+    assert shape.stored_params() == sum(p.numel() for p in model.parameters())
+    assert cost.dense_cost(shape, 8).params == active_params_per_token(model, param_breakdown(model)["ffn"])
+    if arch == "llama":
+        assert shape.other_params == 2 * 2 * 64 + 64  # the norms, by hand
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def test_average_retention_skips_undefined_tasks():
+    per_task = {
+        "a": {"retention": {"acc": {"value": 0.8}}},
+        "b": {"retention": {"acc": {"value": 1.0}}},
+        "c": {"retention": {"acc": {"value": math.nan}}},  # dense accuracy 0
+    }
+    assert average_retention(per_task, "acc") == pytest.approx(0.9)
+    assert math.isnan(average_retention({"c": per_task["c"]}, "acc"))
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+def test_timing_is_interleaved_and_reports_median_ratios():
+    calls = []
+
+    def runner(name, prefill_s, decode_s):
+        def run(tokens, prefill, decode):
+            calls.append(name)
+            return prefill_s[len([c for c in calls if c == name]) - 1], decode_s * decode
+
+        return run
+
+    runners = {"dense": runner("dense", [9.0, 0.2, 0.1, 0.3], 0.01),
+               "sparse": runner("sparse", [9.0, 0.1, 0.05, 0.5], 0.02)}
+    out = speed._interleave(runners, torch.arange(10), 6, 4, repeats=3, progress=None)
+    assert calls == ["dense", "sparse", "sparse", "dense", "dense", "sparse", "sparse", "dense"]  # order alternates
+    assert out["prefill"]["dense_ms"] == pytest.approx(200.0)  # warm-up round (9 s) dropped; median of .2 .1 .3
+    assert out["prefill"]["sparse_ms"] == pytest.approx(100.0)
+    assert out["prefill"]["ratio"] == pytest.approx(0.5)
+    assert out["decode"]["dense_ms"] == pytest.approx(10.0) and out["decode"]["ratio"] == pytest.approx(2.0)
+
+
+def test_torch_timing_runs_prefill_and_cached_decode(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    out = speed.time_torch({"dense": model, "sparse": model}, torch.arange(3, 15), prefill=8, decode=4, repeats=2)
+    assert out["prefill_tokens"] == 8 and out["decode_tokens"] == 4
+    for phase in ("prefill", "decode"):
+        assert out[phase]["dense_ms"] > 0 and out[phase]["sparse_ms"] > 0
+        assert out[phase]["ratio"] == pytest.approx(out[phase]["sparse_ms"] / out[phase]["dense_ms"])
+    with pytest.raises(ValueError, match="tokens"):
+        speed.time_torch({"dense": model, "sparse": model}, torch.arange(5), prefill=8, decode=4)
+
+
+# ----------------------------------------------------------------------------- onnxruntime runner
+
+V, HKV, HD = 256, 2, 4  # synthetic graph: vocabulary (the tiny tokenizer's), kv heads, head dim
+
+
+def write_toy_onnx(folder, with_cache: bool = True, logits_name: str = "logits"):
+    """A causal-LM-shaped ONNX graph: logits = TABLE[input_ids]; the cache appends KEYS[input_ids]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    table, keys = rng.standard_normal((V, V)).astype(np.float32), rng.standard_normal((V, HKV * HD)).astype(np.float32)
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info(logits_name, TensorProto.FLOAT, ["batch", "seq", V])]
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], [logits_name])]
+    inits = [numpy_helper.from_array(table, "table")]
+    if with_cache:
+        nodes += [helper.make_node("Gather", ["keys", "input_ids"], ["k_flat"]),
+                  helper.make_node("Reshape", ["k_flat", "kv_shape"], ["k_heads"]),
+                  helper.make_node("Transpose", ["k_heads"], ["k_new"], perm=[0, 2, 1, 3])]  # (B, Hkv, T, h)
+        inits += [numpy_helper.from_array(keys, "keys"), numpy_helper.from_array(np.array([0, 0, HKV, HD]), "kv_shape")]
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.0.{kind}", TensorProto.FLOAT,
+                                                        ["batch", HKV, "past", HD]))
+            outputs.append(helper.make_tensor_value_info(f"present.0.{kind}", TensorProto.FLOAT,
+                                                         ["batch", HKV, "total", HD]))
+            nodes.append(helper.make_node("Concat", [f"past_key_values.0.{kind}", "k_new"], [f"present.0.{kind}"], axis=2))
+    graph = helper.make_graph(nodes, "toy_lm", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(folder / "model.onnx"))
+    (folder / "manifest.json").write_text(json.dumps({"stage": "export", "body": "toy"}))
+    return folder, table, keys
+
+
+def test_onnx_runner_prefills_and_decodes_with_the_cache(tmp_path):
+    folder, table, keys = write_toy_onnx(tmp_path / "toy")
+    lm = speed.OrtCausalLM(folder, num_kv_heads=HKV, head_dim=HD)
+    assert lm.has_cache and lm.manifest == {"stage": "export", "body": "toy"}
+    logits, past = lm.forward(np.array([[5, 7, 9]]))
+    np.testing.assert_array_equal(logits[0], table[[5, 7, 9]])
+    assert past["past_key_values.0.key"].shape == (1, HKV, 3, HD)
+    logits, past = lm.forward(np.array([[11]]), past)
+    np.testing.assert_array_equal(logits[0, 0], table[11])
+    assert past["past_key_values.0.value"].shape == (1, HKV, 4, HD)
+    np.testing.assert_array_equal(past["past_key_values.0.key"][0, :, 3], keys[11].reshape(HKV, HD))
+
+    out = speed.time_onnx({"dense": lm, "sparse": lm}, torch.arange(1, 13), prefill=8, decode=4, repeats=1)
+    assert out["prefill"]["ratio"] > 0 and out["decode"]["sparse_ms"] > 0
+
+
+def test_onnx_runner_without_cache_and_bad_exports(tmp_path):
+    plain = speed.OrtCausalLM(write_toy_onnx(tmp_path / "plain", with_cache=False)[0], HKV, HD)
+    assert not plain.has_cache
+    out = speed.time_onnx({"dense": plain, "sparse": plain}, torch.arange(1, 13), prefill=8, decode=4, repeats=1)
+    assert "decode" not in out and "no past_key_values" in out["note"]
+    with pytest.raises(speed.OnnxModelError, match="needs input_ids and logits"):
+        speed.OrtCausalLM(write_toy_onnx(tmp_path / "odd", logits_name="scores")[0], HKV, HD)
+    with pytest.raises(speed.OnnxModelError, match="holds no model.onnx"):
+        speed.OrtCausalLM(tmp_path, HKV, HD)
+
+
+# ----------------------------------------------------------------------------- a tiny frozen model
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory):
+    """(dense model folder, frozen folder, held-out text, calibration text, freeze manifest)."""
+    work = tmp_path_factory.mktemp("validate")
+    model_dir = make_tiny_model_dir(work / "model", "llama")
+    calib = write_text_data(work / "calib.txt")
+    config = LearnConfig(target=0.5, experts=4, top_k=2, block_size=8, steps=6, batch_size=4, seq_len=32,
+                         data=str(calib), eval_tokens=256, init_tokens=512, log_every=100)
+    momcompress.learn(str(model_dir), work / "run", config)
+    manifest = momcompress.freeze(work / "run", work / "frozen", tolerance=0.05)
+    heldout = work / "heldout.txt"
+    lines = SAMPLE_TEXT.split("\n")
+    heldout.write_text("\n\n".join(" ".join(lines[(5 * i + j) % len(lines)] for j in range(3)) for i in range(40)))
+    return model_dir, work / "frozen", heldout, calib, manifest
+
+
+def _cloze_docs() -> list[Doc]:
+    """Sentence endings from SAMPLE_TEXT: each line cut at 2..5 words, its own and two other endings."""
+    lines = SAMPLE_TEXT.split("\n")
+    docs = []
+    for cut in range(2, 6):
+        for i, line in enumerate(lines):
+            endings = [" " + " ".join(lines[(i + j) % len(lines)].split(" ")[cut:]) for j in range(3)]
+            docs.append(Doc(len(docs), tuple((" ".join(line.split(" ")[:cut]), e) for e in endings), gold=0))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def known_docs(frozen):
+    """Documents whose gold answer is the dense model's acc_norm pick, and the expected acc_norm retention:
+    dense accuracy is 1, so retention = the fraction the MoM model picks the same way."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, frozen_dir = frozen[:2]
+    tok = AutoTokenizer.from_pretrained(frozen_dir)
+    candidates = _cloze_docs()
+    picks = {}
+    for label, model in (("dense", AutoModelForCausalLM.from_pretrained(model_dir)), ("sparse", momcompress.load(frozen_dir))):
+        results = tasks.score_docs(model, tok, candidates, progress=False)
+        picks[label] = [max(range(3), key=lambda c: r.logprobs[c] / r.num_chars[c]) for r in results]
+    agree = [i for i in range(len(candidates)) if picks["dense"][i] == picks["sparse"][i]]
+    disagree = [i for i in range(len(candidates)) if picks["dense"][i] != picks["sparse"][i]]
+    assert agree, "the tiny MoM model never picks the dense model's answer: the fixture needs other documents"
+    chosen = agree[:3] + disagree[:1]
+    docs = [Doc(n, candidates[i].choices, picks["dense"][i]) for n, i in enumerate(chosen)]
+    return docs, len(agree[:3]) / len(chosen)
+
+
+@pytest.fixture
+def patched_task(monkeypatch, known_docs):
+    """"arc_easy" returns the known documents; every other name goes to the real task files."""
+    real = tasks.load_task
+    monkeypatch.setattr(tasks, "load_task", lambda name, limit=None: known_docs[0] if name == "arc_easy" else real(name, limit))
+    return known_docs[1]
+
+
+def test_report_files_and_measurements(frozen, patched_task, tmp_path):
+    import matplotlib.pyplot as plt
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from momcompress.calibration.data import pack_tokens, read_texts
+    from momcompress.freeze.freezer import measure_frozen_ratio
+
+    model_dir, frozen_dir, heldout, _, manifest = frozen
+    onnx_dir, _, _ = write_toy_onnx(tmp_path / "onnx")
+    out = tmp_path / "reports"
+    report = momcompress.validate(frozen_dir, dense=model_dir, output=out, data=str(heldout), task_names="arc_easy",
+                                  prefill_tokens=8, decode_tokens=2, speed_repeats=1, onnx_dense=onnx_dir,
+                                  onnx_sparse=onnx_dir, **FAST)
+
+    # retention definitions: perplexity dense / sparse; zero-shot sparse / dense (dense acc_norm is 1 here)
+    ppl = report["perplexity"]
+    assert ppl["retention"] == pytest.approx(ppl["dense"] / ppl["sparse"]) and ppl["tokens"] == HELDOUT
+    arc = report["zero_shot"]["tasks"]["arc_easy"]
+    assert arc["dense"]["acc_norm"] == 1.0
+    assert arc["retention"]["acc_norm"]["value"] == pytest.approx(patched_task)
+    assert report["gate"]["average_zero_shot_retention"] == pytest.approx(patched_task)
+
+    # the activation ratio and expert usage recorded by the hooks, against freeze's own measurement
+    model = momcompress.load(frozen_dir)
+    seqs = pack_tokens(AutoTokenizer.from_pretrained(frozen_dir), read_texts(str(heldout)), SEQ_LEN, HELDOUT)
+    ratio, per_layer, blocks = measure_frozen_ratio(model, seqs, 8)
+    a = report["activation_ratio"]
+    assert a["measured"] == pytest.approx(ratio, abs=1e-9) and a["per_layer"] == pytest.approx(per_layer, abs=1e-9)
+    assert a["tokens"] == HELDOUT
+    assert all(sum(row) == pytest.approx(2.0) for row in report["expert_usage"]["per_layer"])  # top-2 per token
+
+    # cost: the MoM model's active parameters agree with freeze's accounting on the same blocks
+    shape = cost.ModelShape.from_model(AutoModelForCausalLM.from_pretrained(model_dir))
+    on_freeze_tokens = cost.mom_cost(shape, [r * manifest["num_blocks"] for r in manifest["measured_ratio_per_layer"]],
+                                     8, 4, SEQ_LEN)
+    assert on_freeze_tokens.params == pytest.approx(manifest["parameters"]["model_active_per_token"], abs=2)
+    c = report["cost"]
+    assert c["sparse"]["ffn"] == pytest.approx(sum(blocks) * 3 * 8 * 64, abs=1)
+    assert c["dense"]["params"] == manifest["parameters"]["dense_model_active_per_token"]
+    assert c["flops_ratio"] == pytest.approx(c["sparse"]["flops"] / c["dense"]["flops"]) and c["flops_ratio"] < 1
+
+    # speed in both runtimes
+    assert report["speed"]["torch"]["cpu"]["decode"]["dense_ms"] > 0
+    ort = report["speed"]["onnxruntime"]["cpu"]
+    assert ort["prefill"]["ratio"] > 0 and ort["exports"]["dense"]["manifest"]["body"] == "toy"
+
+    # files
+    folder = out / "frozen"
+    on_disk = json.loads((folder / "report.json").read_text())
+    assert {"perplexity", "zero_shot", "activation_ratio", "expert_usage", "cost", "speed", "gate", "notes"} <= set(on_disk)
+    assert on_disk["perplexity"]["sparse"] == pytest.approx(ppl["sparse"])
+    md = (folder / "report.md").read_text()
+    assert "| metric | dense | sparse | sparse / dense |" in md and f"| arc_easy | {arc['n']} |" in md
+    assert "## Cost per token" in md and "torch cpu" in md and "onnxruntime cpu" in md
+    for png in ("training_curves.png", "blocks_per_layer.png", "expert_usage.png"):
+        assert (folder / png).read_bytes()[:8] == PNG_MAGIC and f"]({png})" in md
+        assert plt.imread(folder / png).ndim == 3
+    index = json.loads((out / "methods.json").read_text())
+    assert index["frozen"]["method"] == "mom" and index["frozen"]["activation_ratio"] == pytest.approx(ratio)
+    assert (out / "retention_vs_ratio.png").read_bytes()[:8] == PNG_MAGIC
+    assert "[frozen](frozen/report.md)" in (out / "report.md").read_text()
+
+    with pytest.raises(RunDirError, match="--overwrite"):
+        momcompress.validate(frozen_dir, dense=model_dir, output=out, data=str(heldout), task_names="none",
+                             measure_speed=False, **FAST)
+
+
+def _validate_cli(frozen, out, *extra):
+    model_dir, frozen_dir, heldout = frozen[:3]
+    args = ["validate", str(frozen_dir), "--dense", str(model_dir), "-o", str(out), "--data", str(heldout), *FAST_CLI, *extra]
+    return CliRunner().invoke(main, args)
+
+
+def test_min_retention_exit_codes(frozen, patched_task, tmp_path):
+    common = ["--tasks", "arc_easy", "--no-speed"]
+    ok = _validate_cli(frozen, tmp_path / "ok", *common, "--min-retention", str(patched_task))
+    assert ok.exit_code == 0, ok.output
+    assert "| metric | dense | sparse | sparse / dense |" in ok.output and "passed" in ok.output
+
+    high = min(2.0, patched_task + 0.1)
+    bad = _validate_cli(frozen, tmp_path / "bad", *common, "--min-retention", str(high))
+    assert bad.exit_code == 1
+    assert f"is below --min-retention {high}" in bad.output and "| metric |" in bad.output  # table, then the error
+    written = json.loads((tmp_path / "bad" / "frozen" / "report.json").read_text())
+    assert written["gate"] == {"min_retention": high, "average_zero_shot_retention": pytest.approx(patched_task),
+                               "metric": "acc_norm", "passed": False}
+
+    none = _validate_cli(frozen, tmp_path / "none", "--tasks", "none", "--no-speed", "--min-retention", "0.5")
+    assert none.exit_code == 1 and "select at least one task" in none.output
+
+
+def _other_tokenizer_model(path):
+    """A tiny llama whose tokenizer was trained on other text (same vocabulary size, other entries)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    make_tiny_model_dir(path, "llama")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(["Quantum zebras juggle 0123456789 xylophones; vivid fjords!"] * 4, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["architecture", "tokenizer", "not_frozen", "unknown_task", "empty_text",
+                                  "short_text", "calibration_text"])
+def test_bad_input_gets_a_clear_error(case, frozen, tmp_path):
+    model_dir, frozen_dir, heldout, calib, _ = frozen
+    args = dict(frozen_dir=frozen_dir, dense=model_dir, output=tmp_path / "r", data=str(heldout), task_names="none",
+                measure_speed=False, **FAST)
+    expected = {
+        "architecture": (ModelLoadError, r"hidden_size 32 \(dense\) vs 64 \(frozen\).*pass --dense"),
+        "tokenizer": (ModelLoadError, "tokenizer of .* differs"),
+        "not_frozen": (ModelLoadError, "not a frozen MoM model"),
+        "unknown_task": (DataError, "Unknown task 'mmlu'; available tasks: arc_easy"),
+        "empty_text": (DataError, "no text|empty"),
+        "short_text": (DataError, "one window needs 32"),
+        "calibration_text": (DataError, "calibration text"),
+    }[case]
+    if case == "architecture":
+        args["dense"] = make_tiny_model_dir(tmp_path / "small", "llama", hidden_size=32)
+    elif case == "tokenizer":
+        args["dense"] = _other_tokenizer_model(tmp_path / "other-tok")
+    elif case == "not_frozen":
+        args["frozen_dir"] = model_dir
+    elif case == "unknown_task":
+        args["task_names"] = "arc_easy,mmlu"
+    elif case == "empty_text":
+        (tmp_path / "empty.txt").write_text("  \n")
+        args["data"] = str(tmp_path / "empty.txt")
+    elif case == "short_text":
+        (tmp_path / "short.txt").write_text("The river ran cold.")
+        args["data"] = str(tmp_path / "short.txt")
+    elif case == "calibration_text":
+        args["data"] = str(calib)
+    with pytest.raises(expected[0], match=expected[1]):
+        momcompress.validate(**args)
+    assert not (tmp_path / "r").exists()  # nothing written before the inputs are checked
+
+
+def test_cli_turns_bad_input_into_a_message(frozen, tmp_path):
+    result = _validate_cli(frozen, tmp_path / "r", "--tasks", "nope", "--no-speed")
+    assert result.exit_code == 1 and "Error: Unknown task 'nope'" in result.output
+    with pytest.raises(ConfigError, match="both --onnx-dense and --onnx-sparse"):
+        momcompress.validate(frozen[1], dense=frozen[0], onnx_dense=tmp_path, **FAST)
+
+
+def test_real_task_files_score_with_a_limit(frozen, tmp_path):
+    report = momcompress.validate(frozen[1], dense=frozen[0], output=tmp_path / "r", data=str(frozen[2]),
+                                  task_names="arc_easy,winogrande", limit=2, measure_speed=False, **FAST)
+    for name in ("arc_easy", "winogrande"):
+        t = report["zero_shot"]["tasks"][name]
+        assert t["n"] == 2 and set(t["retention"]) == {"acc", "acc_norm"}
+    assert any("first 2 documents" in n for n in report["notes"])
