@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 ROUTINGS = ("renormalized", "unit")
-# Up to this many tokens per call the per-token decode path is used; above it, grouping by expert.
-DECODE_MAX_TOKENS = 4
+# Up to this many tokens per call the decode path (union of the tokens' blocks, read once) is used;
+# above it, grouping by expert. On a 2-core CPU the union path beat grouping up to at least 64 tokens
+# (benchmarks/bench_freeze.py); grouping wins once many tokens share each expert.
+DECODE_MAX_TOKENS = 64
 
 
 def _kernels_ready(device: torch.device) -> bool:
@@ -280,15 +282,15 @@ def routed_experts_grouped(x, top_w, top_i, routed_gate, routed_up, routed_down,
 
 
 def routed_experts_decode(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation: str) -> torch.Tensor:
-    """Same result as routed_experts_grouped, one token at a time: each token reads the union of its
-    experts' blocks once (w[t, r] = sum_e top_w[t, e] * scale[e, r]). For few tokens (decode)."""
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        w = (top_w[t].float().unsqueeze(-1) * expert_block_scale[top_i[t]].float()).sum(dim=0)  # (R,)
-        blocks = w.nonzero().squeeze(-1)
-        if len(blocks):
-            out[t : t + 1] = _blocks_forward(x[t : t + 1], blocks, w[blocks].unsqueeze(0), routed_gate, routed_up, routed_down, activation)
-    return out
+    """Same result as routed_experts_grouped for few tokens (decode): the union of the tokens' experts'
+    blocks is read once, and each token weighs each block by w[t, r] = sum_e top_w[t, e] * scale[e, r]
+    (0 for blocks its experts do not use). One token reads exactly its experts' blocks; a few tokens
+    read at most the routed blocks once, where grouping by expert would read each expert's blocks again."""
+    w = (top_w.float().unsqueeze(-1) * expert_block_scale[top_i].float()).sum(dim=1)  # (T, R)
+    blocks = w.any(dim=0).nonzero().squeeze(-1) if x.shape[0] > 1 else w[0].nonzero().squeeze(-1)  # (K,)
+    if len(blocks) == 0:
+        return torch.zeros_like(x)
+    return _blocks_forward(x, blocks, w[:, blocks], routed_gate, routed_up, routed_down, activation)
 
 
 def frozen_layers(model: nn.Module) -> list[FrozenMoMFFN]:
