@@ -133,5 +133,150 @@ def freeze(run_dir, output, target, tolerance, tokens, data, uniform_experts, mo
     click.echo(f"wrote {output}")
 
 
+@main.command()
+@click.argument("frozen_dir", type=click.Path(file_okay=False))
+@click.option("--dense", "dense", default="default", show_default=True, help="The dense original: a model folder, a .gguf file or `default`.")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Report folder; methods validated into one folder are compared there (default: FROZEN_DIR's parent/validation).")
+@click.option("--data", help="Held-out text for perplexity (.txt, .jsonl, .parquet, datasets folder; default: Wikipedia paragraphs); never the calibration text.")
+@click.option("--text-field", help="Field holding the text in .jsonl / .parquet / datasets data.")
+@click.option("--tasks", "task_names", help="Comma-separated zero-shot tasks, or `none` (default: arc_easy,arc_challenge,piqa,hellaswag,winogrande).")
+@click.option("--limit", type=click.IntRange(min=0), default=200, show_default=True, help="Documents per task (0: all).")
+@click.option("--heldout-tokens", type=click.IntRange(min=1), default=16384, show_default=True, help="Held-out tokens for perplexity.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Perplexity window length.")
+@click.option("--context", type=click.IntRange(min=1), help="Context length the attention FLOPs assume (default: --seq-len).")
+@click.option("--min-retention", type=click.FloatRange(0, 2, min_open=True), help="Exit with status 1 (after writing the report) when the average zero-shot retention (acc_norm) is below this.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Windows / zero-shot requests per forward pass.")
+@click.option("--speed/--no-speed", default=True, show_default=True, help="Time prefill and decode, dense vs sparse.")
+@click.option("--prefill-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Prompt length timed for prefill.")
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True, help="Decode steps timed after the prompt.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed rounds (medians are reported).")
+@click.option("--onnx-dense", type=click.Path(exists=True), help="`momcompress export` folder (model.onnx) of the dense model.")
+@click.option("--onnx-sparse", type=click.Path(exists=True), help="`momcompress export` folder (model.onnx) of FROZEN_DIR.")
+@click.option("--overwrite", is_flag=True, help="Replace this model's earlier report in the report folder.")
+def validate(frozen_dir, dense, output, data, text_field, task_names, limit, heldout_tokens, seq_len, context, min_retention, device, batch_size, speed, prefill_tokens, decode_tokens, repeats, onnx_dense, onnx_sparse, overwrite):
+    """Validate FROZEN_DIR against its dense original, side by side in one run.
+
+    Measures held-out perplexity, zero-shot accuracy (with retention and bootstrap CIs), the FFN
+    activation ratio, active parameters and FLOPs per token, and prefill/decode latency (PyTorch, and
+    onnxruntime given both exports). Writes REPORT_DIR/<model>/report.json, report.md and plots, updates
+    REPORT_DIR's comparison of every method validated there, and prints the summary table.
+    """
+    from momcompress.validate.report import format_summary
+    from momcompress.validate.validator import RetentionBelowThresholdError
+    from momcompress.validate.validator import validate as run_validate
+
+    try:
+        from momcompress.validate.validator import DEFAULT_TASKS
+
+        report = run_validate(
+            frozen_dir, dense=dense, output=output, data=data, text_field=text_field,
+            task_names=DEFAULT_TASKS if task_names is None else task_names, limit=limit,
+            heldout_tokens=heldout_tokens, seq_len=seq_len, context=context, min_retention=min_retention, device=device,
+            batch_size=batch_size, measure_speed=speed, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
+            speed_repeats=repeats, onnx_dense=onnx_dense, onnx_sparse=onnx_sparse, overwrite=overwrite,
+        )
+    except RetentionBelowThresholdError as exc:
+        click.echo(format_summary(exc.report))
+        _fail(exc)
+    except MomcompressError as exc:
+        _fail(exc)
+    click.echo(format_summary(report))
+    gate = report["gate"]
+    if gate["min_retention"] is not None:
+        click.echo(f"average zero-shot retention ({gate['metric']}) {gate['average_zero_shot_retention']:.3f} >= --min-retention {gate['min_retention']}: passed")
+    click.echo(f"wrote {report['report_dir']}")
+
+
+@main.command()
+@click.argument("method", type=click.Choice(["moefication", "prune", "teal"]))
+@click.argument("model", required=False, default="default")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Baseline model folder to create.")
+@click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True, help="Fraction of FFN parameters read per token.")
+@click.option("--tokens", type=click.IntRange(min=1), help="Calibration tokens (moefication, teal: default 16384; prune: learn's training tokens, default its --steps).")
+@click.option("--steps", type=click.IntRange(min=1), help="prune: learn steps (default: learn's default, 100).")
+@click.option("--eval-tokens", type=click.IntRange(min=1), default=8192, show_default=True, help="Held-out tokens for the measured ratio and perplexities.")
+@click.option("--data", help="Calibration text: .txt file or folder, .jsonl, .parquet or a saved `datasets` folder (default: the embedded novels; held-out: Wikipedia paragraphs).")
+@click.option("--text-field", help="Field holding the text in .jsonl / .parquet / datasets data.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per window.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per forward pass while collecting activations and measuring (teal calibrates in one pass).")
+@click.option("--block-size", type=click.IntRange(min=1), help="moefication, prune: neurons per block (default as learn).")
+@click.option("--experts", type=click.IntRange(min=2), help="moefication: experts per layer (default: chosen so top-k / experts meets --target).")
+@click.option("--split", type=click.Choice(["search", "equal"]), default="search", show_default=True, help="teal: per-layer split of the budget between the gate/up and down inputs (search: least FFN output error; equal: same kept fraction).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data split, clustering, router training and learn.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Model dtype.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT folder.")
+def baseline(method, model, output, overwrite, **options):
+    """Build the METHOD baseline of MODEL at the same activation ratio as a MoM model.
+
+    METHOD: moefication (balanced neuron clustering + trained router), prune (learn with one expert,
+    then freeze: static block pruning) or teal (training-free magnitude thresholds on the FFN inputs).
+    MODEL is a Hugging Face model folder, a .gguf file, or `default`. OUTPUT is a frozen model folder
+    for `validate`; prints the measured ratio, calibration budget and held-out perplexity.
+    """
+    from momcompress.baselines.base import BaselineConfig, format_summary
+    from momcompress.baselines.base import baseline as run_baseline
+
+    try:
+        manifest = run_baseline(method, model, output, BaselineConfig(**options), overwrite=overwrite)
+    except MomcompressError as exc:
+        _fail(exc)
+    click.echo(format_summary(manifest))
+    click.echo(f"wrote {output}")
+
+
+def _range3(ctx, param, value):
+    """MIN,OPT,MAX -> (int, int, int)."""
+    if value is None:
+        return None
+    try:
+        lo, opt, hi = (int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected MIN,OPT,MAX (three integers), got {value!r}") from None
+    return lo, opt, hi
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to create (model.onnx, tokenizer, manifest.json).")
+@click.option("--dense", is_flag=True, help="MODEL is a dense model (folder, .gguf or `default`): export it the same way, for comparisons.")
+@click.option("--experts-body", type=click.Choice(["gather", "masked-dense", "moe"]), default=None, help="Function body of the MoMExperts nodes: gather (reads only the selected blocks), masked-dense (plain GEMMs over all routed blocks) or moe (onnxruntime's com.microsoft::MoE, SiLU models only). Default: gather.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the default domain (18-23).")
+@click.option("--atol", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="Checks pass when |onnxruntime - PyTorch| <= atol + rtol x max|PyTorch value|.")
+@click.option("--rtol", type=click.FloatRange(0), default=1e-5, show_default=True, help="See --atol (fp32 rounding grows with the logits' scale).")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Greedy tokens that must match PyTorch exactly.")
+@click.option("--provider", default="CPUExecutionProvider", show_default=True, help="onnxruntime execution provider for the checks (CUDAExecutionProvider needs onnxruntime-gpu).")
+@click.option("--trt", is_flag=True, help="Also build a TensorRT engine with the momcompress plugin (needs momcompress[trt] and a GPU).")
+@click.option("--trt-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True, help="Engine precision.")
+@click.option("--trt-batch", callback=_range3, default="1,1,4", show_default=True, help="Batch range MIN,OPT,MAX of the engine's profile.")
+@click.option("--trt-sequence", callback=_range3, default="1,128,1024", show_default=True, help="New-token range MIN,OPT,MAX per call.")
+@click.option("--trt-past", callback=_range3, default="0,128,1024", show_default=True, help="Cached-token range MIN,OPT,MAX.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT folder.")
+def export(model, output, dense, experts_body, opset, atol, rtol, new_tokens, provider, trt, trt_precision, trt_batch, trt_sequence, trt_past, overwrite):
+    """Export the frozen model folder MODEL to ONNX (onnxruntime; --trt: TensorRT), checked against PyTorch.
+
+    The routed experts of each layer become one momcompress::MoMExperts node with an ONNX function
+    body, so plain onnxruntime runs the file. Prints a checklist (onnx checker, logits with and without
+    past key/values, greedy generation); a failed check exits non-zero and writes nothing.
+    """
+    from momcompress.export.exporter import export as run_export
+    from momcompress.export.exporter import format_checklist
+    from momcompress.export.op import DEFAULT_BODY
+
+    trt_options = dict(precision=trt_precision, batch=trt_batch, sequence=trt_sequence, past=trt_past)
+    try:
+        m = run_export(
+            model, output, dense=dense, body=experts_body or DEFAULT_BODY, opset=opset, overwrite=overwrite, atol=atol,
+            rtol=rtol, new_tokens=new_tokens, provider=provider, trt=trt, trt_options=trt_options,
+        )
+    except MomcompressError as exc:
+        _fail(exc)
+    click.echo(format_checklist(m["checks"]))
+    kind = f"MoM, {m['experts_body']} body" if m["kind"] == "mom" else "dense"
+    files = ", ".join(m["onnx"]["files"] + ([m["tensorrt"]["engine"], m["tensorrt"]["runner"]] if "tensorrt" in m else []))
+    click.echo(f"wrote {output}: {files} ({kind}, opset {m['opset']}, {m['onnx']['bytes'] / 1e6:.1f} MB)")
+
+
 if __name__ == "__main__":
     main()

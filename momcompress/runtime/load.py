@@ -65,6 +65,10 @@ def load(frozen_dir: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         state = load_file(path / WEIGHTS_FILE)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{path / WEIGHTS_FILE} is corrupt ({exc}); freeze again") from None
+    if section.get("method") == "teal":  # TEAL baseline: dense FFN weights + per-layer thresholds
+        from momcompress.baselines.load import load_teal
+
+        return load_teal(path, config, state, device, dtype)
     # Build the model with a one-block FFN so no dense FFN weights are allocated, then swap in the MoM layers.
     build_config = copy.deepcopy(config)
     build_config.intermediate_size = section["block_size"]
