@@ -405,3 +405,20 @@ def test_real_task_files_score_with_a_limit(frozen, tmp_path):
         t = report["zero_shot"]["tasks"][name]
         assert t["n"] == 2 and set(t["retention"]) == {"acc", "acc_norm"}
     assert any("first 2 documents" in n for n in report["notes"])
+
+
+def test_teal_baseline_validates_with_its_measured_read_fraction(frozen, tmp_path):
+    """The TEAL baseline has no blocks and no router: its cost is the measured read fraction x the FFN."""
+    from momcompress.baselines.base import BaselineConfig
+
+    model_dir, _, heldout, calib, _ = frozen
+    teal_dir = tmp_path / "teal"
+    momcompress.baselines("teal", str(model_dir), teal_dir, BaselineConfig(target=0.5, tokens=512, eval_tokens=64, seq_len=32, data=str(calib)))
+    report = momcompress.validate(teal_dir, dense=model_dir, output=tmp_path / "r", data=str(heldout), task_names="none",
+                                  measure_speed=False, **FAST)
+    ratio = report["activation_ratio"]["measured"]
+    assert 0.3 < ratio < 0.7
+    dense_ffn, sparse_ffn = report["cost"]["dense"]["ffn"], report["cost"]["sparse"]["ffn"]
+    assert sparse_ffn == pytest.approx(ratio * dense_ffn, rel=1e-4)
+    assert report["cost"]["sparse"]["router"] == 0
+    assert (tmp_path / "r" / report["key"] / "report.md").is_file()

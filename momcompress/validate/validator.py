@@ -162,11 +162,11 @@ class _FFNRecorder:
     how often each expert is picked, over all tokens seen."""
 
     def __init__(self, model):
-        from momcompress.runtime.mom_ffn import frozen_layers
+        from momcompress.baselines.base import sparse_layers
 
-        self.layers = frozen_layers(model)
+        self.layers = sparse_layers(model)  # FrozenMoMFFN, or TealFFN for the TEAL baseline (no router)
         L = len(self.layers)
-        E = self.layers[0].num_experts if L else 0
+        E = getattr(self.layers[0], "num_experts", 0) if L else 0
         self.ratio_sum = torch.zeros(L, dtype=torch.float64)
         self.usage = torch.zeros(L, E, dtype=torch.float64)
         self.tokens = 0
@@ -174,9 +174,10 @@ class _FFNRecorder:
 
     def _hook(self, index: int):
         def hook(module, args, output):
-            x = args[0].reshape(-1, module.hidden_size)  # (T, d)
-            _, top_i = module.route(x)  # (T, k): the experts forward() used
-            self.usage[index] += torch.bincount(top_i.reshape(-1), minlength=module.num_experts).double().cpu()
+            x = args[0].reshape(-1, args[0].shape[-1])  # (T, d)
+            if hasattr(module, "route"):
+                _, top_i = module.route(x)  # (T, k): the experts forward() used
+                self.usage[index] += torch.bincount(top_i.reshape(-1), minlength=module.num_experts).double().cpu()
             self.ratio_sum[index] += module.last_ratio.double().sum().cpu()
             if index == 0:
                 self.tokens += x.shape[0]
@@ -411,14 +412,18 @@ def validate(
     ratio_per_layer = (rec.ratio_sum / rec.tokens).tolist()
     usage = (rec.usage / rec.tokens).tolist()  # (L, E): each row sums to top_k
     section = frozen_config.momcompress
-    blocks_read = [r * section["num_blocks"] for r in ratio_per_layer]
+    teal = section.get("method") == "teal"  # per-token thresholds, no blocks or router: cost = ratio x FFN
+    blocks_read = None if teal else [r * section["num_blocks"] for r in ratio_per_layer]
 
     # 3. zero-shot
     zero_shot = _zero_shot(dense_model, sparse, tokenizer, names, docs, batch_size, progress)
 
     # 4. cost and speed
     dense_cost = cost.dense_cost(shape, context)
-    sparse_cost = cost.mom_cost(shape, blocks_read, section["block_size"], section["num_experts"], context)
+    if teal:
+        sparse_cost = cost.ratio_cost(shape, ratio_per_layer, context)
+    else:
+        sparse_cost = cost.mom_cost(shape, blocks_read, section["block_size"], section["num_experts"], context)
     speed_report: dict = {}
     if measure_speed:
         timing_tokens = _speed_tokens(seqs, prefill_tokens + decode_tokens)
@@ -467,12 +472,12 @@ def validate(
         "zero_shot": zero_shot,
         "activation_ratio": {
             "measured": sum(ratio_per_layer) / len(ratio_per_layer), "per_layer": ratio_per_layer,
-            "blocks_read_per_layer": blocks_read, "tokens": rec.tokens, "num_blocks": section["num_blocks"],
+            "blocks_read_per_layer": blocks_read, "tokens": rec.tokens, "num_blocks": section.get("num_blocks"),
             "frozen_manifest": manifest.get("measured_ratio"), "target": section.get("target"),
             "definition": "fraction of FFN blocks (parameters) a token reads, shared plus the union of its top-k "
                           "experts' routed blocks, averaged over the perplexity tokens and the layers",
         },
-        "expert_usage": {"per_layer": usage, "top_k": section["top_k"], "num_experts": section["num_experts"],
+        "expert_usage": {"per_layer": usage, "top_k": section.get("top_k", 0), "num_experts": section.get("num_experts", 0),
                          "tokens": rec.tokens},
         "cost": {"dense": dense_cost.to_dict(), "sparse": sparse_cost.to_dict(), "context": context,
                  "params_ratio": sparse_cost.params / dense_cost.params,
