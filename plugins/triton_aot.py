@@ -19,18 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
-
-
-@triton.jit
-def _act(g, ACT: tl.constexpr):
-    if ACT == 0:
-        return g * tl.sigmoid(g)
-    elif ACT == 1:
-        u = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        return 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
-    else:
-        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+# The activation codes and the activation itself are the kernels' own (momcompress.kernels.triton_mom).
+from momcompress.kernels.triton_mom import ACTIVATION_CODES  # noqa: E402
+from momcompress.kernels.triton_mom import _activation as _act  # noqa: E402
 
 
 @triton.jit

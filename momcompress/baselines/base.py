@@ -317,29 +317,11 @@ def _manifest(method, config, model_dir, model_hash, model, calib, heldout, rati
 
 
 def write_baseline_folder(out: Path, model, tokenizer, model_dir: Path, section: dict, manifest: dict, t_start: float) -> None:
-    """Write OUTPUT atomically: config.json (+ `momcompress` section), tokenizer, model.safetensors, manifest.json."""
-    from momcompress.freeze.freezer import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, _state_dict_for_disk
-    from momcompress.models import WEIGHT_SUFFIXES
-
-    source_bytes = sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-
-    def write(folder: Path) -> None:
-        model.config.momcompress = section
-        model.config.save_pretrained(folder)
-        if (model_dir / "generation_config.json").is_file():
-            shutil.copy(model_dir / "generation_config.json", folder / "generation_config.json")
-        tokenizer.save_pretrained(folder)
-        save_file(_state_dict_for_disk(model), folder / WEIGHTS_FILE, metadata={"format": "pt", "momcompress_format": str(FORMAT_VERSION)})
-        manifest["disk_bytes"] = {"dense": source_bytes, "baseline": (folder / WEIGHTS_FILE).stat().st_size}
-        manifest["wall_seconds"] = time.time() - t_start
-        (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    """Write OUTPUT atomically, as freeze writes a frozen folder (config + section, tokenizer, weights, manifest)."""
+    from momcompress.freeze.freezer import write_model_folder
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_dir_write(out, write)
-    finally:
-        if hasattr(model.config, "momcompress"):
-            del model.config.momcompress
+    write_model_folder(out, model, tokenizer, section, model_dir, manifest, "baseline", t_start)
 
 
 def format_summary(manifest: dict) -> str:

@@ -348,25 +348,31 @@ def freeze(
     }
     log.info("frozen: measured ratio %.4f, perplexity dense %.2f vs frozen %.2f", ratio, ppl_dense, ppl_frozen)
 
+    write_model_folder(out, frozen, tokenizer, section, model_dir, manifest, "frozen", t_start)
+    return manifest
+
+
+def write_model_folder(out: Path, model, tokenizer, section: dict, model_dir: Path, manifest: dict, kind: str, t_start: float) -> None:
+    """Write OUT atomically: config.json (+ the `momcompress` section), generation config, tokenizer,
+    model.safetensors and manifest.json (with on-disk sizes, dense vs `kind`, and the wall time)."""
     source_bytes = sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
 
     def write(folder: Path) -> None:
-        frozen.config.momcompress = section
-        frozen.config.save_pretrained(folder)
+        model.config.momcompress = section
+        model.config.save_pretrained(folder)
         if (model_dir / "generation_config.json").is_file():
             shutil.copy(model_dir / "generation_config.json", folder / "generation_config.json")
         tokenizer.save_pretrained(folder)
-        save_file(_state_dict_for_disk(frozen), folder / WEIGHTS_FILE, metadata={"format": "pt", "momcompress_format": str(FORMAT_VERSION)})
-        manifest["disk_bytes"] = {"dense": source_bytes, "frozen": (folder / WEIGHTS_FILE).stat().st_size}
+        save_file(_state_dict_for_disk(model), folder / WEIGHTS_FILE, metadata={"format": "pt", "momcompress_format": str(FORMAT_VERSION)})
+        manifest["disk_bytes"] = {"dense": source_bytes, kind: (folder / WEIGHTS_FILE).stat().st_size}
         manifest["wall_seconds"] = time.time() - t_start
         (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
     try:
         atomic_dir_write(out, write)
     finally:
-        if hasattr(frozen.config, "momcompress"):
-            del frozen.config.momcompress
-    return manifest
+        if hasattr(model.config, "momcompress"):
+            del model.config.momcompress
 
 
 def _state_dict_for_disk(model) -> dict[str, torch.Tensor]:
