@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 import momcompress
 from conftest import make_tiny_model_dir
 from momcompress.baselines.base import BaselineConfig, baseline, calibration_and_heldout, measure_ratio
-from momcompress.baselines.load import load_baseline
 from momcompress.baselines.moefication import (
     balanced_kmeans,
     choose_experts,
@@ -177,7 +176,7 @@ def test_baseline_meets_its_target_and_records_it(built, method):
     assert on_disk["measured_ratio"] == manifest["measured_ratio"]
     section = json.loads((folder / "config.json").read_text())["momcompress"]
     assert section["method"] == method
-    model = load_baseline(folder)
+    model = momcompress.load(folder)
     tok = load_model(built["model"])[1]
     _, heldout = calibration_and_heldout(tok, _config(built["data"]), 2048)
     ratio, _, ppl = measure_ratio(model, heldout, 8)  # the loaded model's own track_stats
@@ -222,7 +221,7 @@ def test_teal_folder_keeps_dense_weights_and_reloads_exactly(built):
     dense_keys = set(load_file(built["model"] / "model.safetensors"))
     assert set(load_file(folder / "model.safetensors")) == dense_keys - {"lm_head.weight"}  # tied embedding stored once
     section = json.loads((folder / "config.json").read_text())["momcompress"]
-    model = load_baseline(folder)
+    model = momcompress.load(folder)
     for m, record in zip(teal_layers(model), section["layers"]):
         assert isinstance(m, TealFFN) and float(m.x_threshold) == pytest.approx(record["x_threshold"])
     assert not any(isinstance(m, FrozenMoMFFN) for m in model.modules())

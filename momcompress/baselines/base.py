@@ -8,29 +8,25 @@ Orchestration only; the methods' math is in moefication.py, prune.py and teal.py
 
 DIR is a frozen model folder like `freeze` writes (config.json with a `momcompress` section carrying
 "method", the tokenizer, model.safetensors, manifest.json with "stage": "baseline"): moefication and
-prune folders load with `momcompress.load`; teal folders with `momcompress.baselines.load.load_baseline`
-(and `momcompress.load` once runtime/load.py dispatches on the section's "method").
+prune folders load with `momcompress.load`; teal folders too
+(runtime/load.py hands them to baselines/load.py on the section's "method").
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from momcompress import __version__
 from momcompress.config import DTYPES
 from momcompress.errors import ConfigError, DataError, RunDirError
-from momcompress.fsutil import atomic_dir_write
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +269,6 @@ def _ratio_note(method: str, target: float, ratio: float, details: dict) -> str 
 
 
 def _manifest(method, config, model_dir, model_hash, model, calib, heldout, ratio, per_layer, dense_parts, parts, ffn_active, ppl_dense, ppl, cal_seconds, details) -> dict:
-    from momcompress.calibration.data import is_default_data
     from momcompress.freeze.freezer import _versions
     from momcompress.sizes import active_params_per_token
 
@@ -298,8 +293,7 @@ def _manifest(method, config, model_dir, model_hash, model, calib, heldout, rati
         "calibration": {
             "tokens": int(calib.numel()),
             "wall_seconds": cal_seconds,
-            "data": "default (LAMBADA novel passages)" if is_default_data(config.data) else str(config.data),
-            "heldout_data": "default (BoolQ Wikipedia passages)" if is_default_data(config.data) else f"held-out split of {config.data}",
+            **data_description(config.data),
         },
         "parameters": {
             "dense_total": dense_parts["total"],
@@ -314,6 +308,15 @@ def _manifest(method, config, model_dir, model_hash, model, calib, heldout, rati
         "perplexity": {"dense": ppl_dense, "baseline": ppl, "tokens": int(heldout.numel())},
         "details": details,
     }
+
+
+def data_description(data: str | None) -> dict[str, str]:
+    """The manifest's names for the calibration and held-out text of DATA."""
+    from momcompress.calibration.data import is_default_data
+
+    if is_default_data(data):
+        return {"data": "default (LAMBADA novel passages)", "heldout_data": "default (BoolQ Wikipedia passages)"}
+    return {"data": str(data), "heldout_data": f"held-out split of {data}"}
 
 
 def write_baseline_folder(out: Path, model, tokenizer, model_dir: Path, section: dict, manifest: dict, t_start: float) -> None:

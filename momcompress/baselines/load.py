@@ -2,14 +2,13 @@
 
 `momcompress.load` reads moefication and prune folders as they are (they hold FrozenMoMFFN layers). A
 teal folder keeps the dense FFN weights under their usual names plus per-layer thresholds in the
-config's `momcompress` section; runtime/load.py hands it to `load_teal` when the section's "method"
-is "teal". Until it does, `load_baseline` loads any baseline folder.
+config's `momcompress` section; `momcompress.load` hands it to `load_teal` when the section's "method"
+is "teal".
 """
 
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import torch
@@ -49,39 +48,6 @@ def load_teal(path: Path, config, state: dict[str, torch.Tensor], device, dtype)
         layer.mlp = TealFFN.from_mlp(layer.mlp, section["activation"])
         layer.mlp.x_threshold.fill_(tx)
         layer.mlp.h_threshold.fill_(th)
-    expected = model.state_dict()
-    tied = getattr(config, "tie_word_embeddings", False)
-    missing = set(expected) - set(state) - ({"lm_head.weight"} if tied else set())
-    unexpected = set(state) - set(expected)
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{path / 'model.safetensors'} does not match its config (missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); "
-            "rebuild the baseline"
-        )
-    model.load_state_dict(state, strict=False)
-    if tied:
-        model.tie_weights()
-    if dtype is not None:
-        model.to(dtype)
-    model.to(device).eval()
-    model.requires_grad_(False)
-    return model
+    from momcompress.runtime.load import load_weights
 
-
-def load_baseline(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load any baseline folder (or frozen MoM folder): teal through `load_teal`, the rest through `momcompress.load`."""
-    from safetensors.torch import load_file
-
-    from momcompress.runtime.load import WEIGHTS_FILE, load, read_frozen_config
-
-    path = Path(folder)
-    config = read_frozen_config(path)
-    if config.momcompress.get("method") != "teal":
-        return load(path, device=device, dtype=dtype)
-    if not (path / WEIGHTS_FILE).is_file():
-        raise ModelLoadError(f"{path / WEIGHTS_FILE} is missing: the folder is incomplete; rebuild the baseline")
-    try:
-        state = load_file(path / WEIGHTS_FILE)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"{path / WEIGHTS_FILE} is corrupt ({exc}); rebuild the baseline") from None
-    return load_teal(path, config, state, device, dtype)
+    return load_weights(model, state, path, config, device, dtype, remedy="rebuild the baseline")

@@ -54,8 +54,7 @@ def learn_config(config):
 
 def prune(model, out: Path, config) -> dict:
     """Learn one block mask per layer for MODEL, freeze it and write the baseline folder OUT; return its manifest."""
-    from momcompress.baselines.base import RATIO_TOLERANCE
-    from momcompress.calibration.data import is_default_data
+    from momcompress.baselines.base import RATIO_TOLERANCE, data_description
     from momcompress.freeze.freezer import MANIFEST_FILE, _versions, freeze
     from momcompress.learn.trainer import learn
 
@@ -90,8 +89,7 @@ def prune(model, out: Path, config) -> dict:
                 "tokens": learned["train_tokens_seen"],
                 "wall_seconds": learned["wall_seconds"],
                 "steps": learned["steps"],
-                "data": "default (LAMBADA novel passages)" if is_default_data(config.data) else str(config.data),
-                "heldout_data": "default (BoolQ Wikipedia passages)" if is_default_data(config.data) else f"held-out split of {config.data}",
+                **data_description(config.data),
             },
             "parameters": {
                 "dense_total": fp["dense_total"],

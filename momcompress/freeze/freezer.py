@@ -32,9 +32,9 @@ from momcompress.freeze.plan import LayerPlan, pad_uniform, padding_overhead, pl
 from momcompress.fsutil import atomic_dir_write
 from momcompress.learn.gates import LOG_ALPHA_FULLY_OFF, deterministic_gates
 from momcompress.learn.mom import gate_mode, mom_layers
-from momcompress.learn.select import match_target, set_gate_offset
+from momcompress.learn.select import match_target, matched_gates
 from momcompress.metrics import perplexity
-from momcompress.models import WEIGHT_SUFFIXES, decoder_layers, load_model, model_fingerprint, read_config, wrap_with_mom
+from momcompress.models import WEIGHT_SUFFIXES, decoder_layers, load_model, model_fingerprint, wrap_with_mom
 from momcompress.runtime.mom_ffn import ACTIVATIONS, frozen_layers
 from momcompress.sizes import active_params_per_token, param_breakdown
 
@@ -267,10 +267,8 @@ def freeze(
     check = seqs[: min(2, len(seqs))]
     with gate_mode(learned, "dense"):
         ppl_dense = perplexity(learned, seqs, batch_size)
-    with gate_mode(learned, "deterministic"):
-        set_gate_offset(learned, offset)
+    with matched_gates(learned, offset):
         ref_logits = _logits(learned, check, dev)
-        set_gate_offset(learned, None)
 
     gates = [deterministic_gates(m.log_alpha.detach().float() + offset) for m in moms]  # L x (E, N)
     plans: list[LayerPlan] = [plan_layer(g) for g in gates]

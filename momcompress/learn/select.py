@@ -7,6 +7,8 @@ ratio on real tokens meets the target: the gates nearest the on/off threshold ar
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from momcompress.learn.gates import LOG_ALPHA_FULLY_OFF, deterministic_gates
@@ -93,6 +95,17 @@ def match_target(model, seqs: torch.Tensor, target: float, batch_size: int, tol:
         if abs(ratio - target) < abs(best[1] - target):
             best = (offset, ratio)
     return best
+
+
+@contextlib.contextmanager
+def matched_gates(model, offset: float):
+    """Run the model with deterministic gates at log_alpha + offset (the target-matched masks)."""
+    with gate_mode(model, "deterministic"):
+        set_gate_offset(model, offset)
+        try:
+            yield
+        finally:
+            set_gate_offset(model, None)
 
 
 def set_gate_offset(model, offset: float | None) -> None:

@@ -32,8 +32,8 @@ from momcompress.errors import ConfigError, DataError, RunDirError, TrainingDive
 from momcompress.fsutil import atomic_dir_write
 from momcompress.learn import distributed as ddp
 from momcompress.learn.lagrangian import RatioController, routing_histogram, solve_offset
-from momcompress.learn.mom import gate_mode, mom_layers, tracking
-from momcompress.learn.select import expected_ratio, match_target, measure_ratio, set_gate_offset
+from momcompress.learn.mom import gate_mode, tracking
+from momcompress.learn.select import expected_ratio, match_target, matched_gates, measure_ratio
 from momcompress.metrics import perplexity
 from momcompress.models import (
     default_block_size,
@@ -437,10 +437,8 @@ def _finish(learner, model, heldout, train, model_dir, source_hash, block_size, 
         offset, matched = match_target(model, eval_seqs, cfg.target, bs)
         with gate_mode(model, "dense"):
             ppl_dense = perplexity(model, eval_seqs, bs)
-        with gate_mode(model, "deterministic"):
-            set_gate_offset(model, offset)
+        with matched_gates(model, offset):
             ppl_matched = perplexity(model, eval_seqs, bs)
-            set_gate_offset(model, None)
         result.update(
             {
                 "eval_tokens": int(eval_seqs.numel()),

@@ -96,20 +96,24 @@ def load(frozen_dir: str | os.PathLike, device: str | torch.device = "cpu", dtyp
             dtype=stored,
             routing=section.get("routing", "renormalized"),
         )
+    return load_weights(model, state, path, config, device, dtype, remedy="freeze again")
+
+
+def load_weights(model, state: dict, path: Path, config, device, dtype, remedy: str):
+    """Load `state` into a model built from `config` (tied lm_head may be absent), then cast, move, and
+    put it in eval mode without gradients; ModelLoadError (ending in `remedy`) when they do not match."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
     tied = getattr(config, "tie_word_embeddings", False)
-    allowed_missing = {"lm_head.weight"} if tied else set()
-    unexpected = [k for k in state if k not in expected]
-    if set(missing) - allowed_missing or unexpected:
+    missing = set(expected) - set(state) - ({"lm_head.weight"} if tied else set())
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
         raise ModelLoadError(
-            f"{path / WEIGHTS_FILE} does not match its config (missing {sorted(set(missing) - allowed_missing)[:4]}, "
-            f"unexpected {unexpected[:4]}); freeze again"
+            f"{path / WEIGHTS_FILE} does not match its config (missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}); {remedy}"
         )
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        raise ModelLoadError(f"{path / WEIGHTS_FILE} does not match its config ({exc}); freeze again") from None
+        raise ModelLoadError(f"{path / WEIGHTS_FILE} does not match its config ({exc}); {remedy}") from None
     if tied:
         model.tie_weights()
     if dtype is not None:

@@ -123,7 +123,6 @@ class FrozenMoMFFN(nn.Module):
         # Usually every expert gives a shared block the same scale (1): then no per-token mixing is needed.
         self._shared_uniform = bool((scale == scale[:1]).all()) if scale.numel() else True
         self._shared_is_one = scale.numel() == 0 or bool((scale == 1).all())
-        self._offsets_list = self.expert_offsets.tolist()
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
