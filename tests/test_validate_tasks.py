@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SAMPLE_TEXT, tiny_tokenizer
+from conftest import SAMPLE_TEXT, TINY_ARCHS, tiny_config, tiny_tokenizer
 from momcompress.errors import ConfigError, DataError
 from momcompress.validate import tasks
 from momcompress.validate.tasks import (
@@ -259,3 +259,22 @@ def test_retention_edge_cases():
         retention_with_ci(results([1]), results([1]), "f1")
     with pytest.raises(DataError):
         task_accuracy([])
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_ARCHS))
+def test_lm_head_on_continuations_only_equals_full_logits(model_type):
+    from transformers import AutoModelForCausalLM
+
+    from momcompress.validate.tasks import _continuation_logits
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    spans = [(4, 9), (3, 6)]
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        fast = _continuation_logits(model, ids, mask, spans)
+    for (a, b), got in zip(spans, fast):
+        torch.testing.assert_close(got, full[spans.index((a, b)), a:b], rtol=1e-5, atol=1e-5)

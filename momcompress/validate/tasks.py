@@ -290,15 +290,33 @@ def _score_rows(model, rows: list[tuple[list[int], list[int]]], batch_size: int,
             inp = rows[i][0]
             ids[r, : len(inp)] = torch.tensor(inp)
             mask[r, : len(inp)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits  # (B, W, V)
-        for r, i in enumerate(batch):
-            inp, cont = rows[i]
-            span = logits[r, len(inp) - len(cont) : len(inp)].float()  # (C, V) predictions of the continuation
-            target = torch.tensor(cont, device=span.device)[:, None]  # (C, 1)
-            scores[i] = float(span.log_softmax(-1).gather(-1, target).sum())
+        spans = [(len(rows[i][0]) - len(rows[i][1]), len(rows[i][0])) for i in batch]
+        for i, span in zip(batch, _continuation_logits(model, ids.to(device), mask.to(device), spans)):
+            target = torch.tensor(rows[i][1], device=span.device)[:, None]  # (C, 1)
+            scores[i] = float(span.float().log_softmax(-1).gather(-1, target).sum())
         bar.update(len(batch))
     bar.close()
     return scores
+
+
+def _continuation_logits(model, ids: torch.Tensor, mask: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Logits (C_r, V) at positions [start, end) of each row: the predictions of its continuation.
+
+    A Hugging Face causal LM runs its decoder once and applies the LM head to those positions only:
+    full logits are (B, W, V) with V ~ 50k, which on a CPU cost as much as the decoder itself.
+    Any other model (a plain module returning .logits) gets a full forward.
+    """
+    base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if not isinstance(base, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, W, V)
+        return [logits[r, a:b] for r, (a, b) in enumerate(spans)]
+    hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, W, d)
+    rows = torch.cat([hidden[r, a:b] for r, (a, b) in enumerate(spans)])  # (sum C, d)
+    logits = head(rows)
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2/3 cap their logits
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return list(logits.split([b - a for a, b in spans]))
 
 
 def _argmax(values: Sequence[float]) -> int:
