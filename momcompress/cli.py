@@ -44,6 +44,7 @@ def main(verbose: bool):
 @click.option("--weight-lr", type=click.FloatRange(min=0), help="Learning rate of the model's weights with --tune-weights (default 1e-4).")
 @click.option("--distill/--no-distill", default=None, help="Train on KL divergence to the dense model's logits (default on) instead of the LM loss.")
 @click.option("--init", type=click.Choice(["importance", "uniform"]), help="Gate/router initialisation (default importance).")
+@click.option("--permute/--no-permute", default=None, help="Reorder FFN neurons so each block groups co-activating ones (default on; function-preserving).")
 @click.option("--data", help="Calibration text: .txt file or folder, .jsonl, .parquet or a saved `datasets` folder (default: the embedded novels).")
 @click.option("--text-field", help="Field holding the text in .jsonl / .parquet / datasets data (default: text, content, passage or document).")
 @click.option("--eval-tokens", type=click.IntRange(min=0), help="Held-out tokens for the final perplexity (default 8192; 0 skips it).")

@@ -40,6 +40,8 @@ class LearnConfig:
         init: "importance" (routers from k-means of FFN inputs, gates ordered by block energy per
             cluster, every gate still on) or "uniform" (random routers, equal gates).
         init_tokens: calibration tokens used by the importance init.
+        permute: with the importance init, first reorder each FFN's neurons so that every block
+            groups neurons that are active together (function-preserving; kept in the run).
         data: calibration data (None = the default novels); see momcompress.calibration.data.
         text_field: field holding the text in .jsonl / .parquet / datasets data (None: text, content, ...).
         eval_tokens: held-out tokens for the final perplexity and ratio (0 = skip).
@@ -71,6 +73,7 @@ class LearnConfig:
     log_alpha_init: float = 3.0
     init: str = "importance"
     init_tokens: int = 16384
+    permute: bool = True
     data: str | None = None
     text_field: str | None = None
     eval_tokens: int = 8192

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import logging
 import os
 import shutil
@@ -174,6 +173,19 @@ def default_block_size(width: int, preferred: int = 64, min_blocks: int = 96) ->
     while width % b:
         b //= 2
     return max(b, 1)
+
+
+@torch.no_grad()
+def permute_ffn(mlp: nn.Module, perm: torch.Tensor) -> None:
+    """Reorder a gated FFN's intermediate neurons in place: rows of gate/up (and their biases) and
+    columns of down together, so the FFN computes exactly the same output. Parameters keep their
+    identity (an optimizer holding them stays valid)."""
+    idx = perm.to(device=mlp.gate_proj.weight.device, dtype=torch.long)
+    for lin in (mlp.gate_proj, mlp.up_proj):
+        lin.weight.data = lin.weight.data.index_select(0, idx)
+        if lin.bias is not None:
+            lin.bias.data = lin.bias.data.index_select(0, idx)
+    mlp.down_proj.weight.data = mlp.down_proj.weight.data.index_select(1, idx)
 
 
 def wrap_with_mom(model: nn.Module, num_experts: int, top_k: int, block_size: int, log_alpha_init: float = 3.0):

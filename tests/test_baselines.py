@@ -14,17 +14,12 @@ from safetensors.torch import load_file
 import momcompress
 from conftest import make_tiny_model_dir
 from momcompress.baselines.base import BaselineConfig, baseline, calibration_and_heldout, measure_ratio
-from momcompress.baselines.moefication import (
-    balanced_kmeans,
-    choose_experts,
-    expert_permutation,
-    permute_ffn,
-    train_router,
-)
+from momcompress.baselines.moefication import choose_experts, expert_permutation, train_router
 from momcompress.baselines.teal import KEEP_ALL, TealFFN, calibrate, magnitude_threshold, read_fraction, teal_layers
 from momcompress.cli import main
 from momcompress.freeze.plan import plan_layer, repack_layer
-from momcompress.models import decoder_layers, load_model
+from momcompress.learn.init import balanced_kmeans
+from momcompress.models import decoder_layers, load_model, permute_ffn
 from momcompress.runtime.mom_ffn import FrozenMoMFFN, frozen_layers
 
 TINY = dict(tokens=2048, eval_tokens=512, seq_len=32, batch_size=8, block_size=8)  # tiny FFN: 128 neurons = 16 blocks

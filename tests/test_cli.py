@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -11,7 +10,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_text_data
 from momcompress.cli import main
 
 FAST = ["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--experts", "4", "--eval-tokens", "128"]

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -243,7 +243,7 @@ def test_cli_prints_split_and_writes_folder(llama_frozen, tmp_path):
     assert res.exit_code == 1 and "exists" in res.output and "--overwrite" in res.output
 
 
-@pytest.mark.parametrize("damage", ["no_masks", "corrupt_masks", "corrupt_manifest", "no_weights"])
+@pytest.mark.parametrize("damage", ["no_masks", "corrupt_masks", "corrupt_manifest", "no_weights", "bad_perm"])
 def test_cli_rejects_broken_run_folders(damage, llama_frozen, tmp_path):
     _, run, _, _ = llama_frozen
     broken = tmp_path / "run"
@@ -254,11 +254,15 @@ def test_cli_rejects_broken_run_folders(damage, llama_frozen, tmp_path):
         (broken / "masks.safetensors").write_bytes(b"not a safetensors file")
     elif damage == "corrupt_manifest":
         (broken / "manifest.json").write_text("{ truncated")
+    elif damage == "bad_perm":
+        masks = load_file(broken / "masks.safetensors")
+        masks["neuron_perm"][0, 0] = masks["neuron_perm"][0, 1]  # a neuron twice, one lost
+        save_file(masks, broken / "masks.safetensors")
     else:
         (broken / "weights.safetensors").unlink()
     res = _cli(broken, "-o", tmp_path / "out")
     assert res.exit_code == 1
-    assert {"no_masks": "masks.safetensors", "corrupt_masks": "corrupt", "corrupt_manifest": "manifest.json", "no_weights": "weights.safetensors"}[damage] in res.output
+    assert {"no_masks": "masks.safetensors", "corrupt_masks": "corrupt", "corrupt_manifest": "manifest.json", "no_weights": "weights.safetensors", "bad_perm": "neuron_perm"}[damage] in res.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 

@@ -34,6 +34,8 @@ def test_ratio_reaches_target_and_run_folder_is_complete(tiny_llama_dir, text_da
     assert saved["final_losses"]["loss"] is not None
     masks = load_file(out / "masks.safetensors")
     assert masks["log_alpha"].shape == (2, 4, 8) and masks["router"].shape == (2, 4, 64)
+    perm = masks["neuron_perm"]  # the co-activation order the blocks were cut from, one per layer
+    assert perm.shape == (2, 128) and torch.equal(perm.sort(dim=1).values, torch.arange(128).expand(2, 128))
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, len(lines) + 1))
     # the schedule: target falls linearly then holds; the ratio follows it, never 0.03 below
@@ -64,6 +66,7 @@ def test_resume_gives_the_same_gates_as_an_uninterrupted_run(tiny_llama_dir, tex
     learn(str(tiny_llama_dir), tmp_path / "b", cfg, resume=True)
     a, b = load_file(tmp_path / "a" / "masks.safetensors"), load_file(tmp_path / "b" / "masks.safetensors")
     assert torch.equal(a["log_alpha"], b["log_alpha"]) and torch.equal(a["router"], b["router"])
+    assert torch.equal(a["neuron_perm"], b["neuron_perm"])
     wa, wb = load_file(tmp_path / "a" / "weights.safetensors"), load_file(tmp_path / "b" / "weights.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     log_b = [json.loads(line)["step"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -146,3 +149,8 @@ def test_overwrite_discards_an_interrupted_run(tiny_llama_dir, text_data, tmp_pa
     with pytest.raises(ZeroDivisionError):
         learn(str(tiny_llama_dir), tmp_path / "i", cfg, overwrite=True, on_step=lambda m: 1 / 0)
     assert not (tmp_path / "i.partial").exists()  # the stale checkpoint went with --overwrite
+
+
+def test_no_permute_keeps_the_checkpoint_order(tiny_llama_dir, text_data, tmp_path):
+    learn(str(tiny_llama_dir), tmp_path / "run", _cfg(text_data, steps=2, permute=False))
+    assert "neuron_perm" not in load_file(tmp_path / "run" / "masks.safetensors")

@@ -36,6 +36,8 @@ def test_step0_logits_equal_dense(model_type, init):
         assert (m.log_alpha > 2.398).all()
         if init == "importance":
             assert m.log_alpha.std() > 0
+            # blocks are cut from a co-activation order of the neurons (function-preserving)
+            assert m.neuron_perm is not None and not torch.equal(m.neuron_perm, torch.arange(len(m.neuron_perm)))
 
 
 def test_routing_weights_renormalised_over_top_k():
@@ -125,3 +127,41 @@ def test_router_gets_task_gradient(top_k):
     with torch.no_grad():
         _, w, _ = layers[0].route(torch.randn(3, 64))
     torch.testing.assert_close(w.sum(-1), torch.ones(3))
+
+
+def test_permute_neurons_preserves_the_ffn_and_composes():
+    model = _tiny("qwen3")
+    (layer, *_) = wrap_with_mom(model, num_experts=2, top_k=1, block_size=16)
+    layer.freeze_reference()
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad(), gate_mode(model, "deterministic"):
+        before = layer(x)
+        g = torch.Generator().manual_seed(1)
+        p1, p2 = torch.randperm(128, generator=g), torch.randperm(128, generator=g)
+        w0 = layer.mlp.gate_proj.weight.clone()
+        layer.permute_neurons(p1)
+        layer.permute_neurons(p2)
+        torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-6)
+    assert torch.equal(layer.neuron_perm, p1[p2])
+    assert torch.equal(layer.mlp.gate_proj.weight, w0[p1[p2]])
+    assert torch.equal(layer.reference_mlp.gate_proj.weight, w0[p1[p2]])  # the teacher follows
+    with pytest.raises(ValueError, match="reorder all 128"):
+        layer.permute_neurons(torch.zeros(128, dtype=torch.long))
+
+
+def test_co_activation_order_recovers_planted_groups():
+    from momcompress.learn.init import balanced_kmeans, co_activation_order
+
+    g = torch.Generator().manual_seed(0)
+    groups, size, tokens = 8, 4, 200
+    # each planted group of neurons fires on its own random subset of tokens; neurons are shuffled
+    fire = (torch.rand(groups, tokens, generator=g) < 0.2).float()
+    profiles = fire.repeat_interleave(size, 0) * (1 + 0.1 * torch.rand(groups * size, tokens, generator=g))
+    shuffle = torch.randperm(groups * size, generator=g)
+    planted = torch.arange(groups).repeat_interleave(size)[shuffle]
+    contrib = profiles[shuffle].T  # (tokens, F)
+    assign = balanced_kmeans(contrib.T, groups, 6, torch.Generator().manual_seed(0))
+    assert torch.bincount(assign, minlength=groups).tolist() == [size] * groups
+    order = co_activation_order(contrib, size, torch.Generator().manual_seed(0))
+    blocks = planted[order].view(groups, size)
+    assert (blocks == blocks[:, :1]).all()  # every block holds one planted group

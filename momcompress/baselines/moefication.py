@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from momcompress.errors import ConfigError, UnsupportedArchitectureError
-from momcompress.learn.init import spherical_kmeans
+from momcompress.learn.init import balanced_kmeans
+from momcompress.models import permute_ffn
 
 PREFERRED_EXPERTS = 16  # E when several expert counts meet the target equally well
 TARGET_SLACK = 0.005  # |k / E - target| accepted as meeting the target when choosing E
@@ -67,57 +67,9 @@ def choose_experts(num_blocks: int, target: float, experts: int | None = None) -
     return e, top_k(e)
 
 
-def balanced_assign(sim: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Assign each of n points to one of E clusters, `capacity` each (n = E * capacity), maximising
-    similarity greedily: points with the largest margin between their best and second-best cluster
-    choose first, each taking its most similar cluster that still has room. sim: (n, E) -> labels (n,)."""
-    s = sim.detach().double().cpu().numpy()
-    n, E = s.shape
-    if n != E * capacity:
-        raise ValueError(f"{n} points do not fill {E} clusters of {capacity}")
-    top2 = np.sort(s, axis=1)[:, -2:] if E > 1 else np.concatenate([s, s], axis=1)
-    order = np.argsort(-(top2[:, 1] - top2[:, 0]), kind="stable")
-    room = np.full(E, capacity)
-    labels = np.empty(n, dtype=np.int64)
-    for i in order:
-        row = np.where(room > 0, s[i], -np.inf)
-        c = int(row.argmax())
-        labels[i] = c
-        room[c] -= 1
-    return torch.from_numpy(labels)
-
-
-def balanced_kmeans(features: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
-    """Balanced spherical k-means of the rows of features (n, D) into k equal clusters: labels (n,).
-
-    Seeded with plain spherical k-means (momcompress.learn.init), then alternates balanced assignment
-    and centroid updates.
-    """
-    xn = F.normalize(features.float(), dim=-1)
-    cent, _ = spherical_kmeans(xn, k, iters, generator)  # (k, D)
-    capacity = len(xn) // k
-    labels = balanced_assign(xn @ cent.T, capacity)
-    for _ in range(iters):
-        cent = F.normalize(torch.zeros_like(cent).index_add_(0, labels, xn), dim=-1)
-        new = balanced_assign(xn @ cent.T, capacity)
-        if torch.equal(new, labels):
-            break
-        labels = new
-    return labels
-
-
 def expert_permutation(labels: torch.Tensor) -> torch.Tensor:
     """Neuron order (F,) that puts expert 0's neurons first, then expert 1's, ... (stable within an expert)."""
     return torch.argsort(labels, stable=True)
-
-
-@torch.no_grad()
-def permute_ffn(mlp: nn.Module, perm: torch.Tensor) -> None:
-    """Reorder a gated FFN's neurons in place: gate/up rows and down columns together (output unchanged)."""
-    perm = perm.to(mlp.gate_proj.weight.device)
-    mlp.gate_proj.weight.copy_(mlp.gate_proj.weight.index_select(0, perm))
-    mlp.up_proj.weight.copy_(mlp.up_proj.weight.index_select(0, perm))
-    mlp.down_proj.weight.copy_(mlp.down_proj.weight.index_select(1, perm))
 
 
 def activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ class LearnedRun:
     log_alpha: torch.Tensor  # (L, E, N)
     router: torch.Tensor  # (L, E, d)
     weights: dict[str, torch.Tensor]  # tuned model weights (empty when weights were frozen)
+    neuron_perm: torch.Tensor | None = None  # (L, F) order of the FFN neurons the blocks are cut from
 
 
 def read_run(run_dir: str | os.PathLike) -> LearnedRun:
@@ -80,6 +81,7 @@ def read_run(run_dir: str | os.PathLike) -> LearnedRun:
     try:
         masks = load_file(path / "masks.safetensors")
         log_alpha, router = masks["log_alpha"].float(), masks["router"].float()
+        perm = masks.get("neuron_perm")
     except Exception as exc:  # noqa: BLE001
         raise RunDirError(f"{path / 'masks.safetensors'} is corrupt ({exc}); re-run `momcompress learn`") from None
     L, E, N = log_alpha.shape
@@ -87,6 +89,10 @@ def read_run(run_dir: str | os.PathLike) -> LearnedRun:
         raise RunDirError(f"{path / 'masks.safetensors'} has gates {tuple(log_alpha.shape)} that do not match its manifest; re-run learn")
     if not torch.isfinite(log_alpha).all() or not torch.isfinite(router).all():
         raise RunDirError(f"{path / 'masks.safetensors'} holds NaN or infinite values; re-run learn")
+    if perm is not None:
+        ok = perm.dim() == 2 and perm.shape[0] == L and perm.shape[1] % N == 0
+        if not ok or not torch.equal(perm.sort(dim=1).values, torch.arange(perm.shape[1]).expand_as(perm)):
+            raise RunDirError(f"{path / 'masks.safetensors'} holds a neuron_perm that is not a permutation per layer; re-run learn")
     weights: dict[str, torch.Tensor] = {}
     if config.tune_weights:
         wfile = path / "weights.safetensors"
@@ -96,7 +102,7 @@ def read_run(run_dir: str | os.PathLike) -> LearnedRun:
             weights = load_file(wfile)
         except Exception as exc:  # noqa: BLE001
             raise RunDirError(f"{wfile} is corrupt ({exc}); re-run `momcompress learn`") from None
-    return LearnedRun(path, manifest, config, log_alpha, router, weights)
+    return LearnedRun(path, manifest, config, log_alpha, router, weights, perm)
 
 
 def resolve_source(run: LearnedRun, model: str | os.PathLike | None = None) -> Path:
@@ -141,6 +147,10 @@ def load_learned(run: LearnedRun, model_dir: Path, device: torch.device):
         for i, m in enumerate(mom):
             m.log_alpha.copy_(run.log_alpha[i])
             m.router.weight.copy_(run.router[i])
+            if run.neuron_perm is not None:
+                if run.neuron_perm.shape[1] != m.mlp.gate_proj.out_features:
+                    raise RunDirError(f"the run's neuron order has {run.neuron_perm.shape[1]} neurons but {model_dir} has {m.mlp.gate_proj.out_features}")
+                m.permute_neurons(run.neuron_perm[i])
             if run.weights:
                 m.freeze_reference()  # dense mode keeps the original FFN
         named = dict(model.named_parameters())

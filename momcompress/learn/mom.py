@@ -56,6 +56,28 @@ class MoMFFN(nn.Module):
         # Frozen copy of the original FFN, used in "dense" mode when the MoM weights are being tuned, so
         # the distillation teacher and the dense reference stay the original model.
         self.reference_mlp: nn.Module | None = None
+        # Order of the FFN neurons the blocks are cut from: block j holds original neurons
+        # neuron_perm[j*b:(j+1)*b]. None = the original order (see permute_neurons).
+        self.neuron_perm: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def permute_neurons(self, perm: torch.Tensor) -> None:
+        """Reorder the FFN's intermediate neurons (rows of gate/up, columns of down) by perm (F,).
+
+        A function-preserving change of basis: the dense FFN computes exactly the same output, but
+        contiguous blocks now hold the neurons perm groups together (co-activating ones, see
+        learn/init.py), so a block mask can follow what tokens use. Composes with an earlier call.
+        """
+        width = self.mlp.gate_proj.out_features
+        perm = perm.to(dtype=torch.long, device="cpu")
+        if perm.shape != (width,) or not torch.equal(perm.sort().values, torch.arange(width)):
+            raise ValueError(f"a neuron permutation must reorder all {width} FFN neurons")
+        from momcompress.models import permute_ffn
+
+        for mlp in (self.mlp, self.reference_mlp):
+            if mlp is not None:
+                permute_ffn(mlp, perm)
+        self.neuron_perm = perm if self.neuron_perm is None else self.neuron_perm[perm]
 
     def freeze_reference(self) -> None:
         """Keep a frozen copy of the current FFN weights as the dense reference (for weight tuning)."""

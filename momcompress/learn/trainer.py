@@ -211,10 +211,16 @@ class Learner:
 
     # -- state ------------------------------------------------------------------------------------
     def mask_tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        out = {
             "log_alpha": torch.stack([p.detach().float().cpu() for p in self.gate_params]).contiguous(),  # (L, E, N)
             "router": torch.stack([p.detach().float().cpu() for p in self.router_params]).contiguous(),  # (L, E, d)
         }
+        if any(m.neuron_perm is not None for m in self.layers):
+            width = self.layers[0].mlp.gate_proj.out_features
+            out["neuron_perm"] = torch.stack(
+                [m.neuron_perm if m.neuron_perm is not None else torch.arange(width) for m in self.layers]
+            ).contiguous()  # (L, F)
+        return out
 
     def weight_tensors(self) -> dict[str, torch.Tensor]:
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -251,6 +257,8 @@ class Learner:
             for i, m in enumerate(self.layers):
                 m.log_alpha.copy_(la[i])
                 m.router.weight.copy_(router[i])
+                if "neuron_perm" in masks:
+                    m.permute_neurons(masks["neuron_perm"][i])
             named = dict(self.model.named_parameters())
             for name, t in weights.items():
                 named[name].copy_(t)
@@ -327,7 +335,7 @@ def learn(
                 init_seqs = train[: max(1, math.ceil(config.init_tokens / config.seq_len))]
                 from momcompress.learn.init import importance_init
 
-                importance_init(dense, learner.layers, init_seqs, config.batch_size, config.init_tokens, config.seed, config.log_alpha_init)
+                importance_init(dense, learner.layers, init_seqs, config.batch_size, config.init_tokens, config.seed, config.log_alpha_init, config.permute)
             ddp.broadcast_params(learner.trainable)
             if main_rank:
                 (paths.partial / LOG_FILE).write_text("")
