@@ -1,0 +1,169 @@
+"""MoM vs MoEfication, static pruning and TEAL vs the dense model, at the same activation ratio(s).
+
+For every target ratio this builds (or reuses) one frozen model folder per method, validates each
+into one report folder against the dense original with the same held-out text, tasks and documents,
+and prints one table: calibration budget (tokens and wall time), measured FFN ratio, held-out
+perplexity, zero-shot accuracy per task (acc_norm), retention, active parameters and latency ratios.
+
+    python benchmarks/experiment.py --targets 0.5 --limit 100 -o runs/experiment --json runs/experiment.json
+
+Builds are cached: a method folder that already exists under OUTPUT is reused (pass --rebuild to
+build again), so an interrupted experiment resumes where it stopped. --mom-run RUN_DIR reuses a
+finished `momcompress learn` run for MoM at its own target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("mom", "moefication", "prune", "teal")
+
+
+def _build(method: str, target: float, out: Path, args) -> dict:
+    """Build METHOD at TARGET into OUT (a frozen model folder); return {tokens, seconds}."""
+    from momcompress.baselines.base import BaselineConfig, baseline
+    from momcompress.config import LearnConfig
+    from momcompress.freeze.freezer import freeze
+    from momcompress.learn.trainer import learn
+
+    t0 = time.time()
+    if method == "mom":
+        run = Path(args.mom_run) if args.mom_run else out.with_name(out.name + "-run")
+        if not args.mom_run and (args.rebuild or not run.is_dir()):
+            learn(args.model, run, LearnConfig(**{**args.learn_options, "target": target, "steps": args.steps,
+                                                  "seed": args.seed, "data": args.data}), overwrite=True)
+        manifest = json.loads((run / "manifest.json").read_text())
+        freeze(run, out, overwrite=True)
+        cfg = manifest["config"]
+        tokens = cfg["steps"] * cfg["batch_size"] * cfg["seq_len"] * manifest.get("world_size", 1)
+        seconds = manifest.get("wall_seconds")
+        return {"tokens": tokens, "seconds": (seconds if seconds is not None else time.time() - t0)}
+    cfg = BaselineConfig(target=target, steps=args.steps if method == "prune" else None, seed=args.seed, data=args.data,
+                         tokens=args.calibration_tokens if method != "prune" else None, seq_len=args.seq_len,
+                         eval_tokens=args.eval_tokens, block_size=args.learn_options.get("block_size"),
+                         learn_options={k: v for k, v in args.learn_options.items() if k != "block_size"})
+    manifest = baseline(method, args.model, out, cfg, overwrite=True)
+    cal = manifest["calibration"]
+    return {"tokens": cal["tokens"], "seconds": cal.get("wall_seconds", time.time() - t0)}
+
+
+def _row(method: str, target: float, build: dict, report: dict, tasks: list[str]) -> dict:
+    zs = report["zero_shot"]
+    speed = ((report.get("speed") or {}).get("torch") or {}).get("cpu") or {}
+    return {
+        "method": method,
+        "target": target,
+        "calibration_tokens": build["tokens"],
+        "build_seconds": build["seconds"],
+        "ratio": report["activation_ratio"]["measured"],
+        "ppl_dense": report["perplexity"]["dense"],
+        "ppl": report["perplexity"]["sparse"],
+        "acc_norm": {t: zs["tasks"][t]["sparse"]["acc_norm"] for t in tasks if t in zs["tasks"]},
+        "acc_norm_dense": {t: zs["tasks"][t]["dense"]["acc_norm"] for t in tasks if t in zs["tasks"]},
+        "retention_acc_norm": ((zs.get("average") or {}).get("retention") or {}).get("acc_norm"),
+        "retention_acc": ((zs.get("average") or {}).get("retention") or {}).get("acc"),
+        "params_ratio": report["cost"]["params_ratio"],
+        "flops_ratio": report["cost"]["flops_ratio"],
+        "prefill_ratio": (speed.get("prefill") or {}).get("ratio"),
+        "decode_ratio": (speed.get("decode") or {}).get("ratio"),
+    }
+
+
+def _fmt(v, digits=3):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def format_table(rows: list[dict], tasks: list[str]) -> str:
+    head = ["method", "target", "calib tokens", "build s", "FFN ratio", "perplexity", *tasks, "zero-shot retention",
+            "params ratio", "prefill ratio", "decode ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    dense = next(iter(rows), None)
+    if dense is not None:
+        lines.append("| " + " | ".join(["dense", "1.0", "-", "-", "1.000", _fmt(dense["ppl_dense"], 2),
+                                        *[_fmt(dense["acc_norm_dense"].get(t)) for t in tasks], "1.000", "1.000",
+                                        "1.00", "1.00"]) + " |")
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["method"], _fmt(r["target"], 2), str(r["calibration_tokens"]), _fmt(r["build_seconds"], 0),
+            _fmt(r["ratio"]), _fmt(r["ppl"], 2), *[_fmt(r["acc_norm"].get(t)) for t in tasks],
+            _fmt(r["retention_acc_norm"]), _fmt(r["params_ratio"]), _fmt(r["prefill_ratio"], 2),
+            _fmt(r["decode_ratio"], 2)]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default", help="dense model folder, .gguf or `default`")
+    p.add_argument("--targets", default="0.5", help="comma-separated activation ratios")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--steps", type=int, default=None, help="learn steps for mom and prune (default: learn's default)")
+    p.add_argument("--mom-run", help="reuse this finished learn run for mom (at its own target)")
+    p.add_argument("--data", help="calibration text for every method (default: the embedded novels)")
+    p.add_argument("--calibration-tokens", type=int, default=None, help="moefication / teal calibration tokens (default theirs)")
+    p.add_argument("--seq-len", type=int, default=256, help="window length for calibration and perplexity")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens the builders match the ratio on")
+    p.add_argument("--learn-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="further LearnConfig field for mom and prune (repeatable), e.g. batch_size=2")
+    p.add_argument("--limit", type=int, default=100, help="zero-shot documents per task")
+    p.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,hellaswag,winogrande")
+    p.add_argument("--heldout-tokens", type=int, default=16384, help="held-out tokens for validate's perplexity")
+    p.add_argument("--no-speed", action="store_true", help="skip the latency measurements")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", default="runs/experiment", help="folder for the method folders and reports")
+    p.add_argument("--rebuild", action="store_true", help="rebuild method folders that already exist")
+    p.add_argument("--json", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+
+    from momcompress.config import LearnConfig
+    from momcompress.validate.validator import validate
+
+    if args.steps is None:
+        args.steps = LearnConfig().steps
+    args.learn_options = {"seq_len": args.seq_len, "eval_tokens": args.eval_tokens}
+    for item in args.learn_option:
+        key, _, value = item.partition("=")
+        try:
+            args.learn_options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            args.learn_options[key.replace("-", "_")] = value  # a plain string, e.g. dtype=bfloat16
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {METHODS}")
+    tasks = [t for t in args.tasks.split(",") if t]
+    root = Path(args.output)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for target in (float(t) for t in args.targets.split(",")):
+        for method in methods:
+            if method == "mom" and args.mom_run:
+                target_run = json.loads((Path(args.mom_run) / "manifest.json").read_text())["config"]["target"]
+                if abs(target_run - target) > 1e-9:
+                    continue
+            out = root / f"{method}-t{target}"
+            stamp = out / "experiment_build.json"
+            if args.rebuild or not stamp.is_file():
+                build = _build(method, target, out, args)
+                stamp.write_text(json.dumps(build))
+            build = json.loads(stamp.read_text())
+            print(f"[{method} @ {target}] built from {build['tokens']} tokens in {build['seconds']:.0f} s; validating",
+                  file=sys.stderr, flush=True)
+            report = validate(out, dense=args.model, output=root / "validation", task_names=",".join(tasks),
+                              limit=args.limit or None, heldout_tokens=args.heldout_tokens, seq_len=args.seq_len,
+                              measure_speed=not args.no_speed, overwrite=True)
+            rows.append(_row(method, target, build, report, tasks))
+            print(format_table(rows, tasks), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"tasks": tasks, "limit": args.limit, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

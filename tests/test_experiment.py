@@ -1,0 +1,38 @@
+"""benchmarks/experiment.py end to end on a tiny model: every method built, validated and tabled."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+from conftest import make_tiny_model_dir
+
+
+def _experiment():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "experiment.py"
+    spec = importlib.util.spec_from_file_location("experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_experiment_builds_validates_and_tables_every_method(tmp_path, text_data, capsys):
+    model = make_tiny_model_dir(tmp_path / "tiny", "llama")
+    out, js = tmp_path / "exp", tmp_path / "exp.json"
+    argv = [
+        "--model", str(model), "--data", str(text_data), "--targets", "0.5", "--steps", "3", "--seq-len", "32",
+        "--calibration-tokens", "1024", "--eval-tokens", "256", "--heldout-tokens", "256", "--tasks", "none",
+        "--no-speed", "--learn-option", "block_size=8", "--learn-option", "batch_size=2",
+        "--learn-option", "init_tokens=256", "-o", str(out), "--json", str(js),
+    ]
+    exp = _experiment()
+    assert exp.main(argv) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["mom", "moefication", "prune", "teal"]
+    for r in rows:
+        assert abs(r["ratio"] - 0.5) < 0.1 and r["ppl"] > 1 and r["calibration_tokens"] > 0
+        assert (out / f"{r['method']}-t0.5" / "config.json").is_file()
+    table = capsys.readouterr().out
+    assert "| dense |" in table and "| teal |" in table
+    assert (out / "validation" / "methods.json").is_file()
+    # a second run reuses the built folders (cached) and validates again
+    assert exp.main(argv) == 0
