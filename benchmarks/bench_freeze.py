@@ -9,7 +9,7 @@ on T tokens, dense modules vs frozen modules, for T in --tokens. Generation: gre
 timed interleaved in the same run and reported as ratios (frozen / dense time; < 1 is faster).
 
 Without --frozen, a frozen model is built from the dense default model with a random plan that has
-the same shape as a learned one (E=16 experts, top-1, blocks of 16, a few shared blocks, every
+the same shape as a learned one (E=64 experts, top-1, blocks of 16, a few shared blocks, every
 expert half the blocks): speed does not depend on the weights' values.
 """
 
@@ -30,7 +30,7 @@ from momcompress.models import decoder_layers, default_block_size, ffn_width, lo
 from momcompress.runtime.mom_ffn import frozen_layers
 
 
-def synthetic_frozen(dense_dir: Path, ratio: float, experts: int = 16, shared_fraction: float = 0.05, seed: int = 0):
+def synthetic_frozen(dense_dir: Path, ratio: float, experts: int = 64, shared_fraction: float = 0.05, seed: int = 0):
     """A frozen copy of the dense model with random expert plans whose per-token read fraction is ratio."""
     model, _ = load_model(dense_dir)
     b = default_block_size(ffn_width(model))

@@ -28,7 +28,7 @@ def main(verbose: bool):
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Run folder to create.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options; flags given on the command line override it.")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Fraction of FFN parameters read per token to reach (default 0.5).")
-@click.option("--experts", type=click.IntRange(min=1), help="Experts (masks) per layer (default 16).")
+@click.option("--experts", type=click.IntRange(min=1), help="Experts (masks) per layer (default 64).")
 @click.option("--top-k", type=click.IntRange(min=1), help="Experts each token uses (default 1); at most --experts.")
 @click.option("--block-size", type=click.IntRange(min=1), help="Neurons per gate block; must divide the FFN width (default: the largest power of two <= 64 leaving >= 96 blocks).")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimisation steps (default 100: about 17 minutes for SmolLM2-135M on 2 CPU cores).")

@@ -53,7 +53,7 @@ class LearnConfig:
     """
 
     target: float = 0.5
-    experts: int = 16
+    experts: int = 64
     top_k: int = 1
     block_size: int | None = None
     steps: int = 100

@@ -23,7 +23,9 @@ def _cfg(data, **kw):
 
 def test_ratio_reaches_target_and_run_folder_is_complete(tiny_llama_dir, text_data, tmp_path):
     out = tmp_path / "run"
-    manifest = learn(str(tiny_llama_dir), out, _cfg(text_data))
+    # 16 blocks per layer: with 8, one block is 1/8 of the ratio and the sampled routing of one step
+    # swings the measured ratio by more than the tolerance below
+    manifest = learn(str(tiny_llama_dir), out, _cfg(text_data, block_size=8))
     m = manifest["metrics"]
     assert abs(m["expected_ratio"] - 0.5) <= 0.02
     assert abs(m["target_matched_ratio"] - 0.5) <= 0.02
@@ -33,7 +35,7 @@ def test_ratio_reaches_target_and_run_folder_is_complete(tiny_llama_dir, text_da
     assert saved["source_model_hash"] and saved["config"]["target"] == 0.5
     assert saved["final_losses"]["loss"] is not None
     masks = load_file(out / "masks.safetensors")
-    assert masks["log_alpha"].shape == (2, 4, 8) and masks["router"].shape == (2, 4, 64)
+    assert masks["log_alpha"].shape == (2, 4, 16) and masks["router"].shape == (2, 4, 64)
     perm = masks["neuron_perm"]  # the co-activation order the blocks were cut from, one per layer
     assert perm.shape == (2, 128) and torch.equal(perm.sort(dim=1).values, torch.arange(128).expand(2, 128))
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
