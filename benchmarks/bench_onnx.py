@@ -46,6 +46,9 @@ def with_body(mom_folder: Path, body: str, workdir: Path) -> Path:
 
     import onnx
 
+    config = json.loads((mom_folder / "config.json").read_text())
+    if body == "moe":
+        op.check_moe_layout(config["momcompress"], config["hidden_size"])  # ValueError: skipped by the caller
     target = workdir / f"mom-{body}"
     if (target / "model.onnx").is_file():
         return target
@@ -114,7 +117,12 @@ def main() -> None:
     dense_dir = export_once(args.dense, workdir / "dense", dense=True)
     mom_dir = export_once(args.frozen, workdir / "mom", dense=False)
     bodies = [b for b in args.bodies.split(",") if b]
-    variants = {"dense": dense_dir, **{f"mom {b}": with_body(mom_dir, b, workdir) for b in bodies}}
+    variants = {"dense": dense_dir}
+    for b in bodies:
+        try:
+            variants[f"mom {b}"] = with_body(mom_dir, b, workdir)
+        except ValueError as exc:
+            print(f"skipping the {b} body: {exc}", file=sys.stderr)
     sessions = {name: OrtCausalLM(folder / "model.onnx", threads=args.threads) for name, folder in variants.items()}
     from transformers import AutoTokenizer
 

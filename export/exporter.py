@@ -251,6 +251,11 @@ def export(
             f"--experts-body moe needs renormalised top-k routing (com.microsoft::MoE renormalises), this model routes "
             f"{section['routing']!r}: use --experts-body gather or masked-dense"
         )
+    if body == "moe" and section:
+        try:
+            op.check_moe_layout(section, torch_model.config.hidden_size, torch.finfo(torch_model.dtype).bits // 8)
+        except ValueError as exc:
+            raise ExportError(f"--experts-body moe: {exc}") from None
     _use_eager_attention(torch_model)
     is_mom = hasattr(torch_model.config, "momcompress")
     log.info("exporting %s (%s) to ONNX opset %d", source, "MoM, " + body + " body" if is_mom else "dense", opset)

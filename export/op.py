@@ -323,6 +323,33 @@ def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
     )
 
 
+# The moe body makes onnxruntime fold a padded per-expert copy of the routed weights at session start
+# (every expert as wide as the widest one). Above this size it is not worth it, or does not fit.
+MOE_LAYOUT_MAX_BYTES = 4 << 30
+
+
+def moe_layout_bytes(section: dict, hidden_size: int, dtype_bytes: int = 4) -> int:
+    """Bytes of the per-expert gate/up/down copy the moe body folds, from a frozen config's momcompress section."""
+    b = section["block_size"]
+    total = 0
+    for layer in section["layers"]:
+        experts = layer["experts"]
+        widest = max((len(blocks) for blocks in experts), default=0)
+        total += len(experts) * widest * b * hidden_size * 3 * dtype_bytes
+    return total
+
+
+def check_moe_layout(section: dict, hidden_size: int, dtype_bytes: int = 4) -> None:
+    """Raise ValueError (saying what to use instead) when the moe body's folded layout is too large."""
+    size = moe_layout_bytes(section, hidden_size, dtype_bytes)
+    if size > MOE_LAYOUT_MAX_BYTES:
+        raise ValueError(
+            f"the moe body would have onnxruntime build a padded per-expert copy of the routed weights of "
+            f"{size / 2**30:.1f} GiB ({section['num_experts']} experts per layer, each as wide as the widest), over "
+            f"the {MOE_LAYOUT_MAX_BYTES / 2**30:.0f} GiB limit: use the gather or masked-dense body, or fewer experts"
+        )
+
+
 def attach_function(model: onnx.ModelProto, body: str, activation: str) -> None:
     """Give every MoMExperts node the accumulate input and add the function body to the model (in place)."""
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))

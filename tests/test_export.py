@@ -345,6 +345,17 @@ def test_rejects_existing_output_bad_opset_and_moe_on_gelu(workdir, data_file, t
     assert not (tmp_path / "o").exists()
 
 
+def test_moe_body_refuses_a_padded_layout_too_large_to_fold(workdir, data_file, tmp_path, monkeypatch):
+    frozen = frozen_dir(workdir, data_file, "llama")
+    section = json.loads((frozen / "config.json").read_text())["momcompress"]
+    b, widest = section["block_size"], max(len(e) for e in section["layers"][0]["experts"])
+    assert op.moe_layout_bytes(section, 64) >= len(section["layers"][0]["experts"]) * widest * b * 64 * 3 * 4
+    monkeypatch.setattr(op, "MOE_LAYOUT_MAX_BYTES", 1024)
+    with pytest.raises(ExportError, match="padded per-expert copy.*gather or masked-dense"):
+        export(frozen, tmp_path / "m", body="moe")
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.slow
 def test_default_model_exports_and_generates(tmp_path):
     """The dense default model: logits within 1e-4 and 32 greedy tokens identical through onnxruntime."""
