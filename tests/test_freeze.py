@@ -96,6 +96,25 @@ def test_frozen_layer_equals_training_layer(top_k, uniform, act, name):
     assert torch.equal(frozen.blocks_read(top_i), expected_blocks.float())
 
 
+def test_prompt_path_reads_the_union_when_grouping_would_reread_blocks():
+    torch.manual_seed(0)
+    E = 16
+    mom = MoMFFN(_MLP(32, 256, "silu"), num_experts=E, top_k=1, block_size=8)  # 32 blocks
+    nn.init.normal_(mom.router.weight, std=2.0)
+    z = (torch.rand(E, 32) < 0.5).float()  # overlapping experts of ~16 blocks each
+    mom.gate_override = z
+    frozen = repack_layer(mom.mlp, mom.router.weight, plan_layer(z), 1, 8, "silu")
+    frozen.decode_max_tokens = 0  # no decode shortcut: the cost rule alone picks the path
+    few = frozen.route(torch.randn(24, 32))[1]  # ~1.5 tokens per expert: grouping rereads shared blocks
+    assert frozen.union_is_cheaper(few)
+    many = torch.zeros(4000, 1, dtype=torch.long)  # every token on one expert: grouping reads it once
+    assert not frozen.union_is_cheaper(many)
+    for T in (24, 4000):
+        x = torch.randn(T, 32)
+        with torch.no_grad():
+            assert _rel(frozen(x), mom(x)) <= REL_TOL
+
+
 def test_pruned_blocks_are_not_stored():
     mom = MoMFFN(_MLP(16, 64, "silu"), num_experts=3, top_k=1, block_size=8)
     z = torch.zeros(3, 8)

@@ -35,6 +35,9 @@ ROUTINGS = ("renormalized", "unit")
 # above it, grouping by expert. On a 2-core CPU the union path beat grouping up to at least 64 tokens
 # (benchmarks/bench_freeze.py); grouping wins once many tokens share each expert.
 DECODE_MAX_TOKENS = 64
+# In the choice between grouping tokens by expert and reading the union of their blocks once (CPU /
+# reference path): reading (gathering) one block costs about as much as computing this many tokens on it.
+BLOCK_READ_TOKENS = 16
 
 
 def _kernels_ready(device: torch.device) -> bool:
@@ -154,7 +157,7 @@ class FrozenMoMFFN(nn.Module):
             from momcompress.kernels import routed_experts
 
             out = out + routed_experts(xf, top_w, top_i, self.routed_gate, self.routed_up, self.routed_down, self.expert_block_scale, self.activation)
-        elif xf.shape[0] <= self.decode_max_tokens:
+        elif xf.shape[0] <= self.decode_max_tokens or self.union_is_cheaper(top_i):
             self.routed_decode(xf, top_w, top_i, out)
         else:
             self.routed_grouped(xf, top_w, top_i, out)
@@ -180,8 +183,25 @@ class FrozenMoMFFN(nn.Module):
         """Add the routed experts' output to out (T, d): tokens grouped by expert."""
         out += routed_experts_grouped(x, top_w, top_i, self.routed_gate, self.routed_up, self.routed_down, self.expert_block_scale, self.activation)
 
+    def union_is_cheaper(self, top_i: torch.Tensor) -> bool:
+        """Whether reading the union of the tokens' blocks once beats grouping tokens by expert.
+
+        Grouping reads each used expert's blocks again (overlapping experts share blocks) but computes
+        each token only on its own experts' blocks; the union reads every needed block once and computes
+        every token on all of them. With many experts and few tokens each (64 experts, a 128-token
+        prompt) grouping reads the routed weights several times over. Costs in block reads, one read =
+        BLOCK_READ_TOKENS tokens of compute.
+        """
+        T = top_i.shape[0]
+        counts = torch.bincount(top_i.reshape(-1), minlength=self.num_experts)
+        used = counts > 0
+        sizes = self.expert_uses.sum(dim=1)  # (E,) blocks per expert
+        grouped = float((sizes[used] * (BLOCK_READ_TOKENS + counts[used])).sum())
+        union = float(self.expert_uses[used].any(dim=0).sum()) * (BLOCK_READ_TOKENS + T)
+        return union < grouped
+
     def routed_decode(self, x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, out: torch.Tensor) -> None:
-        """Add the routed output to out (T, d), one token at a time: the union of its experts' blocks."""
+        """Add the routed output to out (T, d): the union of the tokens' experts' blocks, read once."""
         out += routed_experts_decode(x, top_w, top_i, self.routed_gate, self.routed_up, self.routed_down, self.expert_block_scale, self.activation)
 
     def blocks_read(self, top_i: torch.Tensor) -> torch.Tensor:
