@@ -55,7 +55,6 @@ def with_body(mom_folder: Path, body: str, workdir: Path) -> Path:
     manifest = json.loads((mom_folder / "manifest.json").read_text())
     if manifest["experts_body"] == body:
         return mom_folder
-    config = json.loads((mom_folder / "config.json").read_text())
     model = onnx.load(str(mom_folder / "model.onnx"))
     op.attach_function(model, body, config["momcompress"]["activation"])
     tmp = workdir / f"mom-{body}.tmp"

@@ -169,6 +169,14 @@ def _activation_nodes(activation: str, g: str, out: str, opset: int) -> list[onn
     raise ValueError(f"activation must be silu, gelu_tanh or gelu, got {activation!r}")
 
 
+def _mom_function(nodes: list[onnx.NodeProto], opsets: list, what: str) -> onnx.FunctionProto:
+    """The model-local MoMExperts function over nodes (inputs INPUT_NAMES, output "out")."""
+    return helper.make_function(
+        DOMAIN, OP_TYPE, inputs=list(INPUT_NAMES), outputs=["out"], nodes=nodes, opset_imports=opsets,
+        attributes=list(ATTRIBUTES), doc_string=f"MoMExperts, {what}; see momcompress/export/op.py",
+    )
+
+
 def function_body(body: str, activation: str, opset: int) -> onnx.FunctionProto:
     """The model-local function ("momcompress", "MoMExperts") computing the node with standard ops.
 
@@ -234,16 +242,7 @@ def function_body(body: str, activation: str, opset: int) -> onnx.FunctionProto:
         n("MatMul", ["hs", "wd"], ["routed"]),  # (T, d)
         n("Add", ["routed", "accumulate"], ["out"]),
     ]
-    return helper.make_function(
-        DOMAIN,
-        OP_TYPE,
-        inputs=list(INPUT_NAMES),
-        outputs=["out"],
-        nodes=nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=list(ATTRIBUTES),
-        doc_string=f"MoMExperts, {body} body ({activation}); see momcompress/export/op.py",
-    )
+    return _mom_function(nodes, [helper.make_opsetid("", opset)], f"{body} body ({activation})")
 
 
 def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
@@ -311,16 +310,8 @@ def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
     moe = nodes[-2]
     del moe.attribute[[a.name for a in moe.attribute].index("k")]
     moe.attribute.append(onnx.AttributeProto(name="k", ref_attr_name="top_k", type=onnx.AttributeProto.INT))
-    return helper.make_function(
-        DOMAIN,
-        OP_TYPE,
-        inputs=list(INPUT_NAMES),
-        outputs=["out"],
-        nodes=nodes,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)],
-        attributes=list(ATTRIBUTES),
-        doc_string="MoMExperts, moe body (com.microsoft::MoE, silu); see momcompress/export/op.py",
-    )
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
+    return _mom_function(nodes, opsets, "moe body (com.microsoft::MoE, silu)")
 
 
 # The moe body makes onnxruntime fold a padded per-expert copy of the routed weights at session start

@@ -12,6 +12,12 @@ from momcompress.errors import ConfigError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def need(ok: bool, msg: str) -> None:
+    """Raise ConfigError(msg) unless ok: the configs' validation, one check per line."""
+    if not ok:
+        raise ConfigError(msg)
+
+
 @dataclass(frozen=True)
 class LearnConfig:
     """Everything that decides what `learn` computes (output paths and resume flags excluded).
@@ -84,10 +90,6 @@ class LearnConfig:
     log_every: int = 10
 
     def __post_init__(self):
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ConfigError(msg)
-
         need(0.0 < self.target < 1.0, f"--target must be in (0, 1) (a fraction of FFN parameters read), got {self.target}")
         need(self.experts >= 1, f"--experts must be >= 1, got {self.experts}")
         need(1 <= self.top_k <= self.experts, f"--top-k must be between 1 and --experts ({self.experts}), got {self.top_k}")

@@ -89,6 +89,17 @@ def text_data(tmp_path_factory) -> Path:
     return write_text_data(tmp_path_factory.mktemp("data") / "calib.txt")
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, request) -> Path:
+    """A folder shared by the tests of one module (models and runs built once per module)."""
+    return tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+
+
+@pytest.fixture(scope="module")
+def data_file(workdir) -> Path:
+    return write_text_data(workdir / "calib.txt")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MOMCOMPRESS_CACHE", str(tmp_path / "cache"))

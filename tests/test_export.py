@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import momcompress
-from conftest import TINY_ARCHS, make_tiny_model_dir, write_text_data
+from conftest import TINY_ARCHS, make_tiny_model_dir
 from momcompress.cli import main
 from momcompress.config import LearnConfig
 from momcompress.errors import ExportError, RunDirError
@@ -33,16 +33,6 @@ from momcompress.runtime.mom_ffn import ACTIVATIONS, frozen_layers, routed_exper
 ATOL = 1e-4
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before plugins/triton_aot.py is imported (as tests/test_kernels.py)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("export")
-
-
-@pytest.fixture(scope="module")
-def data_file(workdir):
-    return write_text_data(workdir / "calib.txt")
 
 
 _FROZEN: dict[str, object] = {}

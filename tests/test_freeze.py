@@ -14,7 +14,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 import momcompress
-from conftest import TINY_ARCHS, make_tiny_model_dir, write_text_data
+from conftest import TINY_ARCHS, make_tiny_model_dir
 from momcompress.cli import main
 from momcompress.config import LearnConfig
 from momcompress.freeze.freezer import heldout_tokens, load_learned, measure_frozen_ratio, read_run, resolve_source
@@ -134,16 +134,6 @@ def _learn_cfg(data, **kw):
     base = dict(target=0.5, experts=4, top_k=2, block_size=8, steps=6, batch_size=4, seq_len=32, data=str(data), eval_tokens=256, init_tokens=512, log_every=100)
     base.update(kw)
     return LearnConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("freeze")
-
-
-@pytest.fixture(scope="module")
-def data_file(workdir):
-    return write_text_data(workdir / "calib.txt")
 
 
 def _learned_run(workdir, data_file, arch: str, name: str = "", **kw):

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from momcompress import __version__
-from momcompress.config import DTYPES
+from momcompress.config import DTYPES, need
 from momcompress.errors import ConfigError, DataError, RunDirError
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,6 @@ class BaselineConfig:
 
     def __post_init__(self):
         from momcompress.baselines.teal import SPLITS
-
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ConfigError(msg)
 
         need(0.0 < self.target < 1.0, f"--target must be in (0, 1) (a fraction of FFN parameters read), got {self.target}")
         need(self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}")

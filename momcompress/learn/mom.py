@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from momcompress.learn.gates import deterministic_gates, prob_nonzero, sample_gates, union_ratio
+from momcompress.models import permute_ffn
 
 GATE_MODES = ("sample", "deterministic", "dense")
 
@@ -72,8 +73,6 @@ class MoMFFN(nn.Module):
         perm = perm.to(dtype=torch.long, device="cpu")
         if perm.shape != (width,) or not torch.equal(perm.sort().values, torch.arange(width)):
             raise ValueError(f"a neuron permutation must reorder all {width} FFN neurons")
-        from momcompress.models import permute_ffn
-
         for mlp in (self.mlp, self.reference_mlp):
             if mlp is not None:
                 permute_ffn(mlp, perm)
