@@ -7,7 +7,8 @@ DESIGN.md, "Export". Per layer, the routed experts of a frozen MoM FFN are one n
       routed_gate, routed_up, routed_down (R, b, d) routed blocks (down transposed);
       expert_block_scale (E, R) fp32 gate value of block r in expert e (0: not used);
       accumulate (T, d) the shared FFN's output, added to the routed output (optional input)
-      attributes: top_k, activation ("silu" | "gelu_tanh" | "gelu"), plugin_namespace, plugin_version
+      attributes: top_k, activation ("silu" | "gelu_tanh" | "gelu"), plugin_namespace, plugin_version,
+        max_blocks (moe body only: the most routed blocks one token uses)
     out[t] = accumulate[t] + sum_r w[t, r] (act(x[t] Wg_r^T) * (x[t] Wu_r^T)) Wd_r,  w[t, r] = sum_j top_w[t, j] z[top_i[t, j], r]
 
 the contract of `momcompress.kernels.routed_experts` (plus the accumulation). The node carries a
@@ -17,12 +18,15 @@ plugin of `momcompress.plugins` once the function is stripped (`strip_functions`
   those blocks only: for one decode token it reads the blocks of its top-k experts and no other;
 - masked-dense: every routed block as one dense FFN, scaled per token by w (zeros where unused):
   reads all routed weights, but is plain GEMMs;
-- moe: onnxruntime's contrib op com.microsoft::MoE on experts padded to equal width (the layout is
-  constant-folded by onnxruntime at session start); SiLU-gated models only; not for TensorRT's parser.
-Measured on the default model at ratio 0.5 (benchmarks/bench_onnx.py, onnxruntime CPU, 2 busy cores),
-no body was reliably faster than dense: decode steps 0.92x-1.17x (gather), 0.96x-1.10x (masked-dense),
-1.00x (moe); prefill 0.95x-1.05x (masked-dense). The default stays gather, the body that reads only
-the selected blocks and that DESIGN.md found fastest for one token.
+- moe: onnxruntime's contrib op com.microsoft::MoE with one MoE expert per routed block (the blocks
+  reshaped in place, no copy per expert); SiLU-gated models only; not for TensorRT's parser.
+Measured on the default model (64 experts) at ratio 0.5 (benchmarks/bench_onnx.py, onnxruntime CPU, 2
+threads, alone): decode step 0.93x dense (gather), 0.95x (masked-dense), 0.92x (moe); prefill 512
+0.96x / 1.04x / 0.90x; prefill 128 1.06x / 0.96x / 1.17x. The same graph with the routed experts
+removed runs the step at 0.53x, so the routed part costs ~0.4x where reading half the FFN's weights
+once would cost ~0.24x: standard ops copy the selected blocks (Gather) before multiplying, and MoE's
+CPU kernel multiplies 16-wide blocks one at a time. The default stays gather: standard ops (TensorRT
+and onnxruntime's CUDA provider take it too) and reads only the selected blocks.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ OP_TYPE = "MoMExperts"
 DOMAIN_VERSION = 1
 PLUGIN_NAMESPACE = "momcompress"
 PLUGIN_VERSION = "1"
-ATTRIBUTES = ("top_k", "activation", "plugin_namespace", "plugin_version")
+ATTRIBUTES = ("top_k", "activation", "plugin_namespace", "plugin_version", "max_blocks")
 INPUT_NAMES = ("x", "top_w", "top_i", "routed_gate", "routed_up", "routed_down", "expert_block_scale", "accumulate")
 BODIES = ("gather", "masked-dense", "moe")
 DEFAULT_BODY = "gather"  # see the measurements in the module docstring
@@ -73,6 +77,7 @@ def register_schema() -> None:
             Attr("activation", A.STRING, "silu, gelu_tanh or gelu", required=False),
             Attr("plugin_namespace", A.STRING, "TensorRT plugin namespace", required=False),
             Attr("plugin_version", A.STRING, "TensorRT plugin version", required=False),
+            Attr("max_blocks", A.INT, "most routed blocks one token uses (set for the moe body only)", required=False),
         ],
     )
     defs.register_schema(schema)
@@ -177,6 +182,25 @@ def _mom_function(nodes: list[onnx.NodeProto], opsets: list, what: str) -> onnx.
     )
 
 
+def _block_weight_nodes() -> list[onnx.NodeProto]:
+    """Nodes computing w (T, R) fp32, w[t, r] = sum_j top_w[t, j] * scale[top_i[t, j], r], and the shape
+    pieces the bodies share: axis_last, axis_1, minus_one, zero, d_dim ([d]), b_dim ([b]), rows_shape ([-1, d])."""
+    n = helper.make_node
+    return [
+        n("Gather", ["expert_block_scale", "top_i"], ["z"], axis=0),  # (T, k, R)
+        _const("axis_last", [-1]),
+        n("Unsqueeze", ["top_w", "axis_last"], ["top_w3"]),  # (T, k, 1)
+        n("Mul", ["z", "top_w3"], ["wz"]),
+        _const("axis_1", [1]),
+        n("ReduceSum", ["wz", "axis_1"], ["w"], keepdims=0),  # (T, R) fp32
+        _const("minus_one", [-1]),
+        n("Shape", ["routed_gate"], ["d_dim"], start=2),  # (1,) = [d]
+        n("Concat", ["minus_one", "d_dim"], ["rows_shape"], axis=0),  # [-1, d]
+        n("Shape", ["routed_gate"], ["b_dim"], start=1, end=2),  # [b]
+        _const("zero", [0]),
+    ]
+
+
 def function_body(body: str, activation: str, opset: int) -> onnx.FunctionProto:
     """The model-local function ("momcompress", "MoMExperts") computing the node with standard ops.
 
@@ -190,21 +214,7 @@ def function_body(body: str, activation: str, opset: int) -> onnx.FunctionProto:
     if body == "moe":
         return _moe_function(activation, opset)
     n = helper.make_node
-    nodes = [
-        # w[t, r] = sum_j top_w[t, j] * scale[top_i[t, j], r]
-        n("Gather", ["expert_block_scale", "top_i"], ["z"], axis=0),  # (T, k, R)
-        _const("axis_last", [-1]),
-        n("Unsqueeze", ["top_w", "axis_last"], ["top_w3"]),  # (T, k, 1)
-        n("Mul", ["z", "top_w3"], ["wz"]),
-        _const("axis_1", [1]),
-        n("ReduceSum", ["wz", "axis_1"], ["w"], keepdims=0),  # (T, R) fp32
-        # (R, b, d) -> (R*b, d) reshapes need d
-        _const("minus_one", [-1]),
-        n("Shape", ["routed_gate"], ["d_dim"], start=2),  # (1,) = [d]
-        n("Concat", ["minus_one", "d_dim"], ["rows_shape"], axis=0),  # [-1, d]
-        n("Shape", ["routed_gate"], ["b_dim"], start=1, end=2),  # [b]
-        _const("zero", [0]),
-    ]
+    nodes = _block_weight_nodes()
     if body == "gather":
         nodes += [
             # union over the call's tokens of the blocks with w != 0: (U,) block ids
@@ -246,113 +256,96 @@ def function_body(body: str, activation: str, opset: int) -> onnx.FunctionProto:
 
 
 def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
-    """The body on onnxruntime's contrib op com.microsoft::MoE (onnxruntime only; SiLU-gated FFNs).
+    """The body on onnxruntime's contrib op com.microsoft::MoE, one MoE expert per routed block.
 
-    MoE needs uniform experts laid out per expert: expert e's blocks, padded to the widest expert with
-    blocks of scale 0, as (E, 2*Kmax*b, d) gate/up interleaved by neuron (onnxruntime's CPU kernel takes
-    only that SwiGLU layout; alpha 1, beta 0 make it silu(g) * u) and (E, d, Kmax*b) down with the block
-    scales folded in.
-    That layout is computed here from the node's inputs, which are all initializers, so onnxruntime
-    constant-folds it once at session start (the file keeps one copy of each block). The router weights
-    go in as logits log(top_w) at the chosen experts and -1e4 elsewhere: MoE's softmax + top-k +
-    renormalisation then gives back exactly top_w.
+    MoE's experts here are the R routed blocks themselves (intermediate width b), so its weights are
+    the node's routed blocks reshaped, not copied: fc1 (R, 2b, d) gate/up interleaved by neuron
+    (onnxruntime's CPU kernel takes only that SwiGLU layout; alpha 1, beta 0 make it silu(g) * u) and
+    fc2 (R, d, b). Both come from initializers, so onnxruntime constant-folds them once at session
+    start. A token's block weights w[t, r] (top_w times the block's gate value) go in as logits log(w)
+    (-1e4 where w = 0); MoE's softmax, top-k over the node's `max_blocks` (the most blocks one token can
+    use, set per node at export) and renormalisation give w / sum(w), and the output is scaled back by
+    sum(w). MoE then runs only the blocks a token uses, each block's weights read in place.
+    SiLU-gated FFNs only (MoE has no exact GELU-gated activation); not for TensorRT's parser.
     """
     if activation != "silu":
         raise ValueError(f"the moe body needs a SiLU-gated FFN (com.microsoft::MoE has no exact {activation}); use gather or masked-dense")
     n = helper.make_node
-    nodes = [
-        # -- expert layout (constant-folded): idx (E, Kmax) block ids of each expert, zs (E, Kmax) scales
-        n("Constant", [], ["f_zero"], value_float=0.0),
-        n("Greater", ["expert_block_scale", "f_zero"], ["on"]),  # (E, R)
-        n("Cast", ["on"], ["on_i"], to=TensorProto.INT64),
-        _const("axis_1", [1]),
-        n("ReduceSum", ["on_i", "axis_1"], ["sizes"], keepdims=1),  # (E, 1)
-        n("ReduceMax", ["sizes"], ["kmax"], keepdims=0),  # scalar
-        _const("one_shape", [1]),
-        n("Reshape", ["kmax", "one_shape"], ["kmax1"]),
-        n("Cast", ["on"], ["on_f"], to=TensorProto.FLOAT),
-        n("TopK", ["on_f", "kmax1"], ["top_on", "idx"], axis=1, largest=1, sorted=1),  # used blocks first
-        n("GatherElements", ["expert_block_scale", "idx"], ["zs"], axis=1),  # (E, Kmax); 0 on padding
-        n("Gather", ["routed_gate", "idx"], ["g4"], axis=0),  # (E, Kmax, b, d)
-        n("Gather", ["routed_up", "idx"], ["u4"], axis=0),
-        n("Gather", ["routed_down", "idx"], ["d4"], axis=0),
-        n("CastLike", ["zs", "routed_down"], ["zs_t"]),
-        _const("axes_23", [2, 3]),
-        n("Unsqueeze", ["zs_t", "axes_23"], ["zs4"]),  # (E, Kmax, 1, 1)
-        n("Mul", ["d4", "zs4"], ["d4s"]),
-        _const("zero", [0]),
-        _const("minus_one", [-1]),
-        n("Shape", ["routed_gate"], ["d_dim"], start=2),
-        n("Concat", ["zero", "minus_one", "d_dim"], ["w3_shape"], axis=0),  # [E, Kmax*b, d]
-        n("Reshape", ["g4", "w3_shape"], ["g3"]),  # (E, I, d), I = Kmax*b
-        n("Reshape", ["u4", "w3_shape"], ["u3"]),
+    nodes = _block_weight_nodes() + [
+        # -- expert layout (constant-folded): fc1 (R, 2b, d) rows g0, u0, g1, u1, ...; fc2 (R, d, b)
         _const("axis_2", [2]),
-        n("Unsqueeze", ["g3", "axis_2"], ["g3u"]),  # (E, I, 1, d)
-        n("Unsqueeze", ["u3", "axis_2"], ["u3u"]),
-        n("Concat", ["g3u", "u3u"], ["gu"], axis=2),  # (E, I, 2, d): gate/up interleaved per neuron
-        n("Reshape", ["gu", "w3_shape"], ["fc1"]),  # (E, 2I, d), rows g0, u0, g1, u1, ...
-        n("Reshape", ["d4s", "w3_shape"], ["d3"]),
-        n("Transpose", ["d3"], ["fc2"], perm=[0, 2, 1]),  # (E, d, Kmax*b)
-        # -- routing: logits whose softmax over the top-k is top_w
-        n("Shape", ["top_w"], ["tk_shape"], end=1),  # [T]
-        n("Shape", ["expert_block_scale"], ["e_dim"], end=1),  # [E]
-        n("Concat", ["tk_shape", "e_dim"], ["te_shape"], axis=0),
-        n("ConstantOfShape", ["te_shape"], ["neg"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [-1e4])),
-        n("Log", ["top_w"], ["log_w"]),
-        n("ScatterElements", ["neg", "top_i", "log_w"], ["logits"], axis=1),  # (T, E)
+        n("Unsqueeze", ["routed_gate", "axis_2"], ["g4"]),  # (R, b, 1, d)
+        n("Unsqueeze", ["routed_up", "axis_2"], ["u4"]),
+        n("Concat", ["g4", "u4"], ["gu"], axis=2),  # (R, b, 2, d)
+        n("Concat", ["zero", "minus_one", "d_dim"], ["w3_shape"], axis=0),  # [R, 2b, d]
+        n("Reshape", ["gu", "w3_shape"], ["fc1"]),
+        n("Transpose", ["routed_down"], ["fc2"], perm=[0, 2, 1]),  # (R, d, b)
+        # -- routing: logits whose renormalised softmax over the used blocks is w / sum(w)
+        n("Constant", [], ["f_zero"], value_float=0.0),
+        n("Greater", ["w", "f_zero"], ["on"]),  # (T, R)
+        n("Log", ["w"], ["log_w"]),
+        n("Constant", [], ["f_off"], value_float=-1e4),
+        n("Where", ["on", "log_w", "f_off"], ["logits"]),
         n("CastLike", ["logits", "x"], ["logits_x"]),
-        n("MoE", ["x", "logits_x", "fc1", "", "fc2"], ["routed"], domain="com.microsoft",
+        n("MoE", ["x", "logits_x", "fc1", "", "fc2"], ["routed_n"], domain="com.microsoft",
           activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1,
-          k=1),  # k is set from the node's top_k below
+          k=1),  # k is the node's max_blocks, below
+        n("ReduceSum", ["w", "axis_last"], ["w_sum"], keepdims=1),  # (T, 1)
+        n("CastLike", ["w_sum", "x"], ["w_sum_x"]),
+        n("Mul", ["routed_n", "w_sum_x"], ["routed"]),
         n("Add", ["routed", "accumulate"], ["out"]),
     ]
-    # k must be an attribute of MoE: reference the function's top_k attribute.
-    moe = nodes[-2]
+    # k must be an attribute of MoE: reference the node's max_blocks attribute.
+    moe = next(node for node in nodes if node.op_type == "MoE")
     del moe.attribute[[a.name for a in moe.attribute].index("k")]
-    moe.attribute.append(onnx.AttributeProto(name="k", ref_attr_name="top_k", type=onnx.AttributeProto.INT))
+    moe.attribute.append(onnx.AttributeProto(name="k", ref_attr_name="max_blocks", type=onnx.AttributeProto.INT))
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
-    return _mom_function(nodes, opsets, "moe body (com.microsoft::MoE, silu)")
+    return _mom_function(nodes, opsets, "moe body (com.microsoft::MoE, one expert per block, silu)")
 
 
-# The moe body makes onnxruntime fold a padded per-expert copy of the routed weights at session start
-# (every expert as wide as the widest one). Above this size it is not worth it, or does not fit.
-MOE_LAYOUT_MAX_BYTES = 4 << 30
+def max_blocks(expert_block_scale, top_k: int) -> int:
+    """The most routed blocks one token can use: the union of its top_k experts' blocks, at most
+    (the sum of the top_k widest experts, capped at R). expert_block_scale: (E, R) array."""
+    import numpy as np
+
+    sizes = np.sort((np.asarray(expert_block_scale) != 0).sum(axis=1))[::-1]
+    return max(1, min(int(sizes[:top_k].sum()), int(np.asarray(expert_block_scale).shape[1])))
 
 
-def moe_layout_bytes(section: dict, hidden_size: int, dtype_bytes: int = 4) -> int:
-    """Bytes of the per-expert gate/up/down copy the moe body folds, from a frozen config's momcompress section."""
-    b = section["block_size"]
-    total = 0
-    for layer in section["layers"]:
-        experts = layer["experts"]
-        widest = max((len(blocks) for blocks in experts), default=0)
-        total += len(experts) * widest * b * hidden_size * 3 * dtype_bytes
-    return total
+def _initializer(model: onnx.ModelProto, name: str):
+    from onnx import numpy_helper
 
-
-def check_moe_layout(section: dict, hidden_size: int, dtype_bytes: int = 4) -> None:
-    """Raise ValueError (saying what to use instead) when the moe body's folded layout is too large."""
-    size = moe_layout_bytes(section, hidden_size, dtype_bytes)
-    if size > MOE_LAYOUT_MAX_BYTES:
-        raise ValueError(
-            f"the moe body would have onnxruntime build a padded per-expert copy of the routed weights of "
-            f"{size / 2**30:.1f} GiB ({section['num_experts']} experts per layer, each as wide as the widest), over "
-            f"the {MOE_LAYOUT_MAX_BYTES / 2**30:.0f} GiB limit: use the gather or masked-dense body, or fewer experts"
-        )
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    raise ValueError(f"MoMExperts input {name!r} is not an initializer of the graph; the moe body needs the block scales as constants")
 
 
 def attach_function(model: onnx.ModelProto, body: str, activation: str) -> None:
-    """Give every MoMExperts node the accumulate input and add the function body to the model (in place)."""
+    """Give every MoMExperts node the accumulate input and add the function body to the model (in place).
+
+    For the moe body each node also gets its max_blocks attribute, from its block scales (an initializer)."""
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     for node in mom_nodes(model):
         if len(node.input) < 8:  # no shared part to add: accumulate into zeros
             raise ValueError("MoMExperts node without accumulate input; run fuse_accumulate first")
+        _drop_attribute(node, "max_blocks")
+        if body == "moe":
+            top_k = next(a.i for a in node.attribute if a.name == "top_k")
+            k = max_blocks(_initializer(model, node.input[INPUT_NAMES.index("expert_block_scale")]), top_k)
+            node.attribute.append(helper.make_attribute("max_blocks", k))
     del model.functions[:]  # only ours: the torch exporter inlines everything else
     model.functions.append(function_body(body, activation, opset))
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     if body == "moe" and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _drop_attribute(node: onnx.NodeProto, name: str) -> None:
+    keep = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(keep)
 
 
 def strip_functions(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -364,4 +357,6 @@ def strip_functions(model: onnx.ModelProto) -> onnx.ModelProto:
     keep = [f for f in stripped.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
     del stripped.functions[:]
     stripped.functions.extend(keep)
+    for node in mom_nodes(stripped):  # the plugin's fields are top_k and activation
+        _drop_attribute(node, "max_blocks")
     return stripped

@@ -242,7 +242,7 @@ def _range3(ctx, param, value):
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to create (model.onnx, tokenizer, manifest.json).")
 @click.option("--dense", is_flag=True, help="MODEL is a dense model (folder, .gguf or `default`): export it the same way, for comparisons.")
-@click.option("--experts-body", type=click.Choice(["gather", "masked-dense", "moe"]), default=None, help="Function body of the MoMExperts nodes: gather (reads only the selected blocks), masked-dense (plain GEMMs over all routed blocks) or moe (onnxruntime's com.microsoft::MoE, SiLU models only). Default: gather.")
+@click.option("--experts-body", type=click.Choice(["gather", "masked-dense", "moe"]), default=None, help="Function body of the MoMExperts nodes: gather (reads only the selected blocks), masked-dense (plain GEMMs over all routed blocks) or moe (onnxruntime's com.microsoft::MoE, one MoE expert per routed block; SiLU models only, onnxruntime only). Default: gather.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the default domain (18-23).")
 @click.option("--atol", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="Checks pass when |onnxruntime - PyTorch| <= atol + rtol x max|PyTorch value|.")
 @click.option("--rtol", type=click.FloatRange(0), default=1e-5, show_default=True, help="See --atol (fp32 rounding grows with the logits' scale).")

@@ -98,7 +98,7 @@ def _single_node_model(body: str, activation: str, R=6, b=4, d=16, E=3, k=2, ops
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(op.DOMAIN, 1), helper.make_opsetid("com.microsoft", 1)])
-    model.functions.append(op.function_body(body, activation, opset))
+    op.attach_function(model, body, activation)
     return model, weights, scale
 
 
@@ -335,15 +335,38 @@ def test_rejects_existing_output_bad_opset_and_moe_on_gelu(workdir, data_file, t
     assert not (tmp_path / "o").exists()
 
 
-def test_moe_body_refuses_a_padded_layout_too_large_to_fold(workdir, data_file, tmp_path, monkeypatch):
-    frozen = frozen_dir(workdir, data_file, "llama")
-    section = json.loads((frozen / "config.json").read_text())["momcompress"]
-    b, widest = section["block_size"], max(len(e) for e in section["layers"][0]["experts"])
-    assert op.moe_layout_bytes(section, 64) >= len(section["layers"][0]["experts"]) * widest * b * 64 * 3 * 4
-    monkeypatch.setattr(op, "MOE_LAYOUT_MAX_BYTES", 1024)
-    with pytest.raises(ExportError, match="padded per-expert copy.*gather or masked-dense"):
-        export(frozen, tmp_path / "m", body="moe")
-    assert not (tmp_path / "m").exists()
+def test_moe_body_max_blocks_is_the_widest_union_and_stripped_for_tensorrt(workdir, data_file, tmp_path):
+    scale = np.array([[1, 0, 0.5, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 0, 0.2]], dtype=np.float32)
+    assert op.max_blocks(scale, 1) == 4 and op.max_blocks(scale, 2) == 5 and op.max_blocks(scale, 3) == 5
+    assert op.max_blocks(np.zeros((2, 3)), 1) == 1
+    folder, _ = exported_dir(workdir, data_file, "llama")
+    moe = rebody(folder, "moe", tmp_path / "moe")
+    model = onnx.load(str(moe / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in op.mom_nodes(model):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["max_blocks"] == op.max_blocks(inits[node.input[6]], attrs["top_k"])
+    assert all("max_blocks" not in {a.name for a in n.attribute} for n in op.mom_nodes(op.strip_functions(model)))
+    op.attach_function(model, "gather", "silu")  # another body drops it again
+    assert all("max_blocks" not in {a.name for a in n.attribute} for n in op.mom_nodes(model))
+
+
+def test_bench_onnx_times_every_body_and_the_floor(workdir, data_file, tmp_path, capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_onnx.py")
+    spec = importlib.util.spec_from_file_location("bench_onnx", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    js = tmp_path / "b.json"
+    argv = ["--frozen", str(frozen_dir(workdir, data_file, "llama")), "--dense", str(workdir / "model-llama"), "--workdir", str(tmp_path / "w"),
+            "--prefills", "16", "--decode-past", "8", "--decode-tokens", "2", "--repeats", "1", "--settle", "0", "--json", str(js)]
+    assert bench.main(argv) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["workload"] for r in rows] == ["prefill 16", "decode step, 8 cached"]
+    for body in (*op.BODIES, "floor: no routed"):
+        assert all(r[f"mom {body} ratio"] > 0 if body in op.BODIES else r[f"{body} ratio"] > 0 for r in rows)
+    assert "decode goal" in capsys.readouterr().out
 
 
 @pytest.mark.slow
