@@ -67,10 +67,10 @@ class LearnConfig:
     seq_len: int = 256
     lr: float = 0.3
     router_lr: float = 1e-3
-    weight_lr: float = 1e-4
+    weight_lr: float = 3e-4
     lambda_lr: float = 2.0
     control: str = "projection"
-    warmup: float = 0.6
+    warmup: float = 0.3
     distill: bool = True
     lm_weight: float = 0.0
     tune_weights: bool = True
