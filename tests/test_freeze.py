@@ -281,7 +281,9 @@ def test_cli_rejects_gone_or_changed_source_model(workdir, data_file, tmp_path):
     shutil.move(str(model_dir), str(hidden))
     res = _cli(run, "-o", tmp_path / "out")
     assert res.exit_code == 1 and "gone" in res.output and "--model" in res.output
-    assert _cli(run, "-o", tmp_path / "out", "--model", hidden).exit_code == 0  # pointed at it: fine
+    # pointed at it: fine (a 6-step tiny run's gates move the ratio in coarse steps: a wider tolerance)
+    res = _cli(run, "-o", tmp_path / "out", "--model", hidden, "--tolerance", "0.05")
+    assert res.exit_code == 0, res.output
     config = json.loads((hidden / "config.json").read_text())
     config["rms_norm_eps"] = 1e-3
     (hidden / "config.json").write_text(json.dumps(config))
