@@ -33,6 +33,7 @@ import momcompress
 from momcompress.export import op
 from momcompress.export.causal_lm import OrtCausalLM
 
+FLOOR = "floor: no routed"  # the variant without routed experts
 
 
 def export_once(source: str, folder: Path, dense: bool) -> Path:
@@ -42,51 +43,46 @@ def export_once(source: str, folder: Path, dense: bool) -> Path:
     return folder
 
 
-def with_body(mom_folder: Path, body: str, workdir: Path) -> Path:
-    """A copy of the MoM export whose MoMExperts nodes use body (the graph is otherwise identical)."""
+def _variant(mom_folder: Path, name: str, workdir: Path, change) -> Path:
+    """workdir/name: a copy of the MoM export's model.onnx after change(model) (built once, then reused)."""
     import shutil
 
     import onnx
 
-    config = json.loads((mom_folder / "config.json").read_text())
-    target = workdir / f"mom-{body}"
+    target = workdir / name
     if (target / "model.onnx").is_file():
         return target
     manifest = json.loads((mom_folder / "manifest.json").read_text())
-    if manifest["experts_body"] == body:
-        return mom_folder
     model = onnx.load(str(mom_folder / "model.onnx"))
-    op.attach_function(model, body, config["momcompress"]["activation"])
-    tmp = workdir / f"mom-{body}.tmp"
+    change(model)
+    tmp = workdir / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     onnx.save_model(model, tmp / "model.onnx", save_as_external_data=bool(manifest["onnx"]["external_data"]), location="model.onnx.data")
     tmp.rename(target)
     return target
+
+
+def with_body(mom_folder: Path, body: str, workdir: Path) -> Path:
+    """A copy of the MoM export whose MoMExperts nodes use body (the graph is otherwise identical)."""
+    if json.loads((mom_folder / "manifest.json").read_text())["experts_body"] == body:
+        return mom_folder
+    activation = json.loads((mom_folder / "config.json").read_text())["momcompress"]["activation"]
+    return _variant(mom_folder, f"mom-{body}", workdir, lambda model: op.attach_function(model, body, activation))
 
 
 def without_routed(mom_folder: Path, workdir: Path) -> Path:
     """The MoM export with the routed experts costing nothing (each node passes its shared output on):
     wrong logits, but its time is the floor that any MoMExperts body could reach."""
-    import shutil
-
-    import onnx
     from onnx import helper
 
-    target = workdir / "mom-no-routed"
-    if (target / "model.onnx").is_file():
-        return target
-    manifest = json.loads((mom_folder / "manifest.json").read_text())
-    model = onnx.load(str(mom_folder / "model.onnx"))
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    del model.functions[:]
-    model.functions.append(op._mom_function([helper.make_node("Identity", ["accumulate"], ["out"])], [helper.make_opsetid("", opset)], "no routed experts (benchmark floor)"))
-    tmp = workdir / "mom-no-routed.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    onnx.save_model(model, tmp / "model.onnx", save_as_external_data=bool(manifest["onnx"]["external_data"]), location="model.onnx.data")
-    tmp.rename(target)
-    return target
+    def drop_routed(model) -> None:
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        del model.functions[:]
+        identity = [helper.make_node("Identity", ["accumulate"], ["out"])]
+        model.functions.append(op._mom_function(identity, [helper.make_opsetid("", opset)], "no routed experts (benchmark floor)"))
+
+    return _variant(mom_folder, "mom-no-routed", workdir, drop_routed)
 
 
 def text_tokens(tokenizer, count: int) -> np.ndarray:
@@ -153,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"skipping the {b} body: {exc}", file=sys.stderr)
     if args.floor:
-        variants["floor: no routed"] = without_routed(mom_dir, workdir)
+        variants[FLOOR] = without_routed(mom_dir, workdir)
     sessions = {name: OrtCausalLM(folder / "model.onnx", threads=args.threads) for name, folder in variants.items()}
     from transformers import AutoTokenizer
 
@@ -192,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = " ".join(f"{row[f'{v} ms']:>18.2f} {row[f'{v} ratio']:>5.2f}x" for v in mom_names)
         print(f"{row['workload']:<26} {row['dense_ms']:>9.2f} {cells}")
     decode = rows[-1]
-    best = min((v for v in mom_names if not v.startswith("floor")), key=lambda v: decode[f"{v} ratio"])
+    best = min((v for v in mom_names if v != FLOOR), key=lambda v: decode[f"{v} ratio"])
     goal = decode[f"{best} ratio"] <= 0.8
     print(f"decode goal (MoM <= 0.8x dense): {'met' if goal else 'NOT met'} ({best}: {decode[f'{best} ratio']:.2f}x)")
     if args.json:

@@ -205,7 +205,8 @@ def function_body(body: str, activation: str, opset: int) -> onnx.FunctionProto:
     """The model-local function ("momcompress", "MoMExperts") computing the node with standard ops.
 
     Args:
-        body: "gather" (reads only the blocks selected in this call) or "masked-dense" (all routed blocks).
+        body: "gather" (reads only the blocks selected in this call), "masked-dense" (all routed blocks) or
+            "moe" (com.microsoft::MoE, one expert per block; its nodes need max_blocks: use attach_function).
         activation: the model's FFN activation (the function is local to one model, so it is fixed).
         opset: the model's default-domain opset.
     """
@@ -288,17 +289,14 @@ def _moe_function(activation: str, opset: int) -> onnx.FunctionProto:
         n("Where", ["on", "log_w", "f_off"], ["logits"]),
         n("CastLike", ["logits", "x"], ["logits_x"]),
         n("MoE", ["x", "logits_x", "fc1", "", "fc2"], ["routed_n"], domain="com.microsoft",
-          activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1,
-          k=1),  # k is the node's max_blocks, below
+          activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1),
         n("ReduceSum", ["w", "axis_last"], ["w_sum"], keepdims=1),  # (T, 1)
         n("CastLike", ["w_sum", "x"], ["w_sum_x"]),
         n("Mul", ["routed_n", "w_sum_x"], ["routed"]),
         n("Add", ["routed", "accumulate"], ["out"]),
     ]
-    # k must be an attribute of MoE: reference the node's max_blocks attribute.
-    moe = next(node for node in nodes if node.op_type == "MoE")
-    del moe.attribute[[a.name for a in moe.attribute].index("k")]
-    moe.attribute.append(onnx.AttributeProto(name="k", ref_attr_name="max_blocks", type=onnx.AttributeProto.INT))
+    # MoE's k is an attribute: the node's max_blocks, referenced.
+    next(node for node in nodes if node.op_type == "MoE").attribute.append(onnx.AttributeProto(name="k", ref_attr_name="max_blocks", type=onnx.AttributeProto.INT))
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
     return _mom_function(nodes, opsets, "moe body (com.microsoft::MoE, one expert per block, silu)")
 
@@ -308,17 +306,19 @@ def max_blocks(expert_block_scale, top_k: int) -> int:
     (the sum of the top_k widest experts, capped at R). expert_block_scale: (E, R) array."""
     import numpy as np
 
-    sizes = np.sort((np.asarray(expert_block_scale) != 0).sum(axis=1))[::-1]
-    return max(1, min(int(sizes[:top_k].sum()), int(np.asarray(expert_block_scale).shape[1])))
+    uses = np.asarray(expert_block_scale) != 0
+    sizes = np.sort(uses.sum(axis=1))[::-1]
+    return max(1, min(int(sizes[:top_k].sum()), uses.shape[1]))
 
 
-def _initializer(model: onnx.ModelProto, name: str):
+def _node_max_blocks(node: onnx.NodeProto, initializers: dict) -> int:
     from onnx import numpy_helper
 
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    raise ValueError(f"MoMExperts input {name!r} is not an initializer of the graph; the moe body needs the block scales as constants")
+    name = node.input[INPUT_NAMES.index("expert_block_scale")]
+    if name not in initializers:
+        raise ValueError(f"MoMExperts input {name!r} is not an initializer of the graph; the moe body needs the block scales as constants")
+    top_k = next(a.i for a in node.attribute if a.name == "top_k")
+    return max_blocks(numpy_helper.to_array(initializers[name]), top_k)
 
 
 def attach_function(model: onnx.ModelProto, body: str, activation: str) -> None:
@@ -326,14 +326,13 @@ def attach_function(model: onnx.ModelProto, body: str, activation: str) -> None:
 
     For the moe body each node also gets its max_blocks attribute, from its block scales (an initializer)."""
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    initializers = {init.name: init for init in model.graph.initializer} if body == "moe" else {}
     for node in mom_nodes(model):
         if len(node.input) < 8:  # no shared part to add: accumulate into zeros
             raise ValueError("MoMExperts node without accumulate input; run fuse_accumulate first")
         _drop_attribute(node, "max_blocks")
         if body == "moe":
-            top_k = next(a.i for a in node.attribute if a.name == "top_k")
-            k = max_blocks(_initializer(model, node.input[INPUT_NAMES.index("expert_block_scale")]), top_k)
-            node.attribute.append(helper.make_attribute("max_blocks", k))
+            node.attribute.append(helper.make_attribute("max_blocks", _node_max_blocks(node, initializers)))
     del model.functions[:]  # only ours: the torch exporter inlines everything else
     model.functions.append(function_body(body, activation, opset))
     if not any(o.domain == DOMAIN for o in model.opset_import):

@@ -302,8 +302,8 @@ def routed_experts_grouped(x, top_w, top_i, routed_gate, routed_up, routed_down,
 
 def routed_experts_decode(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation: str) -> torch.Tensor:
     """Same result as routed_experts_grouped, reading the union of the tokens' experts' blocks once (decode,
-    and prompts spread over many overlapping experts: FrozenMoMFFN.union_is_cheaper), and each token weighs each block by w[t, r] = sum_e top_w[t, e] * scale[e, r]
-    (0 for blocks its experts do not use). One token reads exactly its experts' blocks; a few tokens
+    and prompts spread over many overlapping experts: FrozenMoMFFN.union_is_cheaper); each token weighs
+    each block by w[t, r] = sum_e top_w[t, e] * scale[e, r] (0 for blocks its experts do not use). One token reads exactly its experts' blocks; a few tokens
     read at most the routed blocks once, where grouping by expert would read each expert's blocks again."""
     w = (top_w.float().unsqueeze(-1) * expert_block_scale[top_i].float()).sum(dim=1)  # (T, R)
     blocks = w.any(dim=0).nonzero().squeeze(-1) if x.shape[0] > 1 else w[0].nonzero().squeeze(-1)  # (K,)
