@@ -40,6 +40,8 @@ def main(verbose: bool):
 @click.option("--lambda-lr", type=click.FloatRange(min=0), help="Gradient-ascent step of the Lagrange multipliers (default 2.0).")
 @click.option("--control", type=click.Choice(["projection", "lagrangian"]), help="Ratio control: projection (exact schedule, default) or lagrangian (multipliers only).")
 @click.option("--warmup", type=click.FloatRange(0, 1), help="Fraction of steps over which the target falls from 1 to --target (default 0.3).")
+@click.option("--layerwise-steps", type=click.IntRange(min=0), help="Steps of a layer-wise phase before the end-to-end steps: each FFN's gates and router matched to the dense FFN on cached inputs (default 0).")
+@click.option("--layerwise-tokens", type=click.IntRange(min=1), help="Calibration tokens cached for the layer-wise phase (default 32768).")
 @click.option("--tune-weights/--no-tune-weights", default=None, help="Also train the model's FFN weights, distilled from a frozen copy of the original (default on).")
 @click.option("--weight-lr", type=click.FloatRange(min=0), help="Learning rate of the model's weights with --tune-weights (default 3e-4).")
 @click.option("--distill/--no-distill", default=None, help="Train on KL divergence to the dense model's logits (default on) instead of the LM loss.")
@@ -50,7 +52,11 @@ def main(verbose: bool):
 @click.option("--eval-tokens", type=click.IntRange(min=0), help="Held-out tokens for the final perplexity (default 8192; 0 skips it).")
 @click.option("--seed", type=int, help="Seed of data order, gate noise and init (default 0).")
 @click.option("--device", help="auto, cpu, cuda or cuda:N (default auto).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Model dtype (default float32).")
+@click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    help="Compute dtype: auto (default) = bf16 mixed precision where the hardware has bf16 (fp32 masters "
+    "for what trains), else float32.",
+)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), help="Steps between checkpoints (default 25).")
 @click.option("--log-every", type=click.IntRange(min=1), help="Steps between one-line summaries (default 10).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUTPUT.partial from its last checkpoint.")

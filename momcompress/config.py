@@ -10,6 +10,7 @@ from pathlib import Path
 from momcompress.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+LEARN_DTYPES = ("auto",) + DTYPES
 
 
 def need(ok: bool, msg: str) -> None:
@@ -36,7 +37,11 @@ class LearnConfig:
         lambda_lr: gradient-ascent step of the Lagrange multipliers (control "lagrangian").
         control: "projection" (shift all log_alpha each step so the expected ratio follows the
             schedule exactly; default) or "lagrangian" (multipliers only); see learn/lagrangian.py.
-        warmup: fraction of the steps over which the target falls linearly from 1 to `target`.
+        warmup: fraction of all steps (layer-wise phase included) over which the target falls linearly
+            from 1 to `target`.
+        layerwise_steps: steps of the layer-wise phase run before the end-to-end steps: each FFN's
+            gates and router matched to the dense FFN on cached inputs (learn/layerwise.py).
+        layerwise_tokens: calibration tokens whose FFN inputs and outputs the layer-wise phase caches.
         distill: train on KL divergence to the dense model's logits (else on the LM loss).
         lm_weight: weight of the LM loss added to the distillation loss.
         tune_weights: also train the model's FFN weights (the paper's continued training).
@@ -53,7 +58,9 @@ class LearnConfig:
         eval_tokens: held-out tokens for the final perplexity and ratio (0 = skip).
         seed: seed of data order, gate noise and init.
         device: "auto", "cpu", "cuda" or "cuda:N".
-        dtype: model dtype.
+        dtype: compute dtype of learn: "auto" (bf16 mixed precision where the device has fast bf16, else
+            float32), "float32", or "bfloat16" / "float16" (mixed precision: fp32 masters for gates,
+            routers and tuned weights; frozen weights and the teacher in that dtype; autocast).
         checkpoint_every: steps between checkpoints.
         log_every: steps between one-line summaries on stderr.
     """
@@ -71,6 +78,8 @@ class LearnConfig:
     lambda_lr: float = 2.0
     control: str = "projection"
     warmup: float = 0.3
+    layerwise_steps: int = 0
+    layerwise_tokens: int = 32768
     distill: bool = True
     lm_weight: float = 0.0
     tune_weights: bool = True
@@ -85,7 +94,7 @@ class LearnConfig:
     eval_tokens: int = 8192
     seed: int = 0
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
     checkpoint_every: int = 25
     log_every: int = 10
 
@@ -95,6 +104,8 @@ class LearnConfig:
         need(1 <= self.top_k <= self.experts, f"--top-k must be between 1 and --experts ({self.experts}), got {self.top_k}")
         need(self.block_size is None or self.block_size >= 1, f"--block-size must be >= 1, got {self.block_size}")
         need(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        need(self.layerwise_steps >= 0, f"--layerwise-steps must be >= 0, got {self.layerwise_steps}")
+        need(self.layerwise_tokens >= 1, f"--layerwise-tokens must be >= 1, got {self.layerwise_tokens}")
         need(self.batch_size >= 1 and self.seq_len >= 2, "--batch-size must be >= 1 and --seq-len >= 2")
         for name in ("lr", "router_lr", "weight_lr", "lambda_lr"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
@@ -102,9 +113,14 @@ class LearnConfig:
         need(self.ratio_grad_temperature >= 1.0, "ratio_grad_temperature must be >= 1")
         need(self.control in ("projection", "lagrangian"), f"control must be 'projection' or 'lagrangian', got {self.control!r}")
         need(self.init in ("importance", "uniform"), f"init must be 'importance' or 'uniform', got {self.init!r}")
-        need(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.dtype in LEARN_DTYPES, f"--dtype must be one of {LEARN_DTYPES}, got {self.dtype!r}")
         need(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
         need(self.init_tokens >= 1 and self.eval_tokens >= 0, "init_tokens must be >= 1 and eval_tokens >= 0")
+
+    @property
+    def total_steps(self) -> int:
+        """Layer-wise steps plus end-to-end steps."""
+        return self.layerwise_steps + self.steps
 
     @property
     def tokens_per_step(self) -> int:

@@ -135,7 +135,8 @@ def load_learned(run: LearnedRun, model_dir: Path, device: torch.device):
     """(learned model, tokenizer, dense parameter breakdown): the source model wrapped with the run's
     gates, routers and tuned weights; "dense" gate mode still gives the original model."""
     cfg = run.config
-    model, tokenizer = load_model(model_dir, dtype=getattr(torch, cfg.dtype), device=device)
+    # learn keeps fp32 masters of everything it trains whatever its compute dtype: build in fp32
+    model, tokenizer = load_model(model_dir, dtype=torch.float32, device=device)
     dense_parts = param_breakdown(model)
     L, E, N = run.log_alpha.shape
     layers = decoder_layers(model)

@@ -31,9 +31,15 @@ def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(log_alpha - _P_SHIFT)
 
 
+def log_prob_zero(log_alpha: torch.Tensor) -> torch.Tensor:
+    """log P(z = 0) = log(1 - P(z != 0)) for each gate, computed stably as -softplus(.)."""
+    return -torch.nn.functional.softplus(log_alpha - _P_SHIFT)
+
+
 def sample_gates(log_alpha: torch.Tensor, generator: torch.Generator | None = None, eps: float = 1e-6) -> torch.Tensor:
     """Draw one hard-concrete sample per gate (differentiable in log_alpha); values in [0, 1]."""
-    u = torch.rand(log_alpha.shape, generator=generator, dtype=torch.float32, device="cpu")
+    device = generator.device if generator is not None else log_alpha.device
+    u = torch.rand(log_alpha.shape, generator=generator, dtype=torch.float32, device=device)
     u = u.to(log_alpha.device, log_alpha.dtype).clamp(eps, 1 - eps)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / HC_BETA)
     return (s * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from momcompress.learn.gates import deterministic_gates, prob_nonzero, sample_gates, union_ratio
+from momcompress.learn.gates import deterministic_gates, log_prob_zero, sample_gates
 from momcompress.models import permute_ffn
 
 GATE_MODES = ("sample", "deterministic", "dense")
+# log P(z = 0) of a gate that is surely on: exp(LOG_ZERO) underflows to 0, and 0 * LOG_ZERO stays finite.
+LOG_ZERO = -200.0
 
 
 @dataclass
@@ -50,7 +52,8 @@ class MoMFFN(nn.Module):
         nn.init.normal_(self.router.weight, std=0.02)
         self.gate_mode = "deterministic"
         self.generator: torch.Generator | None = None  # noise source in "sample" mode (set per step)
-        self.ratio_grad_temperature = 1.0  # >1 widens the sigmoid behind the ratio's gradient (see ratio())
+        self.ratio_grad_temperature = 1.0  # >1 widens the sigmoid behind the ratio's gradient (see _stats())
+        self.ratio_grad = True  # False: the ratio is a reported number only (projection control), no graph
         self.track_stats = False
         self.last_stats: LayerStats | None = None
         self.gate_override: torch.Tensor | None = None  # (E, N) fixed gate values, e.g. target-matched masks
@@ -93,27 +96,32 @@ class MoMFFN(nn.Module):
             return sample_gates(self.log_alpha, self.generator)
         return deterministic_gates(self.log_alpha)
 
-    def block_on_prob(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(E, N) probability that a block gate is on, as the activation ratio counts it.
+    def block_off_logprob(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(E, N) log P(block gate is off), as the activation ratio counts it.
 
-        Returns (p, p_wide): p is P(z != 0) (or 0/1 for fixed gates); p_wide, when not None, is a
-        sigmoid widened by ``ratio_grad_temperature`` that supplies the ratio's gradient, so that it
-        does not vanish when gates start fully on (DESIGN.md, lessons of the first runs).
+        Returns (q, q_wide): q is log P(z = 0) (0 or a large negative number for fixed gates);
+        q_wide, when not None, comes from a sigmoid widened by ``ratio_grad_temperature`` and supplies
+        the ratio's gradient, so that it does not vanish when gates start fully on (DESIGN.md, lessons
+        of the first runs).
         """
-        if self.gate_override is not None or self.gate_mode == "dense":
-            gates = self.gate_override if self.gate_override is not None else torch.ones_like(self.log_alpha)
-            return (gates > 0).float(), None
-        if self.gate_mode == "deterministic":
-            return (deterministic_gates(self.log_alpha) > 0).float(), None
-        p = prob_nonzero(self.log_alpha)
-        if self.ratio_grad_temperature == 1.0:
-            return p, None
-        return p, prob_nonzero(self.log_alpha / self.ratio_grad_temperature)
+        if self.gate_override is not None or self.gate_mode in ("dense", "deterministic"):
+            if self.gate_override is not None:
+                gates = self.gate_override
+            elif self.gate_mode == "dense":
+                gates = torch.ones_like(self.log_alpha)
+            else:
+                gates = deterministic_gates(self.log_alpha)
+            return torch.where(gates > 0, LOG_ZERO, 0.0).to(torch.float32), None
+        q = log_prob_zero(self.log_alpha)
+        if self.ratio_grad_temperature == 1.0 or not torch.is_grad_enabled():
+            return q, None
+        return q, log_prob_zero(self.log_alpha / self.ratio_grad_temperature)
 
     # -- routing ----------------------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k routing. Returns probs (..., E), renormalised top-k weights (..., k), indices (..., k)."""
-        probs = torch.softmax(self.router(x.float()), dim=-1)
+        with torch.autocast(x.device.type, enabled=False):
+            probs = torch.softmax(self.router(x.float()), dim=-1)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
         top_w = top_p / top_p.sum(dim=-1, keepdim=True)
         if self.top_k == 1 and torch.is_grad_enabled():
@@ -129,19 +137,25 @@ class MoMFFN(nn.Module):
         h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # (..., F)
         probs, top_w, top_i = self.route(x)  # (..., E), (..., k), (..., k)
         z = self.gate_values()  # (E, N)
-        w = (top_w.unsqueeze(-1) * z[top_i]).sum(dim=-2)  # (..., N)
+        # w = sum_k top_w z[top_i] as one (T, E) @ (E, N) product: no (T, k, N) gather, whatever k is.
+        route_w = torch.zeros_like(probs).scatter(-1, top_i, top_w)  # (..., E), zero off the top-k
+        with torch.autocast(x.device.type, enabled=False):
+            w = route_w @ z.float()  # (..., N)
         lead = h.shape[:-1]
         h = (h.view(*lead, self.num_blocks, self.block_size) * w.unsqueeze(-1).to(h.dtype)).view(*lead, -1)
         if self.track_stats:
-            self.last_stats = self._stats(probs, top_i)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.ratio_grad):
+                self.last_stats = self._stats(probs, top_i)
         return mlp.down_proj(h)
 
     def _stats(self, probs: torch.Tensor, top_i: torch.Tensor) -> LayerStats:
-        p_on, p_wide = self.block_on_prob()  # (E, N)
-        ratio = union_ratio(p_on[top_i]).mean()  # p_on[top_i]: (..., k, N)
-        if p_wide is not None:  # value of the exact ratio, gradient of the widened one
-            wide = union_ratio(p_wide[top_i]).mean()
-            ratio = wide + (ratio - wide).detach()
+        q_off, q_wide = self.block_off_logprob()  # (E, N)
+        chosen = torch.zeros_like(probs).scatter(-1, top_i, 1.0).reshape(-1, self.num_experts)  # (T, E)
+        with torch.autocast(probs.device.type, enabled=False):
+            ratio = union_ratio_of(chosen, q_off).mean()
+            if q_wide is not None:  # value of the exact ratio, gradient of the widened one
+                wide = union_ratio_of(chosen, q_wide).mean()
+                ratio = wide + (ratio - wide).detach()
         E = self.num_experts
         slots = torch.zeros(E, device=probs.device).scatter_add_(
             0, top_i.reshape(-1), torch.ones(top_i.numel(), device=probs.device)
@@ -151,6 +165,18 @@ class MoMFFN(nn.Module):
         return LayerStats(
             ratio=ratio, balance=E * (load.detach() * mean_prob).sum(), expert_load=load.detach(), top_i=top_i.detach()
         )
+
+
+def union_ratio_of(chosen: torch.Tensor, log_off: torch.Tensor) -> torch.Tensor:
+    """Per-token fraction of blocks read: mean_j [1 - prod_{e chosen} P(z[e, j] = 0)].
+
+    Args:
+        chosen: (T, E) 1 for each token's selected experts, else 0.
+        log_off: (E, N) log P(z = 0) per expert and block (LOG_ZERO for a gate that is surely on).
+    Returns:
+        (T,) union ratio; the product over the chosen experts is one (T, E) @ (E, N) matmul in log space.
+    """
+    return (1.0 - torch.exp(chosen @ log_off.float())).mean(dim=-1)
 
 
 def mom_layers(model: nn.Module) -> list[MoMFFN]:

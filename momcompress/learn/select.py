@@ -12,7 +12,7 @@ import contextlib
 import torch
 
 from momcompress.learn.gates import LOG_ALPHA_FULLY_OFF, deterministic_gates
-from momcompress.learn.lagrangian import ratio_for_routing, routing_histogram
+from momcompress.learn.lagrangian import routing_histogram
 from momcompress.learn.mom import gate_mode, mom_layers, tracking
 
 
@@ -60,9 +60,33 @@ def measure_ratio(model, seqs: torch.Tensor, batch_size: int, offset: float = 0.
     return float(per_layer.mean()), per_layer.tolist()
 
 
-def _ratio_for_routing(log_alphas, hists, offset: float) -> float:
+# Token sets per layer kept when bisecting the deterministic offset (sampled by their token share):
+# the bisection's ratio then has a standard error far below freeze's tolerance, at bounded cost.
+MATCH_SETS = 2048
+
+
+def _max_log_alpha(log_alphas, hists, generator: torch.Generator) -> torch.Tensor:
+    """(L, S, N): for sampled expert sets of each layer, the largest log_alpha of each block over the set.
+
+    A block is read for that set iff this maximum + offset clears the all-off threshold, so the
+    measured ratio of fixed routing is a weighted count of these values above LOG_ALPHA_FULLY_OFF - offset.
+    """
+    out = []
+    for la, (sets, weights) in zip(log_alphas, hists):
+        if len(weights) > MATCH_SETS:
+            sets = sets[torch.multinomial(weights, MATCH_SETS, replacement=True, generator=generator)]
+            weights = torch.full((MATCH_SETS,), 1.0 / MATCH_SETS)
+        best = torch.cat([la[sets[i : i + 256]].amax(dim=1) for i in range(0, len(sets), 256)])  # (S, N)
+        out.append((best, weights))
+    return out
+
+
+def _ratio_for_routing(maxima, offset: float) -> float:
     """Measured ratio for fixed routing: a block is read when its deterministic gate is non-zero."""
-    return ratio_for_routing([(la + offset > LOG_ALPHA_FULLY_OFF).float() for la in log_alphas], hists)
+    total = 0.0
+    for best, weights in maxima:
+        total += float(((best + offset > LOG_ALPHA_FULLY_OFF).float().mean(dim=1) * weights).sum())
+    return total / len(maxima)
 
 
 @torch.no_grad()
@@ -75,6 +99,7 @@ def match_target(model, seqs: torch.Tensor, target: float, batch_size: int, tol:
     """
     layers = mom_layers(model)
     log_alphas = [m.log_alpha.detach().float().cpu() for m in layers]
+    generator = torch.Generator().manual_seed(0)
     offset = 0.0
     per_layer, tops = _forward_routing(model, seqs, batch_size, offset)
     best = (offset, float(per_layer.mean()))
@@ -82,14 +107,15 @@ def match_target(model, seqs: torch.Tensor, target: float, batch_size: int, tol:
         if abs(best[1] - target) <= tol:
             break
         hists = [routing_histogram(t, m.num_experts) for t, m in zip(tops, layers)]
+        maxima = _max_log_alpha(log_alphas, hists, generator)
         lo, hi = -60.0, 60.0
         for _ in range(50):
             mid = (lo + hi) / 2
-            if _ratio_for_routing(log_alphas, hists, mid) > target:
+            if _ratio_for_routing(maxima, mid) > target:
                 hi = mid
             else:
                 lo = mid
-        offset = hi if abs(_ratio_for_routing(log_alphas, hists, hi) - target) < abs(_ratio_for_routing(log_alphas, hists, lo) - target) else lo
+        offset = hi if abs(_ratio_for_routing(maxima, hi) - target) < abs(_ratio_for_routing(maxima, lo) - target) else lo
         per_layer, tops = _forward_routing(model, seqs, batch_size, offset)
         ratio = float(per_layer.mean())
         if abs(ratio - target) < abs(best[1] - target):

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -32,6 +31,8 @@ from momcompress.errors import ConfigError, DataError, RunDirError, TrainingDive
 from momcompress.fsutil import atomic_dir_write
 from momcompress.learn import distributed as ddp
 from momcompress.learn.lagrangian import RatioController, routing_histogram, solve_offset
+from momcompress.learn.layerwise import collect_pool, layerwise_loss, pool_batch
+from momcompress.learn.losses import IGNORE_INDEX, head_logits, head_losses
 from momcompress.learn.mom import gate_mode, tracking
 from momcompress.learn.select import expected_ratio, match_target, matched_gates, measure_ratio
 from momcompress.metrics import perplexity
@@ -103,30 +104,60 @@ def resolve_block_size(config: LearnConfig, width: int) -> int:
 
 
 def target_at(step: int, config: LearnConfig) -> float:
-    """Scheduled target: linear from 1 to config.target over the warm-up steps, then constant."""
-    warm = max(1, round(config.warmup * config.steps))
+    """Scheduled target: linear from 1 to config.target over the warm-up steps, then constant.
+
+    The schedule spans every step of the run, the layer-wise phase's first: with a long enough
+    layer-wise phase the whole warm-up happens there, where steps are cheap.
+    """
+    warm = max(1, round(config.warmup * config.total_steps))
     return 1.0 - (1.0 - config.target) * min(1.0, step / warm)
 
 
-def _generator(seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 131 + rank)
+def _generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """The step's gate-noise source, on the model's device (no host round trip for the noise)."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 131 + rank)
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per token, averaged: logits (B, L, V)."""
-    s = F.log_softmax(student.float(), dim=-1)
-    t = F.log_softmax(teacher.float(), dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively: a CUDA GPU with bf16, or a CPU with AMX / AVX512-bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype the matmuls run in: `auto` is bf16 where the hardware has it, else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    if name == "float16" and device.type == "cpu":
+        raise ConfigError("--dtype float16 needs a GPU; on CPU use bfloat16 (or float32)")
+    return getattr(torch, name)
 
 
 class Learner:
-    """Holds the wrapped model, optimiser and controller of one run."""
+    """Holds the wrapped model, optimiser and controller of one run.
+
+    Mixed precision (any dtype but float32): everything that trains (gates, routers, tuned FFN
+    weights) keeps fp32 master tensors, and Adam updates those; every frozen weight (attention,
+    embeddings, the frozen reference FFNs that serve as the teacher) is stored in the compute dtype,
+    and the forward passes run under autocast, so each matmul runs in bf16. `full_precision()` puts
+    the original fp32 frozen weights back (for the final evaluation and saving).
+    """
 
     def __init__(self, model, config: LearnConfig, block_size: int, device: torch.device):
         self.model, self.config, self.device = model, config, device
+        self.compute_dtype = compute_dtype(config.dtype, device)
         self.layers = wrap_with_mom(model, config.experts, config.top_k, block_size, config.log_alpha_init)
         for m in self.layers:
             m.ratio_grad_temperature = config.ratio_grad_temperature
+            m.ratio_grad = config.control == "lagrangian"  # projection control needs no gradient of the ratio
         self.gate_params = [m.log_alpha for m in self.layers]
         self.router_params = [m.router.weight for m in self.layers]
         self.weight_params = []
@@ -145,34 +176,99 @@ class Learner:
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999))
         self.controller = RatioController(config.target, config.lambda_lr, config.control)
         self.step = 0
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.pool = None  # ActivationPool of the layer-wise phase, set by learn() while it is needed
+        # Frozen weights in the compute dtype; their fp32 originals kept to restore (full_precision).
+        self._fp32_frozen: dict[str, torch.Tensor] = {}
+        if self.compute_dtype != torch.float32:
+            trained = {id(p) for p in self.trainable}
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if id(p) not in trained and p.dtype == torch.float32:
+                        self._fp32_frozen[name] = p.data
+                        p.data = p.data.to(self.compute_dtype)
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
         return self.gate_params + self.router_params + self.weight_params
 
+    def autocast(self):
+        """The context every forward pass of the run goes through (a no-op in float32)."""
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32)
+
+    def full_precision(self) -> None:
+        """Put the original fp32 frozen weights back (ends mixed precision: evaluation, saving)."""
+        named = dict(self.model.named_parameters())
+        for name, data in self._fp32_frozen.items():
+            named[name].data = data
+        self._fp32_frozen = {}
+        self.compute_dtype = torch.float32
+
+    def _hidden(self, batch: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B * L, d) of the decoder (after its final norm), before the LM head."""
+        out = self.model.model(input_ids=batch, use_cache=False).last_hidden_state
+        return out.reshape(-1, out.shape[-1])
+
     def train_step(self, batch: torch.Tensor, rank: int) -> dict:
         """One optimisation step on batch (B, L); returns the step's metrics."""
         cfg = self.config
         target = target_at(self.step, cfg)
-        gen = _generator(cfg.seed, self.step, rank)
+        gen = _generator(cfg.seed, self.step, rank, self.device)
         for m in self.layers:
             m.generator = gen
         teacher = None
-        if cfg.distill:
-            with torch.no_grad(), gate_mode(self.model, "dense"):
-                teacher = self.model(input_ids=batch, use_cache=False).logits
-        with gate_mode(self.model, "sample"), tracking(self.model) as layers:
-            logits = self.model(input_ids=batch, use_cache=False).logits
-            ratio = torch.stack([m.last_stats.ratio for m in layers]).mean()
-            balance = torch.stack([m.last_stats.balance for m in layers]).mean()
-        lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
-        kd = distill_loss(logits, teacher) if teacher is not None else torch.zeros((), device=logits.device)
-        main = kd + cfg.lm_weight * lm if cfg.distill else lm
+        with self.autocast():
+            if cfg.distill:
+                with torch.no_grad(), gate_mode(self.model, "dense"):
+                    teacher = head_logits(self._hidden(batch), self.head.weight, self.softcap)  # (T, V)
+            with gate_mode(self.model, "sample"), tracking(self.model) as layers:
+                hidden = self._hidden(batch)  # (T, d)
+                ratio = torch.stack([m.last_stats.ratio for m in layers]).mean()
+                balance = torch.stack([m.last_stats.balance for m in layers]).mean()
+        labels = None
+        lm_weight = cfg.lm_weight if cfg.distill else 1.0
+        if lm_weight:  # no cross-entropy at all when its weight is 0
+            labels = torch.full_like(batch, IGNORE_INDEX)
+            labels[:, :-1] = batch[:, 1:]
+            labels = labels.reshape(-1)
+        main, kd, lm = head_losses(
+            hidden, self.head.weight, teacher, labels, kd_weight=1.0 if cfg.distill else 0.0, lm_weight=lm_weight, softcap=self.softcap
+        )
+        return self._update(main, ratio, balance, layers, target, {"kd": kd, "lm": lm})
+
+    def layerwise_step(self, rank: int) -> dict:
+        """One step of the layer-wise phase on a batch of the activation pool (see learn/layerwise.py)."""
+        cfg = self.config
+        if self.pool is None:
+            raise RuntimeError("the layer-wise phase needs an activation pool (Learner.pool)")
+        target = target_at(self.step, cfg)
+        gen = _generator(cfg.seed, self.step, rank, self.device)
+        for m in self.layers:
+            m.generator = gen
+        rows = pool_batch(self.pool, cfg.tokens_per_step, torch.Generator().manual_seed(cfg.seed * 7919 + self.step * 31 + rank))
+        for p in self.weight_params:  # the FFN weights are tuned end to end only
+            p.requires_grad_(False)
+        try:
+            with self.autocast(), gate_mode(self.model, "sample"), tracking(self.model) as layers:
+                mse = layerwise_loss(self.layers, self.pool, rows)
+                ratio = torch.stack([m.last_stats.ratio for m in layers]).mean()
+                balance = torch.stack([m.last_stats.balance for m in layers]).mean()
+            metrics = self._update(mse, ratio, balance, layers, target, {"mse": mse})
+        finally:
+            for p in self.weight_params:
+                p.requires_grad_(True)
+        metrics["phase"] = "layerwise"
+        return metrics
+
+    def _update(self, main: torch.Tensor, ratio, balance, layers, target: float, parts: dict) -> dict:
+        """Backward and optimiser step on main + control penalty + balance; the step's metrics."""
+        cfg = self.config
         penalty = self.controller.penalty(ratio, target)
         loss = main + penalty + cfg.balance_weight * balance
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
-                f"loss became {float(loss)} at step {self.step}: training stopped; lower --lr"
+                f"loss became {float(loss.detach())} at step {self.step}: training stopped; lower --lr"
                 + (" or --weight-lr" if cfg.tune_weights else "")
                 + " (or use --dtype float32) and resume from the last checkpoint with --resume"
             )
@@ -182,20 +278,22 @@ class Learner:
         self.optimizer.step()
         if self.controller.mode == "projection":
             self._project(layers, target_at(self.step + 1, cfg))
-        ratio_v, lm_v, kd_v, bal_v = ddp.average_scalars(
-            [float(ratio.detach()), float(lm.detach()), float(kd.detach()), float(balance.detach())], self.device
+        names = list(parts)
+        values = ddp.average_scalars(
+            [float(ratio.detach()), float(balance.detach())] + [float(parts[n].detach()) for n in names], self.device
         )
+        ratio_v, bal_v = values[:2]
         self.controller.update(ratio_v, target)
         self.step += 1
         return {
             "step": self.step,
             "loss": float(loss.detach()),
-            "lm": lm_v,
-            "kd": kd_v,
+            **dict(zip(names, values[2:])),
             "ratio": ratio_v,
             "target": target,
             "lambda1": self.controller.lambda1,
             "lambda2": self.controller.lambda2,
+            "offset": self.controller.last_offset,
             "balance": bal_v,
         }
 
@@ -301,10 +399,10 @@ def learn(
     main_rank = rank == 0
     t_start = time.time()
     try:
-        dense, tokenizer = load_model(model_dir, dtype=getattr(torch, config.dtype), device=device)
+        dense, tokenizer = load_model(model_dir, dtype=torch.float32, device=device)  # fp32 masters; see Learner
         block_size = resolve_block_size(config, ffn_width(dense))
         global_batch = config.batch_size * world
-        need = config.steps * global_batch * config.seq_len
+        need = max(config.steps * global_batch * config.seq_len, config.layerwise_tokens if config.layerwise_steps else 0)
         data = build_token_batches(
             tokenizer,
             config.data,
@@ -329,13 +427,17 @@ def learn(
             state = learner.load(ckpt)
             if state.get("source_model_hash") != source_hash:
                 raise RunDirError(f"the source model {model_dir} changed since the checkpoint was written; resume needs the same model")
-            log.info("resuming from step %d of %d", learner.step, config.steps)
+            log.info("resuming from step %d of %d", learner.step, config.total_steps)
         else:
             if config.init == "importance":
                 init_seqs = train[: max(1, math.ceil(config.init_tokens / config.seq_len))]
                 from momcompress.learn.init import importance_init
 
-                importance_init(dense, learner.layers, init_seqs, config.batch_size, config.init_tokens, config.seed, config.log_alpha_init, config.permute)
+                with learner.autocast():
+                    importance_init(
+                        dense, learner.layers, init_seqs, config.batch_size, config.init_tokens, config.seed,
+                        config.log_alpha_init, config.permute,
+                    )
             ddp.broadcast_params(learner.trainable)
             if main_rank:
                 (paths.partial / LOG_FILE).write_text("")
@@ -377,14 +479,23 @@ def _train_loop(learner: Learner, train, batch_for_step, paths: RunPaths, rank: 
     cfg = learner.config
     main_rank = rank == 0
     records: list[dict] = []
-    bar = tqdm(total=cfg.steps, initial=learner.step, desc="learn", disable=not main_rank, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=cfg.total_steps, initial=learner.step, desc="learn", disable=not main_rank, file=sys.stderr, dynamic_ncols=True)
+    if learner.step < cfg.layerwise_steps:
+        pool_seqs = train[: max(1, math.ceil(cfg.layerwise_tokens / cfg.seq_len))]
+        with learner.autocast():
+            learner.pool = collect_pool(learner.model, learner.layers, pool_seqs, cfg.batch_size, learner.compute_dtype)
     t_last, tokens_since = time.time(), 0
     logf = open(paths.partial / LOG_FILE, "a") if main_rank else None
     try:
-        while learner.step < cfg.steps:
-            batch = batch_for_step(train, learner.step, cfg.batch_size, cfg.seed, rank, world).to(learner.device)
-            metrics = learner.train_step(batch, rank)
-            tokens_since += batch.numel() * world
+        while learner.step < cfg.total_steps:
+            if learner.step < cfg.layerwise_steps:
+                metrics = learner.layerwise_step(rank)
+            else:
+                learner.pool = None  # the layer-wise phase is over
+                e2e_step = learner.step - cfg.layerwise_steps
+                batch = batch_for_step(train, e2e_step, cfg.batch_size, cfg.seed, rank, world).to(learner.device)
+                metrics = learner.train_step(batch, rank)
+            tokens_since += cfg.tokens_per_step * world
             now = time.time()
             metrics["tok_per_s"] = tokens_since / max(now - t_last, 1e-9)
             t_last, tokens_since = now, 0
@@ -397,14 +508,15 @@ def _train_loop(learner: Learner, train, batch_for_step, paths: RunPaths, rank: 
                     l1=f"{metrics['lambda1']:.2f}", l2=f"{metrics['lambda2']:.2f}", tok_s=f"{metrics['tok_per_s']:.0f}",
                 )
                 bar.update(1)
-                if learner.step % cfg.log_every == 0 or learner.step == cfg.steps:
+                if learner.step % cfg.log_every == 0 or learner.step == cfg.total_steps:
+                    parts = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("mse", "kd", "lm") if k in metrics and (k != "lm" or cfg.lm_weight or not cfg.distill))
                     tqdm.write(
-                        f"step {learner.step}: loss {metrics['loss']:.3f} (kd {metrics['kd']:.3f}, lm {metrics['lm']:.3f}), "
+                        f"step {learner.step}: loss {metrics['loss']:.3f} ({parts}), "
                         f"ratio {metrics['ratio']:.3f}, target {metrics['target']:.3f}, lambda {metrics['lambda1']:.2f}/"
                         f"{metrics['lambda2']:.2f}, {metrics['tok_per_s']:.0f} tok/s",
                         file=sys.stderr,
                     )
-                if learner.step % cfg.checkpoint_every == 0 and learner.step < cfg.steps:
+                if learner.step % cfg.checkpoint_every == 0 and learner.step < cfg.total_steps:
                     atomic_dir_write(paths.checkpoint, lambda d: learner.save(d, ckpt_extra))
             if on_step is not None:
                 on_step(metrics)
@@ -430,6 +542,7 @@ def _trim_log(path: Path, step: int) -> None:
 def _finish(learner, model, heldout, train, model_dir, source_hash, block_size, world, checks, records, t_start) -> dict:
     """Final measurements (rank 0): ratios, held-out perplexity dense vs learned; the manifest."""
     cfg = learner.config
+    learner.full_precision()  # measure (and save) the model freeze will build: fp32, original frozen weights
     learner.model.eval()
     final = records[-1] if records else {}
     eval_seqs = heldout if len(heldout) else train[: max(1, cfg.eval_tokens // cfg.seq_len)]
@@ -478,6 +591,7 @@ def _finish(learner, model, heldout, train, model_dir, source_hash, block_size, 
         "rank_checksums": checks,
         "steps": learner.step,
         "train_tokens_seen": learner.step * cfg.tokens_per_step * world,
+        "layerwise_steps": min(learner.step, cfg.layerwise_steps),
         "wall_seconds": time.time() - t_start,
         "final_losses": {k: last.get(k) for k in ("loss", "kd", "lm", "balance")},
         "lambdas": learner.controller.state_dict(),
