@@ -188,23 +188,6 @@ def permute_ffn(mlp: nn.Module, perm: torch.Tensor) -> None:
     mlp.down_proj.weight.data = mlp.down_proj.weight.data.index_select(1, idx)
 
 
-def wrap_with_mom(model: nn.Module, num_experts: int, top_k: int, block_size: int, log_alpha_init: float = 3.0):
-    """Replace each decoder layer's FFN with a MoMFFN (in place) and return the list of MoM layers."""
-    from momcompress.learn.mom import MoMFFN
-
-    layers = []
-    for layer in decoder_layers(model):
-        mlp = layer.mlp
-        for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
-            if not hasattr(mlp, name):
-                raise UnsupportedArchitectureError(f"FFN {type(mlp).__name__} has no {name}: not a gated FFN we can wrap")
-        if isinstance(mlp, MoMFFN):
-            raise ValueError("model is already wrapped with MoM layers")
-        layer.mlp = MoMFFN(mlp, num_experts, top_k, block_size, log_alpha_init)
-        layers.append(layer.mlp)
-    return layers
-
-
 def model_fingerprint(model_dir: Path) -> str:
     """sha256 over config.json and every weight file: identifies the exact source model of a run."""
     h = hashlib.sha256()

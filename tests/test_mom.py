@@ -7,7 +7,8 @@ from conftest import TINY_ARCHS, tiny_config
 from momcompress.learn.gates import prob_nonzero
 from momcompress.learn.init import importance_init
 from momcompress.learn.mom import gate_mode, mom_layers, tracking
-from momcompress.models import check_supported, default_block_size, wrap_with_mom
+from momcompress.learn.mom import wrap_with_mom
+from momcompress.models import check_supported, default_block_size
 
 
 def _tiny(model_type):

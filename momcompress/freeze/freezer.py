@@ -34,7 +34,8 @@ from momcompress.learn.gates import LOG_ALPHA_FULLY_OFF, deterministic_gates
 from momcompress.learn.mom import gate_mode, mom_layers
 from momcompress.learn.select import match_target, matched_gates
 from momcompress.metrics import perplexity
-from momcompress.models import WEIGHT_SUFFIXES, decoder_layers, load_model, model_fingerprint, wrap_with_mom
+from momcompress.learn.mom import wrap_with_mom
+from momcompress.models import WEIGHT_SUFFIXES, decoder_layers, load_model, model_fingerprint
 from momcompress.runtime.mom_ffn import ACTIVATIONS, frozen_layers
 from momcompress.sizes import active_params_per_token, param_breakdown
 

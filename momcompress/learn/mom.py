@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from momcompress.learn.gates import deterministic_gates, log_prob_zero, sample_gates
-from momcompress.models import permute_ffn
+from momcompress.errors import UnsupportedArchitectureError
+from momcompress.models import decoder_layers, permute_ffn
 
 GATE_MODES = ("sample", "deterministic", "dense")
 # log P(z = 0) of a gate that is surely on: exp(LOG_ZERO) underflows to 0, and 0 * LOG_ZERO stays finite.
@@ -177,6 +178,21 @@ def union_ratio_of(chosen: torch.Tensor, log_off: torch.Tensor) -> torch.Tensor:
         (T,) union ratio; the product over the chosen experts is one (T, E) @ (E, N) matmul in log space.
     """
     return (1.0 - torch.exp(chosen @ log_off.float())).mean(dim=-1)
+
+
+def wrap_with_mom(model: nn.Module, num_experts: int, top_k: int, block_size: int, log_alpha_init: float = 3.0):
+    """Replace each decoder layer's FFN with a MoMFFN (in place) and return the list of MoM layers."""
+    layers = []
+    for layer in decoder_layers(model):
+        mlp = layer.mlp
+        for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
+            if not hasattr(mlp, name):
+                raise UnsupportedArchitectureError(f"FFN {type(mlp).__name__} has no {name}: not a gated FFN we can wrap")
+        if isinstance(mlp, MoMFFN):
+            raise ValueError("model is already wrapped with MoM layers")
+        layer.mlp = MoMFFN(mlp, num_experts, top_k, block_size, log_alpha_init)
+        layers.append(layer.mlp)
+    return layers
 
 
 def mom_layers(model: nn.Module) -> list[MoMFFN]:

@@ -33,7 +33,7 @@ from momcompress.learn import distributed as ddp
 from momcompress.learn.lagrangian import RatioController, routing_histogram, solve_offset
 from momcompress.learn.layerwise import collect_pool, layerwise_loss, pool_batch
 from momcompress.learn.losses import IGNORE_INDEX, head_logits, head_losses
-from momcompress.learn.mom import gate_mode, tracking
+from momcompress.learn.mom import gate_mode, tracking, wrap_with_mom
 from momcompress.learn.select import expected_ratio, match_target, matched_gates, measure_ratio
 from momcompress.metrics import perplexity
 from momcompress.models import (
@@ -43,7 +43,6 @@ from momcompress.models import (
     model_fingerprint,
     read_config,
     resolve_model_dir,
-    wrap_with_mom,
 )
 
 log = logging.getLogger(__name__)
