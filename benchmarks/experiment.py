@@ -61,6 +61,8 @@ def _row(method: str, target: float, build: dict, report: dict, tasks: list[str]
         "calibration_tokens": build["tokens"],
         "build_seconds": build["seconds"],
         "ratio": report["activation_ratio"]["measured"],
+        # what the method reads per token as a fraction of the dense FFN, its router included (DESIGN.md)
+        "read_incl_router": (report["cost"]["sparse"]["ffn"] + report["cost"]["sparse"]["router"]) / report["cost"]["dense"]["ffn"],
         "ppl_dense": report["perplexity"]["dense"],
         "ppl": report["perplexity"]["sparse"],
         "acc_norm": {t: zs["tasks"][t]["sparse"]["acc_norm"] for t in tasks if t in zs["tasks"]},
@@ -81,21 +83,51 @@ def _fmt(v, digits=3):
 
 
 def format_table(rows: list[dict], tasks: list[str]) -> str:
-    head = ["method", "target", "calib tokens", "build s", "FFN ratio", "perplexity", *tasks, "zero-shot retention",
+    head = ["method", "target", "calib tokens", "build s", "FFN ratio", "FFN read incl. router", "perplexity", *tasks,
+            "zero-shot retention",
             "params ratio", "prefill ratio", "decode ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     dense = next(iter(rows), None)
     if dense is not None:
-        lines.append("| " + " | ".join(["dense", "1.0", "-", "-", "1.000", _fmt(dense["ppl_dense"], 2),
+        lines.append("| " + " | ".join(["dense", "1.0", "-", "-", "1.000", "1.000", _fmt(dense["ppl_dense"], 2),
                                         *[_fmt(dense["acc_norm_dense"].get(t)) for t in tasks], "1.000", "1.000",
                                         "1.00", "1.00"]) + " |")
     for r in rows:
         lines.append("| " + " | ".join([
             r["method"], _fmt(r["target"], 2), str(r["calibration_tokens"]), _fmt(r["build_seconds"], 0),
-            _fmt(r["ratio"]), _fmt(r["ppl"], 2), *[_fmt(r["acc_norm"].get(t)) for t in tasks],
+            _fmt(r["ratio"]), _fmt(r.get("read_incl_router")), _fmt(r["ppl"], 2), *[_fmt(r["acc_norm"].get(t)) for t in tasks],
             _fmt(r["retention_acc_norm"]), _fmt(r["params_ratio"]), _fmt(r["prefill_ratio"], 2),
             _fmt(r["decode_ratio"], 2)]) + " |")
     return "\n".join(lines)
+
+
+def plot_frontier(rows: list[dict], path: Path) -> None:
+    """Quality against the fraction of FFN parameters read (router included), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ppl, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["read_incl_router"])
+        xs = [r["read_incl_router"] for r in pts]
+        ax_ppl.plot(xs, [r["ppl"] for r in pts], marker="o", label=method)
+        ax_acc.plot(xs, [r["retention_acc_norm"] if r["retention_acc_norm"] is not None else math.nan for r in pts],
+                    marker="o", label=method)
+    if rows:
+        ax_ppl.axhline(rows[0]["ppl_dense"], color="grey", linestyle="--", label="dense")
+        ax_acc.axhline(1.0, color="grey", linestyle="--", label="dense")
+    ax_ppl.set(xlabel="fraction of FFN parameters read per token (router included)", ylabel="held-out perplexity",
+               yscale="log", title="perplexity")
+    ax_acc.set(xlabel="fraction of FFN parameters read per token (router included)", ylabel="zero-shot acc_norm retention",
+               title="zero-shot retention")
+    for ax in (ax_ppl, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -160,6 +192,8 @@ def main(argv=None) -> int:
                               measure_speed=not args.no_speed, overwrite=True)
             rows.append(_row(method, target, build, report, tasks))
             print(format_table(rows, tasks), flush=True)
+            (root / "experiment.md").write_text(format_table(rows, tasks) + "\n")
+            plot_frontier(rows, root / "frontier.png")
     if args.json:
         Path(args.json).write_text(json.dumps({"tasks": tasks, "limit": args.limit, "rows": rows}, indent=2))
     return 0

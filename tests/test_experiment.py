@@ -36,3 +36,8 @@ def test_experiment_builds_validates_and_tables_every_method(tmp_path, text_data
     assert (out / "validation" / "methods.json").is_file()
     # a second run reuses the built folders (cached) and validates again
     assert exp.main(argv) == 0
+    # the frontier: one table and one plot in the report folder; MoM's router counts in what it reads
+    assert (out / "experiment.md").is_file() and (out / "frontier.png").stat().st_size > 0
+    by = {r["method"]: r for r in rows}
+    assert by["mom"]["read_incl_router"] > by["mom"]["ratio"] + 1e-6
+    assert abs(by["teal"]["read_incl_router"] - by["teal"]["ratio"]) < 1e-6
