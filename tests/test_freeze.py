@@ -40,22 +40,51 @@ def test_blocks_are_classified_shared_routed_pruned():
         ]
     )
     plan = plan_layer(z)
-    assert plan.shared == [0]  # on in every expert (even at 0.7 in one)
-    assert plan.pruned == [1]  # on in none
-    assert plan.routed == [2, 3, 4]  # on in some
+    assert plan.shared.tolist() == [0]  # on in every expert (even at 0.7 in one)
+    assert plan.pruned.tolist() == [1]  # on in none
+    assert plan.routed.tolist() == [2, 3, 4]  # on in some
     # block 2 is used by experts 0 and 1: stored once (routed index 0), listed by both
-    assert plan.experts == [[0, 1], [0], [1, 2]]
-    assert [[round(s, 6) for s in e] for e in plan.scales] == [[1.0, 0.5], [1.0], [1.0, 0.2]]
-    assert [[round(s, 6) for s in e] for e in plan.shared_scale] == [[1.0], [1.0], [0.7]]
+    experts, scales = plan.expert_lists()
+    assert experts == [[0, 1], [0], [1, 2]]
+    assert [[round(s, 6) for s in e] for e in scales] == [[1.0, 0.5], [1.0], [1.0, 0.2]]
+    assert plan.shared_scale.flatten().tolist() == pytest.approx([1.0, 1.0, 0.7])
     assert plan.counts() == {"shared": 1, "routed": 3, "pruned": 1}
+    assert plan.to_json() == {"shared": 1, "routed": 3, "pruned": 1, "routed_stored": 3, "entries": 5}
     padded = pad_uniform(plan)
-    assert padded.expert_sizes == [2, 2, 2] and padded.padding == [0, 1, 0]
-    assert padded.experts[1] == [0, 3] and padded.scales[1] == [1.0, 0.0]  # index 3 = the zero block
+    assert padded.expert_sizes.tolist() == [2, 2, 2] and padded.padding.tolist() == [0, 1, 0]
+    experts, scales = padded.expert_lists()
+    assert experts[1] == [0, 3] and scales[1] == [1.0, 0.0]  # index 3 = the zero block
+    assert experts[0] == [0, 1] and experts[2] == [1, 2]
+    assert padded.to_json()["routed_stored"] == 4 and padded.to_json()["entries"] == 6
+
+
+def test_vectorised_plan_matches_a_per_block_reference():
+    """Random gates at b = 1 scale (many blocks, many experts): lists and scales equal a plain loop's."""
+    torch.manual_seed(0)
+    z = (torch.rand(16, 600) * 3 - 2).clamp(0, 1)  # ~1/3 of the gates on
+    z[:, :5] = torch.rand(16, 5) + 0.1  # shared
+    plan = plan_layer(z)
+    on = z > 0
+    routed = [j for j in range(600) if on[:, j].any() and not on[:, j].all()]
+    assert plan.routed.tolist() == routed
+    assert plan.shared.tolist() == [j for j in range(600) if on[:, j].all()]
+    experts, scales = plan.expert_lists()
+    for e in range(16):
+        assert experts[e] == [i for i, j in enumerate(routed) if on[e, j]]
+        assert scales[e] == pytest.approx([float(z[e, j]) for j in routed if on[e, j]])
+    padded = pad_uniform(plan)
+    width = max(len(x) for x in experts)
+    pe, ps = padded.expert_lists()
+    for e in range(16):
+        assert pe[e] == experts[e] + [len(routed)] * (width - len(experts[e]))
+        assert ps[e] == pytest.approx(scales[e] + [0.0] * (width - len(experts[e])))
 
 
 def test_all_on_and_all_off_layers():
     assert plan_layer(torch.ones(4, 6)).counts() == {"shared": 6, "routed": 0, "pruned": 0}
-    assert plan_layer(torch.zeros(4, 6)).counts() == {"shared": 0, "routed": 0, "pruned": 6}
+    off = plan_layer(torch.zeros(4, 6))
+    assert off.counts() == {"shared": 0, "routed": 0, "pruned": 6}
+    assert pad_uniform(off).expert_sizes.tolist() == [0, 0, 0, 0]
 
 
 # -- the frozen layer against the training layer ------------------------------------------------------
@@ -201,12 +230,31 @@ def test_frozen_folder_is_self_contained(llama_frozen, tmp_path):
     config = json.loads((frozen_dir / "config.json").read_text())
     section = config["momcompress"]
     assert section["num_experts"] == 4 and section["top_k"] == 2 and section["block_size"] == 8
-    assert len(section["layers"]) == 2 and {"shared", "routed", "pruned", "experts"} <= set(section["layers"][0])
+    assert section["format_version"] == 2 and len(section["layers"]) == 2
+    assert section["fit_ratio"] == manifest["fit_ratio"] and section["measured_ratio"] == manifest["measured_ratio"]
     tensors = load_file(frozen_dir / "model.safetensors")
+    ids = load_file(frozen_dir / "blocks.safetensors")
     assert not any(k.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")) for k in tensors)
+    N = section["num_blocks"]
     for i, layer in enumerate(section["layers"]):
-        assert tensors[f"model.layers.{i}.mlp.routed_gate"].shape[0] == len(layer["routed"])
-        assert tensors[f"model.layers.{i}.mlp.shared_gate"].shape[0] == 8 * len(layer["shared"])
+        # config.json carries counts only; the lists are tensors
+        assert set(layer) == {"shared", "routed", "pruned", "routed_stored", "entries"}
+        mlp = f"model.layers.{i}.mlp."
+        assert tensors[mlp + "routed_gate"].shape[0] == layer["routed"] == layer["routed_stored"]
+        assert tensors[mlp + "shared_gate"].shape[0] == 8 * layer["shared"]
+        assert tensors[mlp + "expert_blocks"].shape == (layer["entries"],) and tensors[mlp + "expert_offsets"][-1] == layer["entries"]
+        # the original block ids partition the layer's blocks
+        parts = [ids[f"layers.{i}.{kind}"] for kind in ("shared", "routed", "pruned")]
+        assert [len(x) for x in parts] == [layer["shared"], layer["routed"], layer["pruned"]]
+        assert sorted(torch.cat(parts).tolist()) == list(range(N))
+        # the stored routed blocks are the source FFN's rows of those ids (the run tuned weights: compare
+        # with the learned model's FFN, permuted as learn ordered the neurons)
+    learned, _ = _learned_model(run, manifest["threshold"]["gate_offset"])
+    mlp0 = learned.model.layers[0].mlp.mlp
+    rows = (ids["layers.0.routed"].unsqueeze(1) * 8 + torch.arange(8)).flatten()
+    assert torch.equal(tensors["model.layers.0.mlp.routed_gate"].reshape(-1, mlp0.gate_proj.weight.shape[1]), mlp0.gate_proj.weight[rows])
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_momcompress.MoMLlamaForCausalLM"
+    assert (frozen_dir / "modeling_momcompress.py").is_file()
     # loads with no run folder, no source model and no training state
     moved = tmp_path / "moved"
     shutil.copytree(frozen_dir, moved)
