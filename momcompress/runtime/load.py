@@ -74,6 +74,8 @@ def load(frozen_dir: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     build_config = copy.deepcopy(config)
     build_config.intermediate_size = section["block_size"]
     del build_config.momcompress
+    if hasattr(build_config, "auto_map"):  # the folder's standalone modeling file is for plain transformers, not for us
+        del build_config.auto_map
     # The weights' dtype, from a dense matrix (routers and scales are fp32 whatever the model dtype).
     stored = next((t.dtype for k, t in state.items() if k.endswith("shared_gate") or k.endswith("embed_tokens.weight")), torch.float32)
     model = AutoModelForCausalLM.from_config(build_config, dtype=stored)
