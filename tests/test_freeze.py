@@ -353,3 +353,40 @@ def test_cli_says_when_the_target_cannot_be_met(workdir, data_file, tmp_path):
 def test_load_rejects_a_dense_folder(tiny_llama_dir):
     with pytest.raises(momcompress.MomcompressError, match="not a frozen MoM model"):
         momcompress.load(tiny_llama_dir)
+
+
+# -- dtypes --------------------------------------------------------------------------------------------
+def test_bf16_run_freezes_within_the_bf16_tolerance(workdir, data_file, tmp_path):
+    """A bf16 learn run at b = 1 freezes (the check uses bf16's tolerance) and the folder loads and generates."""
+    model_dir = make_tiny_model_dir(workdir / "model-bf16", "llama")
+    run = workdir / "run-bf16"
+    momcompress.learn(str(model_dir), run, _learn_cfg(data_file, block_size=1, steps=4, dtype="bfloat16", tune_weights=True))
+    res = _cli(run, "-o", tmp_path / "f", "--tolerance", "0.05")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["checks"]["logits_rtol"] == pytest.approx(2.0**-5)
+    assert manifest["checks"]["logits_max_rel_diff"] <= 2.0**-5
+    model = momcompress.load(tmp_path / "f")
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 6)
+
+
+def test_a_failed_self_check_is_a_clean_error(llama_frozen, tmp_path, monkeypatch):
+    """Frozen logits that drift from the learned ones: exit 1 with a message (no traceback), nothing written."""
+    import momcompress.freeze.freezer as freezer
+
+    real = freezer.repack_layer
+
+    def damaged(*args, **kwargs):
+        module = real(*args, **kwargs)
+        with torch.no_grad():
+            module.shared_down.mul_(50.0)
+            module.routed_down.mul_(50.0)
+        return module
+
+    monkeypatch.setattr(freezer, "repack_layer", damaged)
+    _, run, _, _ = llama_frozen
+    res = _cli(run, "-o", tmp_path / "out")
+    assert res.exit_code == 1 and "differ from the learned model's" in res.output and "allowed for float32" in res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+    assert not (tmp_path / "out").exists()
