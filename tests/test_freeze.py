@@ -390,3 +390,30 @@ def test_a_failed_self_check_is_a_clean_error(llama_frozen, tmp_path, monkeypatc
     assert res.exit_code == 1 and "differ from the learned model's" in res.output and "allowed for float32" in res.output
     assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
     assert not (tmp_path / "out").exists()
+
+
+def test_format_1_folders_still_load(llama_frozen, tmp_path):
+    """A folder of the older format (block lists in config.json, no modeling file) loads as before."""
+    _, _, frozen_dir, _ = llama_frozen
+    old = tmp_path / "v1"
+    shutil.copytree(frozen_dir, old)
+    config = json.loads((old / "config.json").read_text())
+    tensors, ids = load_file(old / "model.safetensors"), load_file(old / "blocks.safetensors")
+    layers = []
+    for i in range(len(config["momcompress"]["layers"])):
+        mlp = f"model.layers.{i}.mlp."
+        cuts = tensors[mlp + "expert_offsets"][1:-1]
+        experts = [t.tolist() for t in tensors[mlp + "expert_blocks"].tensor_split(cuts)]
+        layers.append({**{k: ids[f"layers.{i}.{k}"].tolist() for k in ("shared", "routed", "pruned")}, "experts": experts, "padding": [0] * len(experts)})
+    config["momcompress"].update(format_version=1, layers=layers)
+    del config["auto_map"]
+    (old / "config.json").write_text(json.dumps(config))
+    (old / "blocks.safetensors").unlink()
+    (old / "modeling_momcompress.py").unlink()
+    ids = torch.tensor([[5, 9, 17, 33, 60, 2]])
+    with torch.no_grad():
+        assert torch.equal(momcompress.load(old)(ids).logits, momcompress.load(frozen_dir)(ids).logits)
+    config["momcompress"]["format_version"] = 7
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(momcompress.MomcompressError, match="upgrade momcompress"):
+        momcompress.load(old)
