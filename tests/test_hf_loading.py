@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import momcompress
-from conftest import make_tiny_model_dir
+from conftest import TINY_ARCHS, make_tiny_model_dir, tiny_config
 from momcompress.config import LearnConfig
 
 # Runs in a fresh interpreter, cwd a temp dir, PYTHONPATH scrubbed, momcompress blocked on the import path.
@@ -82,3 +82,27 @@ def test_frozen_folder_loads_with_plain_transformers(arch, block_size, cls, work
     mask = ids["attention_mask"].bool()
     assert float((logits[mask] - want[mask]).abs().max() / want[mask].abs().max()) <= 1e-5
     assert got["generated"] == gen.tolist()
+
+
+@pytest.mark.parametrize("arch", list(TINY_ARCHS))
+def test_modeling_file_builds_every_supported_family(arch):
+    """Every architecture a frozen folder can come from maps to a MoM subclass of its transformers class."""
+    import transformers
+
+    from momcompress.runtime import hf_modeling
+
+    config = tiny_config(arch)
+    name = hf_modeling.model_class_name(config.model_type)
+    cls = getattr(hf_modeling, name)
+    base = getattr(transformers, name.removeprefix("MoM"))
+    assert issubclass(cls, base) and cls.config_class is base.config_class
+    config.momcompress = {
+        "format_version": 2, "num_experts": 4, "top_k": 2, "block_size": 4, "num_blocks": 32, "activation": "silu",
+        "layers": [{"shared": 8, "routed": 16, "pruned": 8, "routed_stored": 16, "entries": 24}] * config.num_hidden_layers,
+    }
+    model = cls(config)
+    assert all(type(layer.mlp).__name__ == "MoMFFN" and layer.mlp.routed_gate.shape == (16, 4, 64) for layer in model.model.layers)
+    assert model(torch.tensor([[3, 4, 5]])).logits.shape == (1, 3, config.vocab_size)
+    config.momcompress["format_version"] = 1
+    with pytest.raises(ValueError, match="freeze it again"):
+        cls(config)
