@@ -92,9 +92,10 @@ def learn(model, output, config_file, tokens, resume, overwrite, **flags):
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Frozen model folder to create.")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Activation ratio to meet (default: the run's target).")
-@click.option("--tolerance", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), default=0.01, show_default=True, help="Largest accepted |measured ratio - target|.")
-@click.option("--tokens", type=click.IntRange(min=1), help="Held-out tokens the ratio is measured on (default: the run's --eval-tokens, or 8192).")
-@click.option("--data", help="Held-out text to measure on instead of the run's held-out split (.txt, .jsonl, .parquet, datasets folder).")
+@click.option("--tolerance", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), default=0.01, show_default=True,
+              help="Largest accepted |ratio on the calibration (fit) tokens - target|; the same rule as every baseline.")
+@click.option("--tokens", type=click.IntRange(min=1), help="Tokens to fit the threshold on, and held-out tokens to measure on (default: the run's --eval-tokens, or 8192 each).")
+@click.option("--data", help="Text to use instead of the run's data: half fits the threshold, half is held out (.txt, .jsonl, .parquet, datasets folder).")
 @click.option("--uniform-experts", is_flag=True, help="Pad experts to equal width with zero blocks, for runtimes that need uniform experts.")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), help="The source model folder, if it moved since learn ran (its sha256 must match).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -103,9 +104,11 @@ def learn(model, output, config_file, tokens, resume, overwrite, **flags):
 def freeze(run_dir, output, target, tolerance, tokens, data, uniform_experts, model_dir, device, batch_size, overwrite):
     """Freeze the learn run RUN_DIR into a loadable sparse model folder.
 
-    Picks deterministic gates whose activation ratio, measured with the real router on held-out tokens,
-    meets the target; classifies every FFN block as shared, routed or pruned; repacks the weights into
-    contiguous tensors. Prints the per-layer split and sizes; OUTPUT loads with `momcompress.load(OUTPUT)`.
+    Picks deterministic gates whose activation ratio, measured with the real router on calibration tokens,
+    meets the target, then reports ratio and perplexity on held-out tokens the fit never saw; classifies
+    every FFN block as shared, routed or pruned; repacks the weights into contiguous tensors. Prints the
+    per-layer split and sizes; OUTPUT loads with `momcompress.load(OUTPUT)` or, without momcompress, with
+    transformers' `AutoModelForCausalLM.from_pretrained(OUTPUT, trust_remote_code=True)`.
     """
     from momcompress.freeze.freezer import format_block_table
     from momcompress.freeze.freezer import freeze as run_freeze
@@ -120,9 +123,12 @@ def freeze(run_dir, output, target, tolerance, tokens, data, uniform_experts, mo
     p = m["parameters"]
     click.echo(format_block_table(m))
     click.echo(
-        f"target {m['target']:.3f}, measured ratio {m['measured_ratio']:.4f} on {m['heldout_tokens']} held-out tokens; "
-        f"threshold: {m['threshold']['rule']}"
+        f"target {m['target']:.3f}: fit ratio {m['fit_ratio']:.4f} on {m['fit_tokens']} calibration tokens, "
+        f"measured ratio {m['measured_ratio']:.4f} on {m['heldout_tokens']} held-out tokens the fit never saw"
     )
+    if m.get("ratio_note"):
+        click.echo(f"note: {m['ratio_note']}")
+    click.echo(f"threshold: {m['threshold']['rule']}")
     if m["uniform_experts"]:
         click.echo(f"uniform experts: padding adds {m['padding_overhead']:.1%} to the routed expert entries")
     click.echo(

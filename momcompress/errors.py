@@ -35,3 +35,12 @@ class ExportError(MomcompressError):
 
 class ExportCheckError(ExportError):
     """The exported model failed one of its own checks against PyTorch; nothing was written."""
+
+
+class TargetMissedError(ConfigError):
+    """A method's fitted threshold misses its activation-ratio target by more than the tolerance
+    (momcompress.ratio_rule: the same rule for MoM and every baseline)."""
+
+
+class FreezeCheckError(MomcompressError):
+    """The frozen model does not reproduce the learned model within the tolerance of its dtype."""

@@ -91,7 +91,7 @@ def test_expert_permutation_makes_experts_contiguous_and_all_experts_give_the_de
     for e in range(4):
         gates[e, 2 * e : 2 * e + 2] = 1
     plan = plan_layer(gates)
-    assert plan.shared == [] and plan.pruned == [] and plan.experts == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert plan.shared.numel() == 0 and plan.pruned.numel() == 0 and plan.expert_lists()[0] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     router = torch.randn(4, 16)
     every = repack_layer(mlp, router, plan, 4, 8, "silu", routing="unit")  # all experts, weight 1 each: the dense FFN
     with torch.no_grad():
@@ -195,9 +195,13 @@ def test_moefication_folder_is_a_partition_with_unit_routing(built):
     section = json.loads((folder / "config.json").read_text())["momcompress"]
     assert (section["num_experts"], section["top_k"]) == (16, 8)  # 16 blocks: 16 experts of one block, top-8
     for layer in section["layers"]:
-        assert layer["shared"] == [] and layer["pruned"] == [] and sorted(b for e in layer["experts"] for b in e) == list(range(16))
+        assert layer["shared"] == 0 and layer["pruned"] == 0 and layer["routed"] == 16 and layer["entries"] == 16
+    for m in layers:  # every routed block in exactly one expert: a partition
+        assert sorted(m.expert_blocks.tolist()) == list(range(16)) and m.expert_offsets.diff().tolist() == [1] * 16
     assert manifest["blocks"]["total"] == {"shared": 0, "routed": 32, "pruned": 0}
     assert 0 <= manifest["details"]["router_recall"] <= 1
+    # the rule every method follows: fit on calibration tokens within ±0.01 (k / E = 8 / 16 exactly)
+    assert manifest["fit_ratio"] == pytest.approx(0.5, abs=1e-6) and "fails" in manifest["ratio_rule"]
 
 
 def test_prune_folder_has_only_shared_and_pruned_blocks(built):
@@ -246,6 +250,9 @@ def test_cli_builds_and_refuses_to_overwrite(tiny_llama_dir, text_data, tmp_path
         (["teal", "{model}", "-o", "{out}", "--target", "0"], 2, "--target"),
         (["moefication", "{missing}", "-o", "{out}"], 1, "does not exist"),
         (["moefication", "{model}", "-o", "{out}", "--data", "{data}", "--experts", "3", "--block-size", "8", "--seq-len", "32", "--eval-tokens", "64", "--tokens", "256"], 1, "must divide the 16"),
+        # the ratio rule (as MoM's freeze): k / E = 2/4 cannot meet 0.4 within ±0.01, so the build fails, no note
+        (["moefication", "{model}", "-o", "{out}", "--data", "{data}", "--experts", "4", "--block-size", "8", "--target", "0.4", "--seq-len", "32",
+          "--eval-tokens", "64", "--tokens", "256"], 1, "moefication cannot meet target 0.400 within ±0.01: the nearest achievable ratio on the calibration tokens is 0.5000"),
     ],
 )
 def test_cli_rejects_bad_input(args, code, message, tiny_llama_dir, text_data, tmp_path):

@@ -29,10 +29,15 @@ def test_experiment_builds_validates_and_tables_every_method(tmp_path, text_data
     rows = json.loads(js.read_text())["rows"]
     assert [r["method"] for r in rows] == ["mom", "moefication", "prune", "teal"]
     for r in rows:
-        assert abs(r["ratio"] - 0.5) < 0.1 and r["ppl"] > 1 and r["calibration_tokens"] > 0
+        # one rule for every method: the fit meets the target within ±0.01; the held-out ratio either does too
+        # or carries a note (tiny model, 256 held-out tokens)
+        assert abs(r["fit_ratio"] - 0.5) <= 0.01, r
+        assert abs(r["ratio"] - 0.5) <= 0.01 or "held-out ratio" in r["ratio_note"], r
+        assert r["ppl"] > 1 and r["calibration_tokens"] > 0
         assert (out / f"{r['method']}-t0.5" / "config.json").is_file()
     table = capsys.readouterr().out
-    assert "| dense |" in table and "| teal |" in table
+    assert "| dense |" in table and "| teal |" in table and "fit ratio" in table
+    assert "Ratio rule (all methods): every method fits its threshold on calibration tokens and fails" in table
     assert (out / "validation" / "methods.json").is_file()
     # a second run reuses the built folders (cached) and validates again
     assert exp.main(argv) == 0

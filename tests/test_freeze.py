@@ -40,22 +40,51 @@ def test_blocks_are_classified_shared_routed_pruned():
         ]
     )
     plan = plan_layer(z)
-    assert plan.shared == [0]  # on in every expert (even at 0.7 in one)
-    assert plan.pruned == [1]  # on in none
-    assert plan.routed == [2, 3, 4]  # on in some
+    assert plan.shared.tolist() == [0]  # on in every expert (even at 0.7 in one)
+    assert plan.pruned.tolist() == [1]  # on in none
+    assert plan.routed.tolist() == [2, 3, 4]  # on in some
     # block 2 is used by experts 0 and 1: stored once (routed index 0), listed by both
-    assert plan.experts == [[0, 1], [0], [1, 2]]
-    assert [[round(s, 6) for s in e] for e in plan.scales] == [[1.0, 0.5], [1.0], [1.0, 0.2]]
-    assert [[round(s, 6) for s in e] for e in plan.shared_scale] == [[1.0], [1.0], [0.7]]
+    experts, scales = plan.expert_lists()
+    assert experts == [[0, 1], [0], [1, 2]]
+    assert [[round(s, 6) for s in e] for e in scales] == [[1.0, 0.5], [1.0], [1.0, 0.2]]
+    assert plan.shared_scale.flatten().tolist() == pytest.approx([1.0, 1.0, 0.7])
     assert plan.counts() == {"shared": 1, "routed": 3, "pruned": 1}
+    assert plan.to_json() == {"shared": 1, "routed": 3, "pruned": 1, "routed_stored": 3, "entries": 5}
     padded = pad_uniform(plan)
-    assert padded.expert_sizes == [2, 2, 2] and padded.padding == [0, 1, 0]
-    assert padded.experts[1] == [0, 3] and padded.scales[1] == [1.0, 0.0]  # index 3 = the zero block
+    assert padded.expert_sizes.tolist() == [2, 2, 2] and padded.padding.tolist() == [0, 1, 0]
+    experts, scales = padded.expert_lists()
+    assert experts[1] == [0, 3] and scales[1] == [1.0, 0.0]  # index 3 = the zero block
+    assert experts[0] == [0, 1] and experts[2] == [1, 2]
+    assert padded.to_json()["routed_stored"] == 4 and padded.to_json()["entries"] == 6
+
+
+def test_vectorised_plan_matches_a_per_block_reference():
+    """Random gates at b = 1 scale (many blocks, many experts): lists and scales equal a plain loop's."""
+    torch.manual_seed(0)
+    z = (torch.rand(16, 600) * 3 - 2).clamp(0, 1)  # ~1/3 of the gates on
+    z[:, :5] = torch.rand(16, 5) + 0.1  # shared
+    plan = plan_layer(z)
+    on = z > 0
+    routed = [j for j in range(600) if on[:, j].any() and not on[:, j].all()]
+    assert plan.routed.tolist() == routed
+    assert plan.shared.tolist() == [j for j in range(600) if on[:, j].all()]
+    experts, scales = plan.expert_lists()
+    for e in range(16):
+        assert experts[e] == [i for i, j in enumerate(routed) if on[e, j]]
+        assert scales[e] == pytest.approx([float(z[e, j]) for j in routed if on[e, j]])
+    padded = pad_uniform(plan)
+    width = max(len(x) for x in experts)
+    pe, ps = padded.expert_lists()
+    for e in range(16):
+        assert pe[e] == experts[e] + [len(routed)] * (width - len(experts[e]))
+        assert ps[e] == pytest.approx(scales[e] + [0.0] * (width - len(experts[e])))
 
 
 def test_all_on_and_all_off_layers():
     assert plan_layer(torch.ones(4, 6)).counts() == {"shared": 6, "routed": 0, "pruned": 0}
-    assert plan_layer(torch.zeros(4, 6)).counts() == {"shared": 0, "routed": 0, "pruned": 6}
+    off = plan_layer(torch.zeros(4, 6))
+    assert off.counts() == {"shared": 0, "routed": 0, "pruned": 6}
+    assert pad_uniform(off).expert_sizes.tolist() == [0, 0, 0, 0]
 
 
 # -- the frozen layer against the training layer ------------------------------------------------------
@@ -204,12 +233,31 @@ def test_frozen_folder_is_self_contained(llama_frozen, tmp_path):
     config = json.loads((frozen_dir / "config.json").read_text())
     section = config["momcompress"]
     assert section["num_experts"] == 4 and section["top_k"] == 2 and section["block_size"] == 8
-    assert len(section["layers"]) == 2 and {"shared", "routed", "pruned", "experts"} <= set(section["layers"][0])
+    assert section["format_version"] == 2 and len(section["layers"]) == 2
+    assert section["fit_ratio"] == manifest["fit_ratio"] and section["measured_ratio"] == manifest["measured_ratio"]
     tensors = load_file(frozen_dir / "model.safetensors")
+    ids = load_file(frozen_dir / "blocks.safetensors")
     assert not any(k.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")) for k in tensors)
+    N = section["num_blocks"]
     for i, layer in enumerate(section["layers"]):
-        assert tensors[f"model.layers.{i}.mlp.routed_gate"].shape[0] == len(layer["routed"])
-        assert tensors[f"model.layers.{i}.mlp.shared_gate"].shape[0] == 8 * len(layer["shared"])
+        # config.json carries counts only; the lists are tensors
+        assert set(layer) == {"shared", "routed", "pruned", "routed_stored", "entries"}
+        mlp = f"model.layers.{i}.mlp."
+        assert tensors[mlp + "routed_gate"].shape[0] == layer["routed"] == layer["routed_stored"]
+        assert tensors[mlp + "shared_gate"].shape[0] == 8 * layer["shared"]
+        assert tensors[mlp + "expert_blocks"].shape == (layer["entries"],) and tensors[mlp + "expert_offsets"][-1] == layer["entries"]
+        # the original block ids partition the layer's blocks
+        parts = [ids[f"layers.{i}.{kind}"] for kind in ("shared", "routed", "pruned")]
+        assert [len(x) for x in parts] == [layer["shared"], layer["routed"], layer["pruned"]]
+        assert sorted(torch.cat(parts).tolist()) == list(range(N))
+        # the stored routed blocks are the source FFN's rows of those ids (the run tuned weights: compare
+        # with the learned model's FFN, permuted as learn ordered the neurons)
+    learned, _ = _learned_model(run, manifest["threshold"]["gate_offset"])
+    mlp0 = learned.model.layers[0].mlp.mlp
+    rows = (ids["layers.0.routed"].unsqueeze(1) * 8 + torch.arange(8)).flatten()
+    assert torch.equal(tensors["model.layers.0.mlp.routed_gate"].reshape(-1, mlp0.gate_proj.weight.shape[1]), mlp0.gate_proj.weight[rows])
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_momcompress.MoMLlamaForCausalLM"
+    assert (frozen_dir / "modeling_momcompress.py").is_file()
     # loads with no run folder, no source model and no training state
     moved = tmp_path / "moved"
     shutil.copytree(frozen_dir, moved)
@@ -308,3 +356,67 @@ def test_cli_says_when_the_target_cannot_be_met(workdir, data_file, tmp_path):
 def test_load_rejects_a_dense_folder(tiny_llama_dir):
     with pytest.raises(momcompress.MomcompressError, match="not a frozen MoM model"):
         momcompress.load(tiny_llama_dir)
+
+
+# -- dtypes --------------------------------------------------------------------------------------------
+def test_bf16_run_freezes_within_the_bf16_tolerance(workdir, data_file, tmp_path):
+    """A bf16 learn run at b = 1 freezes (the check uses bf16's tolerance) and the folder loads and generates."""
+    model_dir = make_tiny_model_dir(workdir / "model-bf16", "llama")
+    run = workdir / "run-bf16"
+    momcompress.learn(str(model_dir), run, _learn_cfg(data_file, block_size=1, steps=4, dtype="bfloat16", tune_weights=True))
+    res = _cli(run, "-o", tmp_path / "f", "--tolerance", "0.05")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["checks"]["logits_rtol"] == pytest.approx(2.0**-5)
+    assert manifest["checks"]["logits_max_rel_diff"] <= 2.0**-5
+    model = momcompress.load(tmp_path / "f")
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 6)
+
+
+def test_a_failed_self_check_is_a_clean_error(llama_frozen, tmp_path, monkeypatch):
+    """Frozen logits that drift from the learned ones: exit 1 with a message (no traceback), nothing written."""
+    import momcompress.freeze.freezer as freezer
+
+    real = freezer.repack_layer
+
+    def damaged(*args, **kwargs):
+        module = real(*args, **kwargs)
+        with torch.no_grad():
+            module.shared_down.mul_(50.0)
+            module.routed_down.mul_(50.0)
+        return module
+
+    monkeypatch.setattr(freezer, "repack_layer", damaged)
+    _, run, _, _ = llama_frozen
+    res = _cli(run, "-o", tmp_path / "out")
+    assert res.exit_code == 1 and "differ from the learned model's" in res.output and "allowed for float32" in res.output
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+    assert not (tmp_path / "out").exists()
+
+
+def test_format_1_folders_still_load(llama_frozen, tmp_path):
+    """A folder of the older format (block lists in config.json, no modeling file) loads as before."""
+    _, _, frozen_dir, _ = llama_frozen
+    old = tmp_path / "v1"
+    shutil.copytree(frozen_dir, old)
+    config = json.loads((old / "config.json").read_text())
+    tensors, ids = load_file(old / "model.safetensors"), load_file(old / "blocks.safetensors")
+    layers = []
+    for i in range(len(config["momcompress"]["layers"])):
+        mlp = f"model.layers.{i}.mlp."
+        cuts = tensors[mlp + "expert_offsets"][1:-1]
+        experts = [t.tolist() for t in tensors[mlp + "expert_blocks"].tensor_split(cuts)]
+        layers.append({**{k: ids[f"layers.{i}.{k}"].tolist() for k in ("shared", "routed", "pruned")}, "experts": experts, "padding": [0] * len(experts)})
+    config["momcompress"].update(format_version=1, layers=layers)
+    del config["auto_map"]
+    (old / "config.json").write_text(json.dumps(config))
+    (old / "blocks.safetensors").unlink()
+    (old / "modeling_momcompress.py").unlink()
+    ids = torch.tensor([[5, 9, 17, 33, 60, 2]])
+    with torch.no_grad():
+        assert torch.equal(momcompress.load(old)(ids).logits, momcompress.load(frozen_dir)(ids).logits)
+    config["momcompress"]["format_version"] = 7
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(momcompress.MomcompressError, match="upgrade momcompress"):
+        momcompress.load(old)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from momcompress import __version__
+from momcompress import __version__, ratio_rule
 from momcompress.config import DTYPES, need
 from momcompress.errors import ConfigError, DataError, RunDirError
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("moefication", "prune", "teal")
 DEFAULT_CALIBRATION_TOKENS = 16384  # moefication and teal; prune trains for learn's default budget
-RATIO_TOLERANCE = 0.01  # the measured ratio should be within this of the target (DESIGN.md: same ratio)
+RATIO_TOLERANCE = ratio_rule.RATIO_TOLERANCE  # one tolerance and one behaviour for every method (ratio_rule.py)
 
 
 @dataclass(frozen=True)
@@ -146,12 +146,17 @@ def _build_in_place(method: str, model, out: Path, config: BaselineConfig) -> di
         info = {"split": config.split, "layers": calibrate(lm, calib, config.target, config.split)}
     cal_seconds = time.time() - t_cal
 
+    # The rule every method follows (ratio_rule.py): the fit on the calibration tokens must meet the
+    # target; ratio and perplexity are then reported on the held-out tokens.
+    fit_ratio = measure_ratio(lm, calib, config.batch_size)[0]
+    ratio_rule.check_fit(method, config.target, fit_ratio, RATIO_TOLERANCE, _remedy(method, info))
     ratio, per_layer, ppl = measure_ratio(lm, heldout, config.batch_size)
     parts = param_breakdown(lm)
     ffn_active = ffn_params_read(lm, per_layer, dense_parts["ffn"])
-    section = {"format_version": _format_version(), "method": method, "target": config.target, "measured_ratio": ratio}
+    section = {"format_version": _format_version(), "method": method, "target": config.target, "measured_ratio": ratio, "fit_ratio": fit_ratio}
     details: dict = {}
     blocks = None  # shared / routed / pruned block counts, for the formats made of blocks
+    plans = None
     if method == "moefication":
         plans = info.pop("plans")
         quality = info.pop("router_quality")
@@ -180,11 +185,11 @@ def _build_in_place(method: str, model, out: Path, config: BaselineConfig) -> di
         }
     manifest = _manifest(
         method, config, model_dir, model_fingerprint(model_dir), lm, calib, heldout, ratio, per_layer,
-        dense_parts, parts, ffn_active, ppl_dense, ppl, cal_seconds, details,
+        dense_parts, parts, ffn_active, ppl_dense, ppl, cal_seconds, details, fit_ratio,
     )
     if blocks is not None:
         manifest["blocks"] = blocks
-    write_baseline_folder(out, lm, tokenizer, model_dir, section, manifest, t_start)
+    write_baseline_folder(out, lm, tokenizer, model_dir, section, manifest, t_start, plans)
     return manifest
 
 
@@ -253,22 +258,24 @@ def _format_version() -> int:
     return FORMAT_VERSION
 
 
-def _ratio_note(method: str, target: float, ratio: float, details: dict) -> str | None:
-    if abs(ratio - target) <= RATIO_TOLERANCE:
-        return None
+def _remedy(method: str, info: dict) -> str:
+    """What to change when METHOD's fit misses the target (ratio_rule.check_fit's advice)."""
     if method == "moefication":
         return (
-            f"k / E = {details['top_k']}/{details['experts']} = {ratio:.4f} is the nearest ratio to {target} with "
-            "equal experts of whole blocks; pass --experts or --block-size for another grid"
+            f"k / E = {info['top_k']}/{info['num_experts']} with equal experts of whole blocks is the nearest grid point: "
+            "pass --experts or --block-size for another grid, or another --target"
         )
-    return f"measured {ratio:.4f} on held-out tokens vs target {target} (calibrated on calibration tokens)"
+    return "choose another --target or more calibration tokens (--tokens)"
 
 
-def _manifest(method, config, model_dir, model_hash, model, calib, heldout, ratio, per_layer, dense_parts, parts, ffn_active, ppl_dense, ppl, cal_seconds, details) -> dict:
+def _manifest(
+    method, config, model_dir, model_hash, model, calib, heldout, ratio, per_layer, dense_parts, parts, ffn_active, ppl_dense, ppl, cal_seconds,
+    details, fit_ratio,
+) -> dict:
     from momcompress.freeze.freezer import _versions
     from momcompress.sizes import active_params_per_token
 
-    note = _ratio_note(method, config.target, ratio, details)
+    note = ratio_rule.heldout_note(config.target, fit_ratio, ratio, RATIO_TOLERANCE)
     if note:
         log.warning("%s: %s", method, note)
     return {
@@ -282,8 +289,10 @@ def _manifest(method, config, model_dir, model_hash, model, calib, heldout, rati
         "architecture": model.config.model_type,
         "num_layers": len(per_layer),
         "target": config.target,
+        "fit_ratio": fit_ratio,
         "measured_ratio": ratio,
         "measured_ratio_per_layer": per_layer,
+        "ratio_rule": ratio_rule.describe(RATIO_TOLERANCE),
         "ratio_note": note,
         "heldout_tokens": int(heldout.numel()),
         "calibration": {
@@ -315,19 +324,21 @@ def data_description(data: str | None) -> dict[str, str]:
     return {"data": str(data), "heldout_data": f"held-out split of {data}"}
 
 
-def write_baseline_folder(out: Path, model, tokenizer, model_dir: Path, section: dict, manifest: dict, t_start: float) -> None:
-    """Write OUTPUT atomically, as freeze writes a frozen folder (config + section, tokenizer, weights, manifest)."""
+def write_baseline_folder(out: Path, model, tokenizer, model_dir: Path, section: dict, manifest: dict, t_start: float, plans=None) -> None:
+    """Write OUTPUT atomically, as freeze writes a frozen folder (config + section, tokenizer, weights, manifest;
+    with plans, a MoM-format folder: block ids and the standalone modeling file too)."""
     from momcompress.freeze.freezer import write_model_folder
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_model_folder(out, model, tokenizer, section, model_dir, manifest, "baseline", t_start)
+    write_model_folder(out, model, tokenizer, section, model_dir, manifest, "baseline", t_start, plans)
 
 
 def format_summary(manifest: dict) -> str:
     """A few lines for the CLI: ratio, calibration budget, parameters, perplexity."""
     p, ppl, cal = manifest["parameters"], manifest["perplexity"], manifest["calibration"]
     lines = [
-        f"{manifest['method']}: target {manifest['target']:.3f}, measured ratio {manifest['measured_ratio']:.4f} "
+        f"{manifest['method']}: target {manifest['target']:.3f}, fit ratio {manifest['fit_ratio']:.4f} on "
+        f"{manifest['calibration']['tokens']} calibration tokens, measured ratio {manifest['measured_ratio']:.4f} "
         f"on {manifest['heldout_tokens']} held-out tokens",
         f"calibration: {cal['tokens']} tokens, {cal['wall_seconds']:.1f} s",
         f"active per token: FFN {p['ffn_active_per_token']:,} of {p['dense_ffn_active_per_token']:,} "

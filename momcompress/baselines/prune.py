@@ -54,7 +54,8 @@ def learn_config(config):
 
 def prune(model, out: Path, config) -> dict:
     """Learn one block mask per layer for MODEL, freeze it and write the baseline folder OUT; return its manifest."""
-    from momcompress.baselines.base import RATIO_TOLERANCE, data_description
+    from momcompress.baselines.base import data_description
+    from momcompress.ratio_rule import RATIO_TOLERANCE
     from momcompress.freeze.freezer import MANIFEST_FILE, _versions, freeze
     from momcompress.learn.trainer import learn
 
@@ -81,9 +82,11 @@ def prune(model, out: Path, config) -> dict:
             "architecture": fm["architecture"],
             "num_layers": fm["num_layers"],
             "target": config.target,
+            "fit_ratio": fm["fit_ratio"],
             "measured_ratio": fm["measured_ratio"],
             "measured_ratio_per_layer": fm["measured_ratio_per_layer"],
-            "ratio_note": None,  # freeze fails when the target cannot be met within RATIO_TOLERANCE
+            "ratio_rule": fm["ratio_rule"],
+            "ratio_note": fm["ratio_note"],  # freeze applies momcompress.ratio_rule, as every method does
             "heldout_tokens": fm["heldout_tokens"],
             "calibration": {
                 "tokens": learned["train_tokens_seen"],

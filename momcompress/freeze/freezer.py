@@ -5,10 +5,14 @@ momcompress/runtime). Run it with `momcompress freeze RUN_DIR -o FROZEN_DIR`.
 
 1. Read and check the run folder and its source model (sha256 must match the run's manifest).
 2. Choose deterministic gates: one log_alpha offset, found by `match_target`, so that the activation
-   ratio measured with the real router on held-out tokens meets the target.
+   ratio measured with the real router on calibration ("fit") tokens meets the target
+   (momcompress.ratio_rule: the same rule as every baseline).
 3. Classify blocks (shared / routed / pruned) and repack each FFN into a FrozenMoMFFN.
-4. Check the frozen model against the learned one (logits, measured ratio), measure perplexity, and
-   write FROZEN_DIR: config.json (+ a `momcompress` section), tokenizer, model.safetensors, manifest.
+4. Check the frozen model against the learned one (logits, within a tolerance for the model's dtype),
+   measure ratio and perplexity on held-out tokens the fit never saw, and write FROZEN_DIR:
+   config.json (+ a `momcompress` section with counts, + `auto_map`), tokenizer, model.safetensors
+   (weights and per-expert block lists), blocks.safetensors (original block ids), the standalone
+   modeling file (plain transformers loading), manifest.json.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from momcompress import __version__
+from momcompress import __version__, ratio_rule
 from momcompress.config import LearnConfig
-from momcompress.errors import ConfigError, DataError, ModelLoadError, RunDirError
+from momcompress.errors import ConfigError, DataError, FreezeCheckError, ModelLoadError, RunDirError
 from momcompress.freeze.plan import LayerPlan, pad_uniform, padding_overhead, plan_layer, repack_layer
 from momcompress.fsutil import atomic_dir_write
 from momcompress.learn.gates import LOG_ALPHA_FULLY_OFF, deterministic_gates
@@ -41,11 +45,16 @@ from momcompress.sizes import active_params_per_token, param_breakdown
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-expert lists in model.safetensors, counts in config.json (1: lists in config.json)
 WEIGHTS_FILE = "model.safetensors"
+BLOCKS_FILE = "blocks.safetensors"  # original FFN block id of every shared / routed / pruned block, per layer
+MODELING_FILE = "modeling_momcompress.py"  # copy of momcompress/runtime/hf_modeling.py (plain transformers loading)
 MANIFEST_FILE = "manifest.json"
 RUN_FILES = ("manifest.json", "masks.safetensors")
-LOGITS_RTOL = 1e-4  # frozen vs learned logits, relative to the largest |logit| (fp32 gives ~1e-6)
+# Frozen vs learned logits, max |diff| relative to the largest |logit|, per model dtype. fp32 gives ~1e-6;
+# bf16 / fp16 round every matmul to 8 / 11 mantissa bits and the two models sum in different orders
+# (a tiny bf16 b = 1 run measured 5.5e-3), so their bounds are a few units of the dtype's epsilon.
+LOGITS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 4 * 2.0**-7, torch.float16: 8 * 2.0**-10}
 
 
 @dataclass
@@ -164,17 +173,27 @@ def load_learned(run: LearnedRun, model_dir: Path, device: torch.device):
     return model, tokenizer, dense_parts
 
 
-def heldout_tokens(run: LearnedRun, tokenizer, tokens: int | None, data: str | None) -> torch.Tensor:
-    """Held-out windows (S, L) for matching the target: the run's own held-out split, or DATA (all held out)."""
-    from momcompress.calibration.data import build_token_batches, is_default_data, pack_tokens, read_texts
+def fit_and_heldout_tokens(run: LearnedRun, tokenizer, tokens: int | None, data: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit windows, held-out windows), disjoint, each up to `tokens` (default: the run's eval_tokens or 8192).
+
+    The gate offset is fitted on the fit windows and ratio and perplexity are reported on the held-out
+    ones: with the run's data, fit = its training text, held out = its held-out split (the default
+    data's Wikipedia paragraphs); with DATA, a seeded half / half split of DATA's windows.
+    """
+    from momcompress.calibration.data import build_token_batches, is_default_data, pack_tokens, read_texts, split_sequences
 
     cfg = run.config
     want = tokens if tokens is not None else (cfg.eval_tokens or 8192)
+    windows = max(1, -(-want // cfg.seq_len))
     if data is not None:
-        seqs = pack_tokens(tokenizer, read_texts(data, cfg.text_field), cfg.seq_len, want)
+        seqs = pack_tokens(tokenizer, read_texts(data, cfg.text_field), cfg.seq_len, 2 * want)
+        if len(seqs) < 2:
+            raise DataError(f"{data} holds fewer than two {cfg.seq_len}-token windows: freeze needs one to fit the threshold on and one held out; pass more text")
+        fit, heldout = split_sequences(seqs, 0.5, cfg.seed)
     elif is_default_data(cfg.data):
-        # The default held-out text (Wikipedia) is a separate source from the calibration novels.
-        seqs = build_token_batches(tokenizer, None, cfg.seq_len, cfg.seq_len, want, cfg.seed).heldout
+        # Fit on the calibration novels learn trained on; the held-out Wikipedia paragraphs are a separate source.
+        batches = build_token_batches(tokenizer, None, cfg.seq_len, want, want, cfg.seed)
+        fit, heldout = batches.train, batches.heldout
     else:
         if not cfg.eval_tokens:
             raise DataError(
@@ -183,12 +202,18 @@ def heldout_tokens(run: LearnedRun, tokenizer, tokens: int | None, data: str | N
             )
         world = run.manifest.get("world_size", 1)
         train_tokens = cfg.steps * cfg.batch_size * cfg.seq_len * world
-        # The same call as learn made, so the split is the same and no training window leaks in.
-        seqs = build_token_batches(tokenizer, cfg.data, cfg.seq_len, train_tokens, cfg.eval_tokens, cfg.seed, 1, cfg.text_field).heldout
-        seqs = seqs[: max(1, -(-want // cfg.seq_len))]
-    if len(seqs) == 0:
-        raise DataError("no held-out tokens to measure the activation ratio on: pass --data with more text")
-    return seqs
+        # The same call as learn made, so the split is the same and no training window leaks into the held-out part.
+        batches = build_token_batches(tokenizer, cfg.data, cfg.seq_len, train_tokens, cfg.eval_tokens, cfg.seed, 1, cfg.text_field)
+        fit, heldout = batches.train, batches.heldout
+    fit, heldout = fit[:windows], heldout[:windows]
+    if len(fit) == 0 or len(heldout) == 0:
+        raise DataError("no calibration or held-out tokens to fit and measure the activation ratio on: pass --data with more text")
+    return fit, heldout
+
+
+def heldout_tokens(run: LearnedRun, tokenizer, tokens: int | None, data: str | None) -> torch.Tensor:
+    """The held-out windows (S, L) freeze reports ratio and perplexity on (see fit_and_heldout_tokens)."""
+    return fit_and_heldout_tokens(run, tokenizer, tokens, data)[1]
 
 
 @torch.no_grad()
@@ -225,7 +250,7 @@ def freeze(
     target: float | None = None,
     tokens: int | None = None,
     data: str | None = None,
-    tolerance: float = 0.01,
+    tolerance: float = ratio_rule.RATIO_TOLERANCE,
     uniform_experts: bool = False,
     model: str | os.PathLike | None = None,
     overwrite: bool = False,
@@ -238,9 +263,9 @@ def freeze(
         run_dir: a complete `learn` run folder.
         output: frozen model folder to create (written under a temporary name, then renamed).
         target: activation ratio to meet (default: the run's target).
-        tokens: held-out tokens on which the ratio is measured (default: the run's eval_tokens).
-        data: text to measure on instead of the run's held-out split (all of it is held out).
-        tolerance: largest accepted |measured ratio - target|.
+        tokens: tokens to fit the threshold on, and again to measure on (default: the run's eval_tokens).
+        data: text to use instead of the run's data (half to fit the threshold on, half held out).
+        tolerance: largest accepted |ratio on the fit tokens - target| (momcompress.ratio_rule).
         uniform_experts: pad experts to equal width (zero blocks) for runtimes that need it.
         model: the source model's folder, when it moved since learn ran (its sha256 must match).
         overwrite: replace an existing OUTPUT.
@@ -263,27 +288,24 @@ def freeze(
     dev = local_device(device)
     learned, tokenizer, dense_parts = load_learned(run, model_dir, dev)
     learned.eval()
-    seqs = heldout_tokens(run, tokenizer, tokens, data)
+    fit, seqs = fit_and_heldout_tokens(run, tokenizer, tokens, data)
     n_tokens = int(seqs.numel())
     moms = mom_layers(learned)
     E, k, b, N = run.config.experts, run.config.top_k, run.manifest["block_size"], run.manifest["num_blocks"]
 
-    log.info("matching target %.3f on %d held-out tokens", target, n_tokens)
-    offset, matched = match_target(learned, seqs, target, batch_size, tol=min(0.005, tolerance / 2))
-    if abs(matched - target) > tolerance:
-        raise ConfigError(
-            f"the learned gates cannot meet target {target:.3f} within ±{tolerance}: the nearest achievable measured "
-            f"ratio is {matched:.4f} (gate offset {offset:+.3f}); freeze with --target {matched:.3f}, raise --tolerance, "
-            "or learn with more blocks/experts"
-        )
+    log.info("fitting the gate offset to target %.3f on %d calibration tokens", target, fit.numel())
+    offset, matched = match_target(learned, fit, target, batch_size, tol=min(0.005, tolerance / 2))
+    ratio_rule.check_fit(
+        "the learned gates", target, matched, tolerance,
+        f"(gate offset {offset:+.3f}); freeze with --target {matched:.3f}, raise --tolerance, or learn with more blocks/experts",
+    )
     check = seqs[: min(2, len(seqs))]
     with gate_mode(learned, "dense"):
         ppl_dense = perplexity(learned, seqs, batch_size)
     with matched_gates(learned, offset):
         ref_logits = _logits(learned, check, dev)
 
-    gates = [deterministic_gates(m.log_alpha.detach().float() + offset) for m in moms]  # L x (E, N)
-    plans: list[LayerPlan] = [plan_layer(g) for g in gates]
+    plans: list[LayerPlan] = [plan_layer(deterministic_gates(m.log_alpha.detach().float() + offset)) for m in moms]  # (E, N) gates each
     if uniform_experts:
         plans = [pad_uniform(p) for p in plans]
     activation = detect_activation(moms[0].mlp.act_fn)
@@ -294,10 +316,19 @@ def freeze(
 
     logits = _logits(frozen, check, dev)
     rel_diff = float((logits - ref_logits).abs().max() / ref_logits.abs().max().clamp_min(1e-12))
-    if rel_diff > LOGITS_RTOL:
-        raise RuntimeError(f"frozen logits differ from the learned model's by {rel_diff:.2e} (relative): a freeze bug, please report it")
+    dtype = next(frozen.parameters()).dtype
+    rtol = LOGITS_RTOL.get(dtype, LOGITS_RTOL[torch.float32])
+    if not rel_diff <= rtol:  # also catches NaN
+        raise FreezeCheckError(
+            f"the frozen model's logits differ from the learned model's by {rel_diff:.2e} (relative to the largest logit), "
+            f"more than the {rtol:.1e} allowed for {str(dtype).removeprefix('torch.')}: nothing was written. This is a freeze bug "
+            "unless the run's weights are damaged; please report it with the run folder"
+        )
     ratio, ratio_per_layer, blocks_per_layer = measure_frozen_ratio(frozen, seqs, batch_size)
     ppl_frozen = perplexity(frozen, seqs, batch_size)
+    note = ratio_rule.heldout_note(target, matched, ratio, tolerance)
+    if note:
+        log.warning("%s", note)
 
     d = frozen.get_input_embeddings().weight.shape[1]
     frozen_parts = param_breakdown(frozen)
@@ -315,6 +346,7 @@ def freeze(
         "uniform_experts": uniform_experts,
         "target": target,
         "measured_ratio": ratio,
+        "fit_ratio": matched,
         "gate_offset": offset,
         "layers": [p.to_json() for p in plans],
     }
@@ -336,11 +368,16 @@ def freeze(
         "threshold": {
             "gate_offset": offset,
             "rule": f"a block is on in an expert when log_alpha + ({offset:+.4f}) > {LOG_ALPHA_FULLY_OFF:.4f} "
-            "(its deterministic hard-concrete gate is > 0); the offset was bisected so that the measured ratio meets the target",
+            "(its deterministic hard-concrete gate is > 0); the offset was bisected so that the ratio measured on the "
+            "fit (calibration) tokens meets the target",
         },
+        "ratio_rule": ratio_rule.describe(tolerance),
         "target": target,
+        "fit_tokens": int(fit.numel()),
+        "fit_ratio": matched,
         "heldout_tokens": n_tokens,
         "measured_ratio": ratio,
+        "ratio_note": note,
         "measured_ratio_per_layer": ratio_per_layer,
         "blocks": {"per_layer": counts, "total": totals},
         "parameters": {
@@ -353,22 +390,37 @@ def freeze(
             "model_active_per_token": active_params_per_token(frozen, ffn_active),
             "dense_model_active_per_token": active_params_per_token(frozen, dense_parts["ffn"]),
         },
-        "checks": {"logits_max_rel_diff": rel_diff},
+        "checks": {"logits_max_rel_diff": rel_diff, "logits_rtol": rtol},
         "perplexity": {"dense": ppl_dense, "frozen": ppl_frozen, "tokens": n_tokens},
     }
     log.info("frozen: measured ratio %.4f, perplexity dense %.2f vs frozen %.2f", ratio, ppl_dense, ppl_frozen)
 
-    write_model_folder(out, frozen, tokenizer, section, model_dir, manifest, "frozen", t_start)
+    write_model_folder(out, frozen, tokenizer, section, model_dir, manifest, "frozen", t_start, plans)
     return manifest
 
 
-def write_model_folder(out: Path, model, tokenizer, section: dict, model_dir: Path, manifest: dict, kind: str, t_start: float) -> None:
+def write_model_folder(
+    out: Path, model, tokenizer, section: dict, model_dir: Path, manifest: dict, kind: str, t_start: float, plans: list[LayerPlan] | None = None
+) -> None:
     """Write OUT atomically: config.json (+ the `momcompress` section), generation config, tokenizer,
-    model.safetensors and manifest.json (with on-disk sizes, dense vs `kind`, and the wall time)."""
+    model.safetensors and manifest.json (with on-disk sizes, dense vs `kind`, and the wall time).
+
+    With plans (a MoM-format folder): also blocks.safetensors (each layer's original block ids) and the
+    standalone modeling file with config.json's `auto_map`, so that plain transformers loads OUT with
+    `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`.
+    """
+    from momcompress.runtime import hf_modeling
+
     source_bytes = sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
 
     def write(folder: Path) -> None:
         model.config.momcompress = section
+        if plans is not None:
+            class_name = hf_modeling.model_class_name(model.config.model_type)
+            model.config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{class_name}"}
+            shutil.copy(hf_modeling.__file__, folder / MODELING_FILE)
+            ids = {name: t for i, p in enumerate(plans) for name, t in p.block_ids(f"layers.{i}.").items()}
+            save_file({k: v.to(torch.int64).clone() for k, v in ids.items()}, folder / BLOCKS_FILE)  # clone: plans may share tensors
         model.config.save_pretrained(folder)
         if (model_dir / "generation_config.json").is_file():
             shutil.copy(model_dir / "generation_config.json", folder / "generation_config.json")
@@ -381,8 +433,9 @@ def write_model_folder(out: Path, model, tokenizer, section: dict, model_dir: Pa
     try:
         atomic_dir_write(out, write)
     finally:
-        if hasattr(model.config, "momcompress"):
-            del model.config.momcompress
+        for attr in ("momcompress", "auto_map"):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
 
 
 def _state_dict_for_disk(model) -> dict[str, torch.Tensor]:

@@ -1,14 +1,17 @@
 """Expert plans: classify each FFN block as shared, routed or pruned from fixed gate values, and
-repack a layer's weights accordingly (DESIGN.md, "Freeze"). Math only: no I/O.
+repack a layer's weights accordingly (DESIGN.md, "Freeze"). Math only: no I/O, no Python loops over
+blocks or experts (at b = 1 a 7B layer has 14336 blocks and 64 experts).
 
 A block on (gate value > 0) in every expert is shared, on in none is pruned, otherwise routed. Expert
 e owns the routed blocks it has on, with their gate values as scales; a block on in several experts is
-stored once and listed by each of them.
+stored once and listed by each of them. The lists are flat tensors (CSR layout: offsets, entries),
+exactly the `expert_offsets` / `expert_blocks` / `expert_scales` buffers of the frozen layer, so they
+are stored in model.safetensors; config.json only carries the counts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,27 +19,64 @@ from torch import nn
 
 @dataclass
 class LayerPlan:
-    """One layer's block classification. Block ids are positions in the original FFN (0..N-1)."""
+    """One layer's block classification. Block ids are positions in the original FFN (0..N-1).
+
+    Attributes:
+        num_blocks: N.
+        shared: (S,) int64 ids of the blocks on in every expert.
+        routed: (R,) int64 ids of the routed blocks, in storage order.
+        pruned: (P,) int64 ids of the blocks on in no expert.
+        expert_offsets: (E+1,) int64; expert e owns entries offsets[e]:offsets[e+1].
+        expert_blocks: (nnz,) int64 indices into `routed` (R is the zero padding block, if any).
+        expert_scales: (nnz,) fp32 gate value of each listed block in its expert.
+        shared_scale: (E, S) fp32 gate value of each shared block in each expert.
+        padding: (E,) int64 entries added per expert by uniform padding.
+    """
 
     num_blocks: int
-    shared: list[int]
-    routed: list[int]  # storage order of the routed blocks
-    pruned: list[int]
-    experts: list[list[int]]  # per expert: indices into `routed`
-    scales: list[list[float]]  # per expert: the gate value of each listed block
-    shared_scale: list[list[float]]  # (E, S) the gate value of each shared block in each expert
-    padding: list[int] = field(default_factory=list)  # per expert: entries added by uniform padding
+    shared: torch.Tensor
+    routed: torch.Tensor
+    pruned: torch.Tensor
+    expert_offsets: torch.Tensor
+    expert_blocks: torch.Tensor
+    expert_scales: torch.Tensor
+    shared_scale: torch.Tensor
+    padding: torch.Tensor
 
     @property
-    def expert_sizes(self) -> list[int]:
-        return [len(e) for e in self.experts]
+    def num_experts(self) -> int:
+        return self.expert_offsets.numel() - 1
+
+    @property
+    def expert_sizes(self) -> torch.Tensor:
+        """(E,) list length per expert (padding included)."""
+        return self.expert_offsets.diff()
+
+    @property
+    def padded(self) -> bool:
+        return bool(self.padding.any())
+
+    @property
+    def num_routed_stored(self) -> int:
+        """Routed blocks in storage: the routed ones plus one zero block when experts are padded."""
+        return self.routed.numel() + (1 if self.padded else 0)
+
+    def expert_lists(self) -> tuple[list[list[int]], list[list[float]]]:
+        """(per-expert routed indices, per-expert scales) as nested lists, for inspection and tests."""
+        cuts = self.expert_offsets[1:-1]
+        return [t.tolist() for t in self.expert_blocks.tensor_split(cuts)], [t.tolist() for t in self.expert_scales.tensor_split(cuts)]
 
     def counts(self) -> dict[str, int]:
-        return {"shared": len(self.shared), "routed": len(self.routed), "pruned": len(self.pruned)}
+        return {"shared": self.shared.numel(), "routed": self.routed.numel(), "pruned": self.pruned.numel()}
 
     def to_json(self) -> dict:
-        """The block lists as they go into the frozen config's `momcompress` section."""
-        return {"shared": self.shared, "routed": self.routed, "pruned": self.pruned, "experts": self.experts, "padding": self.padding}
+        """What goes into the frozen config's `momcompress` section: counts only (the lists are tensors
+        in model.safetensors, the block ids in blocks.safetensors), enough to build the layer's shapes."""
+        return {**self.counts(), "routed_stored": self.num_routed_stored, "entries": self.expert_blocks.numel()}
+
+    def block_ids(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The original block ids of each class, as tensors named `{prefix}shared` etc. (blocks.safetensors)."""
+        return {f"{prefix}shared": self.shared, f"{prefix}routed": self.routed, f"{prefix}pruned": self.pruned}
 
 
 def plan_layer(gates: torch.Tensor) -> LayerPlan:
@@ -44,15 +84,16 @@ def plan_layer(gates: torch.Tensor) -> LayerPlan:
     gates = gates.detach().float().cpu()
     on = gates > 0  # (E, N)
     E, N = on.shape
-    all_on, any_on = on.all(dim=0), on.any(dim=0)
-    shared = all_on.nonzero().flatten().tolist()
-    routed = (any_on & ~all_on).nonzero().flatten().tolist()
-    pruned = (~any_on).nonzero().flatten().tolist()
-    slot = {blk: i for i, blk in enumerate(routed)}
-    experts = [[slot[j] for j in routed if on[e, j]] for e in range(E)]
-    scales = [[float(gates[e, j]) for j in routed if on[e, j]] for e in range(E)]
-    shared_scale = [[float(gates[e, j]) for j in shared] for e in range(E)]
-    return LayerPlan(N, shared, routed, pruned, experts, scales, shared_scale, padding=[0] * E)
+    all_on, any_on = on.all(dim=0), on.any(dim=0)  # (N,)
+    shared = all_on.nonzero().flatten()
+    routed = (any_on & ~all_on).nonzero().flatten()
+    pruned = (~any_on).nonzero().flatten()
+    routed_on = on[:, routed]  # (E, R)
+    owner, slot = routed_on.nonzero(as_tuple=True)  # row-major: grouped by expert, slots ascending
+    sizes = routed_on.sum(dim=1)  # (E,)
+    offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+    scales = gates[:, routed][owner, slot]  # (nnz,)
+    return LayerPlan(N, shared, routed, pruned, offsets, slot, scales, gates[:, shared].contiguous(), torch.zeros(E, dtype=torch.int64))
 
 
 def pad_uniform(plan: LayerPlan) -> LayerPlan:
@@ -61,18 +102,24 @@ def pad_uniform(plan: LayerPlan) -> LayerPlan:
     For runtimes that need equal-width experts. The extra block is all zeros in storage, so a padded
     expert computes exactly what the unpadded one does.
     """
-    width = max(plan.expert_sizes, default=0)
-    pad_index = len(plan.routed)
-    experts = [e + [pad_index] * (width - len(e)) for e in plan.experts]
-    scales = [s + [0.0] * (width - len(s)) for s in plan.scales]
-    padding = [width - len(e) for e in plan.experts]
-    return LayerPlan(plan.num_blocks, plan.shared, plan.routed, plan.pruned, experts, scales, plan.shared_scale, padding)
+    sizes = plan.expert_sizes  # (E,)
+    E, width = sizes.numel(), int(sizes.max()) if sizes.numel() else 0
+    owner = torch.repeat_interleave(torch.arange(E), sizes)  # (nnz,)
+    pos = torch.arange(plan.expert_blocks.numel()) - plan.expert_offsets[owner]  # position within its expert
+    blocks = torch.full((E, width), plan.routed.numel(), dtype=torch.int64)
+    scales = torch.zeros(E, width)
+    blocks[owner, pos] = plan.expert_blocks
+    scales[owner, pos] = plan.expert_scales
+    offsets = torch.arange(E + 1, dtype=torch.int64) * width
+    return LayerPlan(
+        plan.num_blocks, plan.shared, plan.routed, plan.pruned, offsets, blocks.flatten(), scales.flatten(), plan.shared_scale, width - sizes
+    )
 
 
 def padding_overhead(plans: list[LayerPlan]) -> float:
     """Padded expert entries as a fraction of the real ones, over all layers."""
-    real = sum(sum(p.expert_sizes) - sum(p.padding) for p in plans)
-    pad = sum(sum(p.padding) for p in plans)
+    pad = sum(int(p.padding.sum()) for p in plans)
+    real = sum(p.expert_blocks.numel() for p in plans) - pad
     return pad / real if real else 0.0
 
 
@@ -86,28 +133,25 @@ def repack_layer(
 
     b = block_size
     wg, wu, wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # (F, d), (F, d), (d, F)
-    d = wg.shape[1]
-    padded = any(plan.padding)
-    num_routed = len(plan.routed) + (1 if padded else 0)
+    d, S, R = wg.shape[1], plan.shared.numel(), plan.routed.numel()
     module = FrozenMoMFFN(
-        d, b, plan.num_blocks, top_k, len(plan.shared), num_routed, plan.expert_sizes, activation, dtype=wg.dtype, device=wg.device,
+        d, b, plan.num_blocks, top_k, S, plan.num_routed_stored, plan.expert_sizes.tolist(), activation, dtype=wg.dtype, device=wg.device,
         routing=routing,
     )
 
-    def rows(blocks: list[int]) -> torch.Tensor:
-        return (torch.tensor(blocks, dtype=torch.int64).unsqueeze(1) * b + torch.arange(b)).flatten().to(wg.device)
+    def rows(blocks: torch.Tensor) -> torch.Tensor:  # (K,) block ids -> (K*b,) neuron rows
+        return (blocks.unsqueeze(1) * b + torch.arange(b)).flatten().to(wg.device)
 
     shared_rows, routed_rows = rows(plan.shared), rows(plan.routed)
     module.router_weight.copy_(router_weight.float())
     module.shared_gate.copy_(wg.index_select(0, shared_rows))
     module.shared_up.copy_(wu.index_select(0, shared_rows))
     module.shared_down.copy_(wd.index_select(1, shared_rows))
-    R = len(plan.routed)
     module.routed_gate[:R].copy_(wg.index_select(0, routed_rows).view(R, b, d))
     module.routed_up[:R].copy_(wu.index_select(0, routed_rows).view(R, b, d))
     module.routed_down[:R].copy_(wd.index_select(1, routed_rows).T.reshape(R, b, d))
-    module.shared_scale.copy_(torch.tensor(plan.shared_scale, dtype=torch.float32).view(len(plan.experts), len(plan.shared)))
-    module.expert_blocks.copy_(torch.tensor([i for e in plan.experts for i in e], dtype=torch.int64))
-    module.expert_scales.copy_(torch.tensor([s for e in plan.scales for s in e], dtype=torch.float32))
+    module.shared_scale.copy_(plan.shared_scale.view(plan.num_experts, S))
+    module.expert_blocks.copy_(plan.expert_blocks)
+    module.expert_scales.copy_(plan.expert_scales)
     module.refresh()
     return module

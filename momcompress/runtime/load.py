@@ -1,8 +1,9 @@
 """`momcompress.load(FROZEN_DIR)`: a transformers causal LM whose FFNs are frozen MoM modules.
 
 The folder is what `momcompress freeze` writes: config.json with a `momcompress` section (experts,
-top-k, block size, per-layer block lists), the tokenizer, and model.safetensors. Loading needs no
-training state and no network; `generate()` works as usual (KV cache included).
+top-k, block size, per-layer block counts), the tokenizer, and model.safetensors (weights and the
+per-expert block lists). Loading needs no training state and no network; `generate()` works as usual
+(KV cache included). Format 1 folders (block lists in config.json) still load.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from momcompress.models import check_supported, decoder_layers
 from momcompress.runtime.mom_ffn import FrozenMoMFFN
 
 WEIGHTS_FILE = "model.safetensors"
-SUPPORTED_FORMATS = (1,)
+SUPPORTED_FORMATS = (1, 2)  # 1: block lists in config.json; 2: lists in model.safetensors, counts in config.json
 
 
 def read_frozen_config(path: Path):
@@ -73,6 +74,8 @@ def load(frozen_dir: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     build_config = copy.deepcopy(config)
     build_config.intermediate_size = section["block_size"]
     del build_config.momcompress
+    if hasattr(build_config, "auto_map"):  # the folder's standalone modeling file is for plain transformers, not for us
+        del build_config.auto_map
     # The weights' dtype, from a dense matrix (routers and scales are fp32 whatever the model dtype).
     stored = next((t.dtype for k, t in state.items() if k.endswith("shared_gate") or k.endswith("embed_tokens.weight")), torch.float32)
     model = AutoModelForCausalLM.from_config(build_config, dtype=stored)
@@ -82,21 +85,31 @@ def load(frozen_dir: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     if len(layers) != len(section["layers"]):
         raise ModelLoadError(f"{path}: config has {len(layers)} layers but the momcompress section lists {len(section['layers'])}")
     for i, (layer, plan) in enumerate(zip(layers, section["layers"])):
-        prefix = f"model.layers.{i}.mlp."
-        num_routed = state[prefix + "routed_gate"].shape[0] if prefix + "routed_gate" in state else len(plan["routed"])
+        try:
+            num_shared, num_routed, sizes = _layer_shapes(plan, state, f"model.layers.{i}.mlp.", section["format_version"])
+        except KeyError as exc:
+            raise ModelLoadError(f"{path}: layer {i} lacks {exc} (config.json or {WEIGHTS_FILE} is incomplete); freeze again") from None
         layer.mlp = FrozenMoMFFN(
             config.hidden_size,
             section["block_size"],
             section["num_blocks"],
             section["top_k"],
-            len(plan["shared"]),
+            num_shared,
             num_routed,
-            [len(e) for e in plan["experts"]],
+            sizes,
             section["activation"],
             dtype=stored,
             routing=section.get("routing", "renormalized"),
         )
     return load_weights(model, state, path, config, device, dtype, remedy="freeze again")
+
+
+def _layer_shapes(plan: dict, state: dict, prefix: str, version: int) -> tuple[int, int, list[int]]:
+    """(shared blocks, stored routed blocks, list length per expert) of one layer of a frozen folder."""
+    if version == 1:  # the lists themselves are in config.json
+        num_routed = state[prefix + "routed_gate"].shape[0] if prefix + "routed_gate" in state else len(plan["routed"])
+        return len(plan["shared"]), num_routed, [len(e) for e in plan["experts"]]
+    return int(plan["shared"]), int(plan["routed_stored"]), state[prefix + "expert_offsets"].diff().tolist()
 
 
 def load_weights(model, state: dict, path: Path, config, device, dtype, remedy: str):

@@ -394,9 +394,9 @@ def validate(
                      "it was frozen from (sha256 differs from the frozen manifest)")
     learn_data = ((learn_manifest or {}).get("config") or {}).get("data")
     if manifest.get("heldout_tokens") and data in (None, "default") and learn_data in (None, "default"):
-        notes.append(f"freeze chose its gate threshold (one scalar) so that the activation ratio on the first "
-                     f"{manifest['heldout_tokens']} tokens of these Wikipedia paragraphs meets the target; no weight "
-                     "was trained on them")
+        notes.append(f"freeze fitted its gate threshold on calibration text, not on these Wikipedia paragraphs; it reported "
+                     f"its held-out ratio and perplexity on their first {manifest['heldout_tokens']} tokens, on which nothing "
+                     "was fitted or trained")
 
     # 2. models and perplexity, with the MoM layers' statistics
     dev = local_device(device)
