@@ -231,7 +231,9 @@ def test_cli_prints_checklist_and_fails_on_a_failed_check(workdir, data_file, tm
     frozen = frozen_dir(workdir, data_file, "llama")
     source, _ = exported_dir(workdir, data_file, "llama")
     cached = onnx.load(str(source / "model.onnx"))
-    monkeypatch.setattr("momcompress.export.exporter.to_onnx", lambda *a, **k: cached)  # skip re-tracing
+    from momcompress.export import exporter
+
+    monkeypatch.setattr(exporter, "to_onnx", lambda *a, **k: cached)  # skip re-tracing
     res = CliRunner().invoke(main, ["export", str(frozen), "-o", str(tmp_path / "ok"), "--new-tokens", "4"])
     assert res.exit_code == 0, res.output
     assert "✓ logits close without past" in res.output and "✓ greedy generation" in res.output and "wrote" in res.output
@@ -241,14 +243,14 @@ def test_cli_prints_checklist_and_fails_on_a_failed_check(workdir, data_file, tm
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.tmp").exists()
 
 
-def test_dense_export(workdir, tmp_path):
+def test_dense_export(workdir, data_file, tmp_path):
     model_dir = make_tiny_model_dir(workdir / "model-dense", "qwen2")
     manifest = export(model_dir, tmp_path / "dense", dense=True, new_tokens=8)
     assert manifest["kind"] == "dense" and all(c["ok"] for c in manifest["checks"])
     model = onnx.load(str(tmp_path / "dense" / "model.onnx"))
     assert not op.mom_nodes(model) and not model.functions
     with pytest.raises(ExportError, match="frozen MoM model: export it without --dense"):
-        export(_FROZEN.get("llama") or pytest.skip("needs the llama fixture"), tmp_path / "x", dense=True)
+        export(frozen_dir(workdir, data_file, "llama"), tmp_path / "x", dense=True)
 
 
 # -- TensorRT pieces that need no TensorRT ------------------------------------------------------------
@@ -362,10 +364,17 @@ def test_bench_onnx_times_every_body_and_the_floor(workdir, data_file, tmp_path,
     argv = ["--frozen", str(frozen_dir(workdir, data_file, "llama")), "--dense", str(workdir / "model-llama"), "--workdir", str(tmp_path / "w"),
             "--prefills", "16", "--decode-past", "8", "--decode-tokens", "2", "--repeats", "1", "--settle", "0", "--json", str(js)]
     assert bench.main(argv) == 0
-    rows = json.loads(js.read_text())["rows"]
+    result = json.loads(js.read_text())
+    rows, raw = result["rows"], result["raw_seconds"]
     assert [r["workload"] for r in rows] == ["prefill 16", "decode step, 8 cached"]
-    for body in (*op.BODIES, "floor: no routed"):
-        assert all(r[f"mom {body} ratio"] > 0 if body in op.BODIES else r[f"{body} ratio"] > 0 for r in rows)
+    variants = [*(f"mom {body}" for body in op.BODIES), "floor: no routed"]
+    for r in rows:  # each figure is the median of its raw rounds, each ratio variant / dense of the same workload
+        w = r["workload"]
+        assert set(raw[w]) == {"dense", *variants} and all(len(v) == 1 for v in raw[w].values())
+        assert r["dense_ms"] == pytest.approx(1e3 * raw[w]["dense"][0])
+        for v in variants:
+            assert r[f"{v} ms"] == pytest.approx(1e3 * raw[w][v][0])
+            assert r[f"{v} ratio"] == pytest.approx(r[f"{v} ms"] / r["dense_ms"])
     assert "decode goal" in capsys.readouterr().out
 
 

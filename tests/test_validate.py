@@ -553,7 +553,8 @@ def test_teal_baseline_validates_with_its_measured_read_fraction(frozen, tmp_pat
 
     model_dir, _, heldout, calib, _ = frozen
     teal_dir = tmp_path / "teal"
-    momcompress.baselines("teal", str(model_dir), teal_dir, BaselineConfig(target=0.5, tokens=512, eval_tokens=64, seq_len=32, data=str(calib)))
+    momcompress.baseline("teal", str(model_dir), teal_dir,
+                         BaselineConfig(target=0.5, tokens=512, eval_tokens=64, seq_len=32, data=str(calib)))
     report = momcompress.validate(teal_dir, dense=model_dir, output=tmp_path / "r", data=str(heldout), task_names="none",
                                   measure_speed=False, **FAST)
     ratio = report["activation_ratio"]["measured"]
@@ -562,3 +563,28 @@ def test_teal_baseline_validates_with_its_measured_read_fraction(frozen, tmp_pat
     assert sparse_ffn == pytest.approx(ratio * dense_ffn, rel=1e-4)
     assert report["cost"]["sparse"]["router"] == 0
     assert (tmp_path / "r" / report["key"] / "report.md").is_file()
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def test_training_curves_plot_what_the_control_moved(tmp_path):
+    """Projection control logs a per-step gate offset: the panel shows it (and its running sum), not the
+    multipliers, which stay 0 under that control; a Lagrangian run's log shows the multipliers."""
+    import matplotlib.pyplot as plt
+
+    from momcompress.validate import plots
+
+    projection = [{"step": i + 1, "loss": 1.0, "ratio": 0.9, "target": 0.9, "lambda1": 0.0, "lambda2": 0.0,
+                   "offset": off} for i, off in enumerate([-0.5, -0.25, 0.125])]
+    title, lines = plots.control_series(projection)
+    assert title == "projection control: gate offset"
+    assert lines == {"offset per step": [-0.5, -0.25, 0.125], "cumulative offset": [-0.5, -0.75, -0.625]}
+    lagrangian = [{**r, "lambda1": 0.1 * r["step"], "lambda2": 0.0} for r in projection]
+    for r in lagrangian:
+        del r["offset"]
+    title, lines = plots.control_series(lagrangian)
+    assert title == "Lagrange multipliers" and lines["lambda1"] == pytest.approx([0.1, 0.2, 0.3])
+    for records in (projection, lagrangian):
+        path = plots.plot_training_curves(records, tmp_path / "curves.png")
+        assert path.read_bytes()[:8] == PNG_MAGIC and plt.imread(path).ndim == 3

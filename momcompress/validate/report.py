@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
 from momcompress.errors import RunDirError
@@ -206,14 +205,6 @@ def format_markdown(report: dict, plot_files: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def versions() -> dict:
-    """Versions of the libraries the numbers depend on."""
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
 
 
 def read_index(root: Path) -> dict:

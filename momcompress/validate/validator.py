@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from momcompress import __version__
 from momcompress.errors import ConfigError, DataError, ModelLoadError, MomcompressError, RunDirError
+from momcompress.modelio import library_versions
 from momcompress.validate import cost, report as report_files, speed, tasks
 
 log = logging.getLogger(__name__)
@@ -470,7 +471,7 @@ def validate(
     report = {
         "stage": "validate",
         "momcompress_version": __version__,
-        "versions": report_files.versions(),
+        "versions": library_versions(),
         "method": method,
         "key": key,
         "frozen_dir": str(frozen_path.resolve()),
