@@ -383,3 +383,36 @@ def test_default_model_exports_and_generates(tmp_path):
     """The dense default model: logits within 1e-4 and 32 greedy tokens identical through onnxruntime."""
     manifest = export("default", tmp_path / "default", dense=True)
     assert all(c["ok"] for c in manifest["checks"])
+
+
+def test_known_harmless_warnings_are_silenced_and_others_are_not():
+    import logging
+    import warnings
+
+    from momcompress.export.exporter import KNOWN_HARMLESS_LOGGERS, quiet_known_warnings
+
+    logger = logging.getLogger(KNOWN_HARMLESS_LOGGERS[0])
+    before = logger.level
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_known_warnings():
+            assert logger.level == logging.ERROR
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+            warnings.warn("# The axis name: batch will not be used, since it shares ...", UserWarning)
+            warnings.warn("something else is deprecated", FutureWarning)
+            warnings.warn("# The axis name: batch will not be used", DeprecationWarning)  # other category: kept
+    assert [str(w.message) for w in seen] == ["something else is deprecated", "# The axis name: batch will not be used"]
+    assert logger.level == before
+
+
+def test_export_cli_output_is_the_checklist(workdir, tmp_path):
+    """A fresh process, as a user runs it: no third-party noise on stderr around the checklist."""
+    import subprocess
+
+    model_dir = make_tiny_model_dir(workdir / "model-quiet", "llama")
+    out = subprocess.run([sys.executable, "-m", "momcompress.cli", "export", str(model_dir), "--dense", "-o",
+                          str(tmp_path / "o"), "--new-tokens", "4"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "✓ greedy generation" in out.stdout
+    for noise in ("torchvision is not installed", "LeafSpec", "The axis name"):
+        assert noise not in out.stderr, out.stderr
