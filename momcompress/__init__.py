@@ -31,47 +31,27 @@ for _package in ("baselines", "export", "freeze", "learn", "validate"):
 del _package
 
 
-def learn(*args, **kwargs):
-    """Learn masks and routers; see :func:`momcompress.learn.trainer.learn`."""
-    from momcompress.learn.trainer import learn as run
+def _stage_function(name: str, target: str, summary: str):
+    """A plain function `name` that imports `target` ("module:function") when called and calls it, so that
+    `import momcompress` stays light (no torch)."""
+    module_name, func_name = target.split(":")
 
-    return run(*args, **kwargs)
+    def stage(*args, **kwargs):
+        return getattr(_importlib.import_module(module_name), func_name)(*args, **kwargs)
 
-
-def freeze(*args, **kwargs):
-    """Freeze a learn run into a loadable model folder; see :func:`momcompress.freeze.freezer.freeze`."""
-    from momcompress.freeze.freezer import freeze as run
-
-    return run(*args, **kwargs)
-
-
-def export(*args, **kwargs):
-    """Export a frozen (or dense) model to ONNX; see :func:`momcompress.export.exporter.export`."""
-    from momcompress.export.exporter import export as run
-
-    return run(*args, **kwargs)
+    stage.__name__ = stage.__qualname__ = name
+    stage.__doc__ = f"{summary}; see :func:`{module_name}.{func_name}`."
+    return stage
 
 
-def validate(*args, **kwargs):
-    """Validate a frozen model against its dense original; see :func:`momcompress.validate.validator.validate`."""
-    from momcompress.validate.validator import validate as run
-
-    return run(*args, **kwargs)
-
-
-def baseline(*args, **kwargs):
-    """Build a comparison model at the same ratio; see :func:`momcompress.baselines.base.baseline`."""
-    from momcompress.baselines.base import baseline as run
-
-    return run(*args, **kwargs)
-
-
-def load(*args, **kwargs):
-    """Load a frozen model folder as a transformers causal LM; see :func:`momcompress.runtime.load.load`."""
-    from momcompress.runtime.load import load as run
-
-    return run(*args, **kwargs)
-
+learn = _stage_function("learn", "momcompress.learn.trainer:learn", "Learn masks and routers")
+freeze = _stage_function("freeze", "momcompress.freeze.freezer:freeze", "Freeze a learn run into a loadable model folder")
+export = _stage_function("export", "momcompress.export.exporter:export", "Export a frozen (or dense) model to ONNX")
+validate = _stage_function("validate", "momcompress.validate.validator:validate",
+                           "Validate a frozen model against its dense original")
+baseline = _stage_function("baseline", "momcompress.baselines.base:baseline",
+                           "Build a comparison model at the same activation ratio")
+load = _stage_function("load", "momcompress.runtime.load:load", "Load a frozen model folder as a transformers causal LM")
 
 STAGES = ("learn", "freeze", "export", "validate", "baseline")
 

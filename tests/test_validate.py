@@ -538,6 +538,17 @@ def test_cli_turns_bad_input_into_a_message(frozen, tmp_path):
         momcompress.validate(frozen[1], dense=frozen[0], onnx_dense=tmp_path, **FAST)
 
 
+def test_cli_times_the_onnx_exports_with_pinned_threads(frozen, tmp_path):
+    toy = write_toy_onnx(tmp_path / "toy")[0]
+    for flag in ("--onnx", "--onnx-sparse"):  # --onnx-sparse: the older name
+        res = _validate_cli(frozen, tmp_path / flag, "--tasks", "none", flag, str(toy), "--onnx-dense", str(toy), "--repeats",
+                            "2", "--prefill-tokens", "8", "--decode-tokens", "2", "--threads", "1")
+        assert res.exit_code == 0, res.output
+        assert "onnxruntime cpu prefill 8 tokens (ms)" in res.output and "onnxruntime cpu decode (ms per token)" in res.output
+        written = json.loads((tmp_path / flag / "frozen" / "report.json").read_text())
+        assert written["speed"]["onnxruntime"]["cpu"]["threads"] == 1 and written["speed"]["torch"]["cpu"]["threads"] == 1
+
+
 def test_real_task_files_score_with_a_limit(frozen, tmp_path):
     report = momcompress.validate(frozen[1], dense=frozen[0], output=tmp_path / "r", data=str(frozen[2]),
                                   task_names="arc_easy,winogrande", limit=2, measure_speed=False, **FAST)

@@ -6,8 +6,9 @@ once per (model fingerprint, settings) and reused:
 
     $MOMCOMPRESS_CACHE/onnx-dense/<model name>-<sha256 of the weights, 12>-<sha256 of the settings, 8>/
 
-The settings are those of the MoM export it is compared with (opset, dtype) plus the versions that
-change the graph (momcompress, torch, onnx). The folder is written under a unique temporary name and
+The settings are those of the MoM export it is compared with (opset, dtype) plus what else changes the
+graph: the versions of momcompress, torch and onnx, and the exporter's own source (a hash of
+export/exporter.py and export/causal_lm.py, so an edited exporter never reuses a stale export). The folder is written under a unique temporary name and
 renamed into place, so concurrent validations never see a half-written export (the loser of a race
 drops its copy).
 
@@ -59,9 +60,12 @@ def export_settings(sparse_manifest: dict | None) -> dict:
     from momcompress import __version__
     from momcompress.export.exporter import DEFAULT_OPSET
 
+    from momcompress.export import causal_lm, exporter
+
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (exporter, causal_lm))).hexdigest()[:12]
     m = sparse_manifest or {}
     return {"opset": m.get("opset", DEFAULT_OPSET), "dtype": m.get("dtype", "float32"), "momcompress": __version__,
-            "torch": torch.__version__, "onnx": onnx.__version__}
+            "torch": torch.__version__, "onnx": onnx.__version__, "exporter_code": code}
 
 
 def cache_folder(dense_dir: Path, settings: dict, fingerprint: str) -> Path:
