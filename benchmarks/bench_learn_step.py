@@ -109,7 +109,6 @@ def main():
             r = rows[-1]
             print(f"{dtype_name:<9} b={b:<3} learn {r['learn_s']:6.2f} s ({spread(times['learn'])})  plain {r['plain_s']:6.2f} s "
                   f"({spread(times['plain'])})  ratio {r['ratio_to_plain']:5.2f}  {r['tok_per_s']:6.0f} tok/s", flush=True)
-            del learner
 
     print(f"\n{tokens} tokens per step, {torch.get_num_threads()} threads, E={args.experts}, top-{args.top_k}, "
           "distillation + tuned FFN weights, projection control; medians of interleaved rounds")

@@ -12,13 +12,18 @@ same position ids as transformers' `generate` (left padding: cumulative sum of t
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from momcompress.errors import ExportError
+
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
+ONNX_FILE = "model.onnx"
+EXPORT_MANIFEST = "manifest.json"
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -81,39 +86,112 @@ class FlatCacheLM(nn.Module):
         return [p.numpy() for p in self.empty_past(batch)]
 
 
+class OnnxModelError(ExportError):
+    """An exported model.onnx is missing, unreadable, or lacks the causal-LM inputs and outputs."""
+
+
+ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+}
+
+
 class OrtCausalLM:
-    """An exported model.onnx in an onnxruntime session, with the interface of FlatCacheLM.run."""
+    """An exported model.onnx in an onnxruntime session, with the interface of FlatCacheLM.run.
 
-    def __init__(self, path: str | Path, provider: str = "CPUExecutionProvider", threads: int | None = None):
-        import onnxruntime as ort
+    The one onnxruntime runner of the package: export's checks, validate's timings and bench_onnx use it.
+    A graph without past_key_values inputs runs too (``has_cache`` is False, ``first_past`` is empty).
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+    Args:
+        path: model.onnx, or the folder holding it (and the exporter's manifest.json, read into .manifest).
+        provider: onnxruntime execution provider.
+        threads: intra-op threads (None or 0: onnxruntime's default, all cores).
+        kv_shape: (key/value heads, head dim) for cache dimensions the graph leaves symbolic (our exports fix
+            them; a foreign graph may not).
+        spinning: let idle worker threads spin (onnxruntime's default); timings that alternate two sessions
+            turn it off so one session's spinning threads do not slow the other.
+    """
+
+    def __init__(self, path: str | Path, provider: str = "CPUExecutionProvider", threads: int | None = None,
+                 kv_shape: tuple[int, int] | None = None, spinning: bool = True):
+        path = Path(path)
+        self.path = path / ONNX_FILE if path.is_dir() else path
+        if not self.path.is_file():
+            raise OnnxModelError(f"{path} holds no {ONNX_FILE}: pass the folder written by `momcompress export`")
+        manifest = self.path.parent / EXPORT_MANIFEST
+        try:
+            self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
+        except (OSError, json.JSONDecodeError) as e:
+            raise OnnxModelError(f"{manifest} is not readable JSON ({e}); export again") from None
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise OnnxModelError("running ONNX models needs onnxruntime: `pip install onnxruntime`") from None
         if provider not in ort.get_available_providers():
-            from momcompress.errors import ExportError
-
             raise ExportError(
                 f"onnxruntime has no {provider} here (available: {', '.join(ort.get_available_providers())}); "
                 "for CUDAExecutionProvider install onnxruntime-gpu instead of onnxruntime"
             )
-        self.session = ort.InferenceSession(str(path), options, providers=[provider])
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values.")) // 2
-        first = inputs["past_key_values.0.key"]
-        self._kv = (first.shape[1], first.shape[3])  # static (H_kv, D)
-        self._dtype = np.float16 if "float16" in first.type else np.float32
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.threads = threads or 0  # 0: onnxruntime's default
+        if threads:
+            options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=[provider])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            raise OnnxModelError(f"onnxruntime cannot load {self.path}: {e}") from None
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if "input_ids" not in self.inputs or "logits" not in outputs:
+            raise OnnxModelError(f"{self.path} has inputs {sorted(self.inputs)} and outputs {sorted(outputs)}; a causal "
+                                 "LM export needs input_ids and logits: re-export with `momcompress export`")
+        self.num_layers = sum(1 for n in self.inputs if n.startswith("past_key_values.")) // 2
+        self.past_names = past_names(self.num_layers)
+        missing = [n for n in self.past_names if n not in self.inputs]
+        missing += [n for n in present_names(self.num_layers) if n not in outputs]
+        if missing:
+            raise OnnxModelError(f"{self.path} lacks {missing[0]} (past_key_values.{{i}}.key/value in, present.{{i}}."
+                                 "key/value out, for every layer): re-export with `momcompress export`")
         self.output_names = ["logits", *present_names(self.num_layers)]
+        self._kv_shape = kv_shape
+
+    @property
+    def has_cache(self) -> bool:
+        """Whether the graph takes and returns a KV cache."""
+        return self.num_layers > 0
+
+    def _empty_past(self, name: str, batch: int) -> np.ndarray:
+        spec = self.inputs[name]
+        static_past = len(spec.shape) == 4 and isinstance(spec.shape[2], int) and spec.shape[2] != 0
+        if len(spec.shape) != 4 or static_past:
+            raise OnnxModelError(f"{self.path}: {name} has shape {spec.shape}, expected (batch, kv heads, past, head "
+                                 "dim); re-export with `momcompress export`")
+        fallback = self._kv_shape or (None, None)
+        heads = spec.shape[1] if isinstance(spec.shape[1], int) else fallback[0]
+        head_dim = spec.shape[3] if isinstance(spec.shape[3], int) else fallback[1]
+        if heads is None or head_dim is None:
+            raise OnnxModelError(f"{self.path}: {name} leaves its kv heads or head dim symbolic ({spec.shape}): pass "
+                                 "kv_shape=(heads, head_dim)")
+        return np.zeros((batch, heads, 0, head_dim), dtype=ORT_DTYPES.get(spec.type, np.float32))
 
     def first_past(self, batch: int) -> list[np.ndarray]:
-        heads, head_dim = self._kv
-        return [np.zeros((batch, heads, 0, head_dim), dtype=self._dtype) for _ in range(2 * self.num_layers)]
+        """An empty cache for `batch` sequences: 2 x layers arrays of (B, H_kv, 0, D); [] without a cache."""
+        return [self._empty_past(name, batch) for name in self.past_names]
 
     def run(self, input_ids, attention_mask, position_ids, past) -> tuple[np.ndarray, list[np.ndarray]]:
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        feeds.update(zip(past_names(self.num_layers), past))
-        logits, *present = self.session.run(self.output_names, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        """(logits (B, S, V) float32, present key/values) for input_ids (B, S) after the cache `past`."""
+        values = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  **dict(zip(self.past_names, past))}
+        feeds = {}
+        for name, spec in self.inputs.items():
+            if name not in values:
+                raise OnnxModelError(f"{self.path} needs input {name!r}, which a causal LM run does not provide; "
+                                     "re-export with `momcompress export`")
+            feeds[name] = np.ascontiguousarray(values[name], dtype=ORT_DTYPES.get(spec.type))
+        logits, *present = self.session.run(self.output_names, feeds)
         return logits.astype(np.float32), present
 
 

@@ -103,6 +103,34 @@ def _use_eager_attention(model) -> None:
         model.config._attn_implementation = "eager"
 
 
+# Third-party messages that every export prints and that say nothing about the user's model, silenced so the
+# checklist is what the user sees: (warning category, message regex) and loggers raised to ERROR.
+KNOWN_HARMLESS_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # torch.export internals, torch 2.13
+    (UserWarning, r"# The axis name: \w+ will not be used"),  # we name the dynamic axes ourselves (_name_axes)
+)
+KNOWN_HARMLESS_LOGGERS = ("torch.onnx._internal.exporter._registration",)  # "torchvision is not installed. Skipping ..."
+
+
+@contextlib.contextmanager
+def quiet_known_warnings():
+    """Inside the block, drop KNOWN_HARMLESS_WARNINGS and the torchvision notices; everything else shows."""
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in KNOWN_HARMLESS_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        for category, message in KNOWN_HARMLESS_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
 def to_onnx(model, opset: int = DEFAULT_OPSET, body: str = op.DEFAULT_BODY):
     """Trace model (a transformers causal LM, MoM or dense) into an onnx.ModelProto with a KV cache."""
     wrapper = FlatCacheLM(model).eval()
@@ -251,7 +279,8 @@ def export(
     is_mom = hasattr(torch_model.config, "momcompress")
     log.info("exporting %s (%s) to ONNX opset %d", source, "MoM, " + body + " body" if is_mom else "dense", opset)
     t0 = time.time()
-    proto = to_onnx(torch_model, opset, body)
+    with quiet_known_warnings():
+        proto = to_onnx(torch_model, opset, body)
     export_seconds = time.time() - t0
     L = torch_model.config.num_hidden_layers
     heads, head_dim = kv_shape(torch_model.config)

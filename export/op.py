@@ -20,13 +20,11 @@ plugin of `momcompress.plugins` once the function is stripped (`strip_functions`
   reads all routed weights, but is plain GEMMs;
 - moe: onnxruntime's contrib op com.microsoft::MoE with one MoE expert per routed block (the blocks
   reshaped in place, no copy per expert); SiLU-gated models only; not for TensorRT's parser.
-Measured on the default model (64 experts) at ratio 0.5 (benchmarks/bench_onnx.py, onnxruntime CPU, 2
-threads, alone): decode step 0.93x dense (gather), 0.95x (masked-dense), 0.92x (moe); prefill 512
-0.96x / 1.04x / 0.90x; prefill 128 1.06x / 0.96x / 1.17x. The same graph with the routed experts
-removed runs the step at 0.53x, so the routed part costs ~0.4x where reading half the FFN's weights
-once would cost ~0.24x: standard ops copy the selected blocks (Gather) before multiplying, and MoE's
-CPU kernel multiplies 16-wide blocks one at a time. The default stays gather: standard ops (TensorRT
-and onnxruntime's CUDA provider take it too) and reads only the selected blocks.
+On onnxruntime CPU the routed part costs more than the weights it reads: standard ops copy the selected
+blocks (Gather) before multiplying, and MoE's CPU kernel multiplies the blocks one at a time (dated
+measurements: README, "ONNX bodies on onnxruntime CPU"; `benchmarks/bench_onnx.py` measures them again).
+The default stays gather: standard ops (TensorRT and onnxruntime's CUDA provider take it too) and reads
+only the selected blocks.
 """
 
 from __future__ import annotations

@@ -26,29 +26,47 @@ def main(verbose: bool):
 @main.command()
 @click.argument("model", required=False, default="default")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Run folder to create.")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of options; flags given on the command line override it.")
-@click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Fraction of FFN parameters read per token to reach (default 0.5).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML file of options; flags given on the command line override it.")
+@click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Fraction of FFN parameters read per token to reach (default 0.5).")
 @click.option("--experts", type=click.IntRange(min=1), help="Experts (masks) per layer (default 64).")
 @click.option("--top-k", type=click.IntRange(min=1), help="Experts each token uses (default 1); at most --experts.")
-@click.option("--block-size", type=click.IntRange(min=1), help="Neurons per gate block; must divide the FFN width (default: the largest power of two <= 64 leaving >= 96 blocks).")
-@click.option("--steps", type=click.IntRange(min=1), help="Optimisation steps (default 100: about 17 minutes for SmolLM2-135M on 2 CPU cores).")
-@click.option("--tokens", type=click.IntRange(min=1), help="Training token budget instead of --steps: steps = tokens / (batch size x seq len x processes).")
+@click.option("--block-size", type=click.IntRange(min=1),
+              help="Neurons per gate block; must divide the FFN width (default: the largest power of two <= 64 "
+                   "leaving >= 96 blocks).")
+@click.option("--steps", type=click.IntRange(min=1),
+              help="Optimisation steps (default 100: about 17 minutes for SmolLM2-135M on 2 CPU cores).")
+@click.option("--tokens", type=click.IntRange(min=1),
+              help="Training token budget instead of --steps: steps = tokens / (batch size x seq len x processes).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per step and process (default 4).")
 @click.option("--seq-len", type=click.IntRange(min=2), help="Tokens per sequence (default 256).")
 @click.option("--lr", type=click.FloatRange(min=0), help="Adam learning rate of the gates (default 0.3).")
 @click.option("--router-lr", type=click.FloatRange(min=0), help="Adam learning rate of the routers (default 1e-3).")
 @click.option("--lambda-lr", type=click.FloatRange(min=0), help="Gradient-ascent step of the Lagrange multipliers (default 2.0).")
-@click.option("--control", type=click.Choice(["projection", "lagrangian"]), help="Ratio control: projection (exact schedule, default) or lagrangian (multipliers only).")
-@click.option("--warmup", type=click.FloatRange(0, 1), help="Fraction of steps over which the target falls from 1 to --target (default 0.3).")
-@click.option("--layerwise-steps", type=click.IntRange(min=0), help="Steps of a layer-wise phase before the end-to-end steps: each FFN's gates and router matched to the dense FFN on cached inputs (default 0).")
-@click.option("--layerwise-tokens", type=click.IntRange(min=1), help="Calibration tokens cached for the layer-wise phase (default 32768).")
-@click.option("--tune-weights/--no-tune-weights", default=None, help="Also train the model's FFN weights, distilled from a frozen copy of the original (default on).")
+@click.option("--control", type=click.Choice(["projection", "lagrangian"]),
+              help="Ratio control: projection (exact schedule, default) or lagrangian (multipliers only).")
+@click.option("--warmup", type=click.FloatRange(0, 1),
+              help="Fraction of all steps over which the target falls from 1 to --target (default 0.3).")
+@click.option("--layerwise-steps", type=click.IntRange(min=0),
+              help="Steps of a layer-wise phase before the end-to-end steps: each FFN's gates and router matched to the "
+                   "dense FFN on cached inputs (default 0).")
+@click.option("--layerwise-tokens", type=click.IntRange(min=1),
+              help="Calibration tokens cached for the layer-wise phase (default 32768).")
+@click.option("--tune-weights/--no-tune-weights", default=None,
+              help="Also train the model's FFN weights, distilled from a frozen copy of the original (default on).")
 @click.option("--weight-lr", type=click.FloatRange(min=0), help="Learning rate of the model's weights with --tune-weights (default 3e-4).")
-@click.option("--distill/--no-distill", default=None, help="Train on KL divergence to the dense model's logits (default on) instead of the LM loss.")
+@click.option("--distill/--no-distill", default=None,
+              help="Train on KL divergence to the dense model's logits (default on) instead of the LM loss.")
 @click.option("--init", type=click.Choice(["importance", "uniform"]), help="Gate/router initialisation (default importance).")
-@click.option("--permute/--no-permute", default=None, help="Reorder FFN neurons so each block groups co-activating ones (default on; function-preserving).")
-@click.option("--data", help="Calibration text: .txt file or folder, .jsonl, .parquet or a saved `datasets` folder (default: the embedded novels).")
-@click.option("--text-field", help="Field holding the text in .jsonl / .parquet / datasets data (default: text, content, passage or document).")
+@click.option("--permute/--no-permute", default=None,
+              help="Reorder FFN neurons so each block groups co-activating ones (default on; function-preserving).")
+@click.option("--data",
+              help="Calibration text: .txt file or folder, .jsonl, .parquet or a saved `datasets` folder (default: "
+                   "the embedded novels).")
+@click.option("--text-field",
+              help="Field holding the text in .jsonl / .parquet / datasets data (default: text, content, passage or "
+                   "document).")
 @click.option("--eval-tokens", type=click.IntRange(min=0), help="Held-out tokens for the final perplexity (default 8192; 0 skips it).")
 @click.option("--seed", type=int, help="Seed of data order, gate noise and init (default 0).")
 @click.option("--device", help="auto, cpu, cuda or cuda:N (default auto).")
@@ -91,13 +109,19 @@ def learn(model, output, config_file, tokens, resume, overwrite, **flags):
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Frozen model folder to create.")
-@click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Activation ratio to meet (default: the run's target).")
+@click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Activation ratio to meet (default: the run's target).")
 @click.option("--tolerance", type=click.FloatRange(0, 0.5, min_open=True, max_open=True), default=0.01, show_default=True,
               help="Largest accepted |ratio on the calibration (fit) tokens - target|; the same rule as every baseline.")
-@click.option("--tokens", type=click.IntRange(min=1), help="Tokens to fit the threshold on, and held-out tokens to measure on (default: the run's --eval-tokens, or 8192 each).")
-@click.option("--data", help="Text to use instead of the run's data: half fits the threshold, half is held out (.txt, .jsonl, .parquet, datasets folder).")
-@click.option("--uniform-experts", is_flag=True, help="Pad experts to equal width with zero blocks, for runtimes that need uniform experts.")
-@click.option("--model", "model_dir", type=click.Path(file_okay=False), help="The source model folder, if it moved since learn ran (its sha256 must match).")
+@click.option("--tokens", type=click.IntRange(min=1),
+              help="Tokens to fit the threshold on, and held-out tokens to measure on (default: the run's --eval-tokens, "
+                   "or 8192 each).")
+@click.option("--data", help="Text to use instead of the run's data: half fits the threshold, half is held out "
+                             "(.txt, .jsonl, .parquet, datasets folder).")
+@click.option("--uniform-experts", is_flag=True,
+              help="Pad experts to equal width with zero blocks, for runtimes that need uniform experts.")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False),
+              help="The source model folder, if it moved since learn ran (its sha256 must match).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per forward pass while measuring.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT folder.")
@@ -148,31 +172,48 @@ def freeze(run_dir, output, target, tolerance, tokens, data, uniform_experts, mo
 
 @main.command()
 @click.argument("frozen_dir", type=click.Path(file_okay=False))
-@click.option("--dense", "dense", default="default", show_default=True, help="The dense original: a model folder, a .gguf file or `default`.")
-@click.option("-o", "--output", type=click.Path(file_okay=False), help="Report folder; methods validated into one folder are compared there (default: FROZEN_DIR's parent/validation).")
-@click.option("--data", help="Held-out text for perplexity (.txt, .jsonl, .parquet, datasets folder; default: Wikipedia paragraphs); never the calibration text.")
+@click.option("--dense", "dense", default="default", show_default=True,
+              help="The dense original: a model folder, a .gguf file or `default`.")
+@click.option("-o", "--output", type=click.Path(file_okay=False),
+              help="Report folder; methods validated into one folder are compared there (default: FROZEN_DIR's "
+                   "parent/validation).")
+@click.option("--data",
+              help="Held-out text for perplexity (.txt, .jsonl, .parquet, datasets folder; default: Wikipedia "
+                   "paragraphs); never the calibration text.")
 @click.option("--text-field", help="Field holding the text in .jsonl / .parquet / datasets data.")
-@click.option("--tasks", "task_names", help="Comma-separated zero-shot tasks, or `none` (default: arc_easy,arc_challenge,piqa,hellaswag,winogrande).")
+@click.option("--tasks", "task_names",
+              help="Comma-separated zero-shot tasks, or `none` (default: "
+                   "arc_easy,arc_challenge,piqa,hellaswag,winogrande).")
 @click.option("--limit", type=click.IntRange(min=0), default=200, show_default=True, help="Documents per task (0: all).")
 @click.option("--heldout-tokens", type=click.IntRange(min=1), default=16384, show_default=True, help="Held-out tokens for perplexity.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Perplexity window length.")
 @click.option("--context", type=click.IntRange(min=1), help="Context length the attention FLOPs assume (default: --seq-len).")
-@click.option("--min-retention", type=click.FloatRange(0, 2, min_open=True), help="Exit with status 1 (after writing the report) when the average zero-shot retention (acc_norm) is below this.")
+@click.option("--min-retention", type=click.FloatRange(0, 2, min_open=True),
+              help="Exit with status 1 (after writing the report) when the average zero-shot retention (acc_norm) is "
+                   "below this.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Windows / zero-shot requests per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Windows / zero-shot requests per forward pass.")
 @click.option("--speed/--no-speed", default=True, show_default=True, help="Time prefill and decode, dense vs sparse.")
 @click.option("--prefill-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Prompt length timed for prefill.")
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True, help="Decode steps timed after the prompt.")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True, help="Timed rounds (medians are reported).")
-@click.option("--onnx-dense", type=click.Path(exists=True), help="`momcompress export` folder (model.onnx) of the dense model.")
-@click.option("--onnx-sparse", type=click.Path(exists=True), help="`momcompress export` folder (model.onnx) of FROZEN_DIR.")
+@click.option("--onnx", "--onnx-sparse", "onnx_sparse", type=click.Path(exists=True),
+              help="`momcompress export` folder (model.onnx) of FROZEN_DIR: times it in onnxruntime against the "
+                   "dense model's export.")
+@click.option("--onnx-dense", type=click.Path(exists=True),
+              help="The dense model's export (default: exported once into the momcompress cache with --onnx's "
+                   "settings).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Intra-op threads pinned for every timing, PyTorch and onnxruntime (default: PyTorch's count).")
 @click.option("--overwrite", is_flag=True, help="Replace this model's earlier report in the report folder.")
-def validate(frozen_dir, dense, output, data, text_field, task_names, limit, heldout_tokens, seq_len, context, min_retention, device, batch_size, speed, prefill_tokens, decode_tokens, repeats, onnx_dense, onnx_sparse, overwrite):
+def validate(frozen_dir, dense, output, data, text_field, task_names, limit, heldout_tokens, seq_len, context, min_retention,
+             device, batch_size, speed, prefill_tokens, decode_tokens, repeats, onnx_sparse, onnx_dense, threads, overwrite):
     """Validate FROZEN_DIR against its dense original, side by side in one run.
 
     Measures held-out perplexity, zero-shot accuracy (with retention and bootstrap CIs), the FFN
     activation ratio, active parameters and FLOPs per token, and prefill/decode latency (PyTorch, and
-    onnxruntime given both exports). Writes REPORT_DIR/<model>/report.json, report.md and plots, updates
+    onnxruntime given --onnx). Writes REPORT_DIR/<model>/report.json, report.md and plots, updates
     REPORT_DIR's comparison of every method validated there, and prints the summary table.
     """
     from momcompress.validate.report import format_summary
@@ -187,7 +228,7 @@ def validate(frozen_dir, dense, output, data, text_field, task_names, limit, hel
             task_names=DEFAULT_TASKS if task_names is None else task_names, limit=limit,
             heldout_tokens=heldout_tokens, seq_len=seq_len, context=context, min_retention=min_retention, device=device,
             batch_size=batch_size, measure_speed=speed, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
-            speed_repeats=repeats, onnx_dense=onnx_dense, onnx_sparse=onnx_sparse, overwrite=overwrite,
+            speed_repeats=repeats, onnx_dense=onnx_dense, onnx_sparse=onnx_sparse, threads=threads, overwrite=overwrite,
         )
     except RetentionBelowThresholdError as exc:
         click.echo(format_summary(exc.report))
@@ -197,7 +238,8 @@ def validate(frozen_dir, dense, output, data, text_field, task_names, limit, hel
     click.echo(format_summary(report))
     gate = report["gate"]
     if gate["min_retention"] is not None:
-        click.echo(f"average zero-shot retention ({gate['metric']}) {gate['average_zero_shot_retention']:.3f} >= --min-retention {gate['min_retention']}: passed")
+        click.echo(f"average zero-shot retention ({gate['metric']}) {gate['average_zero_shot_retention']:.3f} "
+                   f">= --min-retention {gate['min_retention']}: passed")
     click.echo(f"wrote {report['report_dir']}")
 
 
@@ -205,17 +247,28 @@ def validate(frozen_dir, dense, output, data, text_field, task_names, limit, hel
 @click.argument("method", type=click.Choice(["moefication", "prune", "teal"]))
 @click.argument("model", required=False, default="default")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Baseline model folder to create.")
-@click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True, help="Fraction of FFN parameters read per token.")
-@click.option("--tokens", type=click.IntRange(min=1), help="Calibration tokens (moefication, teal: default 16384; prune: learn's training tokens, default its --steps).")
+@click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
+              help="Fraction of FFN parameters read per token.")
+@click.option("--tokens", type=click.IntRange(min=1),
+              help="Calibration tokens (moefication, teal: default 16384; prune: learn's training tokens, default "
+                   "its --steps).")
 @click.option("--steps", type=click.IntRange(min=1), help="prune: learn steps (default: learn's default, 100).")
-@click.option("--eval-tokens", type=click.IntRange(min=1), default=8192, show_default=True, help="Held-out tokens for the measured ratio and perplexities.")
-@click.option("--data", help="Calibration text: .txt file or folder, .jsonl, .parquet or a saved `datasets` folder (default: the embedded novels; held-out: Wikipedia paragraphs).")
+@click.option("--eval-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Held-out tokens for the measured ratio and perplexities.")
+@click.option("--data",
+              help="Calibration text: .txt file or folder, .jsonl, .parquet or a saved `datasets` folder (default: "
+                   "the embedded novels; held-out: Wikipedia paragraphs).")
 @click.option("--text-field", help="Field holding the text in .jsonl / .parquet / datasets data.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per window.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per forward pass while collecting activations and measuring (teal calibrates in one pass).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Windows per forward pass while collecting activations and measuring (teal calibrates in one "
+                   "pass).")
 @click.option("--block-size", type=click.IntRange(min=1), help="moefication, prune: neurons per block (default as learn).")
-@click.option("--experts", type=click.IntRange(min=2), help="moefication: experts per layer (default: chosen so top-k / experts meets --target).")
-@click.option("--split", type=click.Choice(["search", "equal"]), default="search", show_default=True, help="teal: per-layer split of the budget between the gate/up and down inputs (search: least FFN output error; equal: same kept fraction).")
+@click.option("--experts", type=click.IntRange(min=2),
+              help="moefication: experts per layer (default: chosen so top-k / experts meets --target).")
+@click.option("--split", type=click.Choice(["search", "equal"]), default="search", show_default=True,
+              help="teal: per-layer split of the budget between the gate/up and down inputs (search: least FFN "
+                   "output error; equal: same kept fraction).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data split, clustering, router training and learn.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Model dtype.")
@@ -252,21 +305,30 @@ def _range3(ctx, param, value):
 
 @main.command()
 @click.argument("model", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to create (model.onnx, tokenizer, manifest.json).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder to create (model.onnx, tokenizer, manifest.json).")
 @click.option("--dense", is_flag=True, help="MODEL is a dense model (folder, .gguf or `default`): export it the same way, for comparisons.")
-@click.option("--experts-body", type=click.Choice(["gather", "masked-dense", "moe"]), default=None, help="Function body of the MoMExperts nodes: gather (reads only the selected blocks), masked-dense (plain GEMMs over all routed blocks) or moe (onnxruntime's com.microsoft::MoE, one MoE expert per routed block; SiLU models only, onnxruntime only). Default: gather.")
+@click.option("--experts-body", type=click.Choice(["gather", "masked-dense", "moe"]), default=None,
+              help="Function body of the MoMExperts nodes: gather (reads only the selected blocks), masked-dense "
+                   "(plain GEMMs over all routed blocks) or moe (onnxruntime's com.microsoft::MoE, one MoE expert "
+                   "per routed block; SiLU models only, onnxruntime only). Default: gather.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the default domain (18-23).")
-@click.option("--atol", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="Checks pass when |onnxruntime - PyTorch| <= atol + rtol x max|PyTorch value|.")
-@click.option("--rtol", type=click.FloatRange(0), default=1e-5, show_default=True, help="See --atol (fp32 rounding grows with the logits' scale).")
-@click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Greedy tokens that must match PyTorch exactly.")
-@click.option("--provider", default="CPUExecutionProvider", show_default=True, help="onnxruntime execution provider for the checks (CUDAExecutionProvider needs onnxruntime-gpu).")
+@click.option("--atol", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True,
+              help="Checks pass when |onnxruntime - PyTorch| <= atol + rtol x max|PyTorch value|.")
+@click.option("--rtol", type=click.FloatRange(0), default=1e-5, show_default=True,
+              help="See --atol (fp32 rounding grows with the logits' scale).")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Greedy tokens that must match PyTorch exactly.")
+@click.option("--provider", default="CPUExecutionProvider", show_default=True,
+              help="onnxruntime execution provider for the checks (CUDAExecutionProvider needs onnxruntime-gpu).")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine with the momcompress plugin (needs momcompress[trt] and a GPU).")
 @click.option("--trt-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True, help="Engine precision.")
 @click.option("--trt-batch", callback=_range3, default="1,1,4", show_default=True, help="Batch range MIN,OPT,MAX of the engine's profile.")
 @click.option("--trt-sequence", callback=_range3, default="1,128,1024", show_default=True, help="New-token range MIN,OPT,MAX per call.")
 @click.option("--trt-past", callback=_range3, default="0,128,1024", show_default=True, help="Cached-token range MIN,OPT,MAX.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT folder.")
-def export(model, output, dense, experts_body, opset, atol, rtol, new_tokens, provider, trt, trt_precision, trt_batch, trt_sequence, trt_past, overwrite):
+def export(model, output, dense, experts_body, opset, atol, rtol, new_tokens, provider, trt, trt_precision, trt_batch,
+           trt_sequence, trt_past, overwrite):
     """Export the frozen model folder MODEL to ONNX (onnxruntime; --trt: TensorRT), checked against PyTorch.
 
     The routed experts of each layer become one momcompress::MoMExperts node with an ONNX function

@@ -222,7 +222,11 @@ def test_measured_ratio_equals_manifest_and_sizes(llama_frozen):
     assert abs(ratio - 0.5) <= 0.01
     assert per_layer == pytest.approx(manifest["measured_ratio_per_layer"], abs=1e-6)
     p = manifest["parameters"]
-    assert p["frozen_total"] < p["dense_total"] or manifest["blocks"]["total"]["pruned"] == 0
+    # stored parameters, by hand: pruned blocks (3 x b x d each) leave, the routers (E x d per layer) come in
+    section = json.loads((frozen_dir / "config.json").read_text())["momcompress"]
+    b, d, E = section["block_size"], 64, section["num_experts"]
+    pruned = sum(len(layer["pruned"]) for layer in section["layers"])
+    assert p["dense_total"] - p["frozen_total"] == 3 * b * d * pruned - len(section["layers"]) * E * d
     assert p["ffn_active_per_token"] < p["dense_ffn_active_per_token"]
     assert p["model_active_per_token"] < p["dense_model_active_per_token"]
     assert manifest["perplexity"]["frozen"] > 0 and manifest["checks"]["logits_max_rel_diff"] <= REL_TOL
@@ -274,14 +278,17 @@ def test_frozen_folder_is_self_contained(llama_frozen, tmp_path):
 
 
 def test_uniform_experts_pad_to_equal_width(llama_frozen, workdir):
-    _, run, _, _ = llama_frozen
+    _, run, frozen_dir, _ = llama_frozen
     out = workdir / "frozen-uniform"
     manifest = momcompress.freeze(run, out, uniform_experts=True)
     model = momcompress.load(out)
     for m in frozen_layers(model):
         sizes = m.expert_offsets.diff()
         assert (sizes == sizes[0]).all()
-    assert manifest["padding_overhead"] >= 0
+    # every expert padded to its layer's widest expert of the unpadded freeze (same run and target)
+    real = [[len(e) for e in layer["experts"]] for layer in json.loads((frozen_dir / "config.json").read_text())["momcompress"]["layers"]]
+    assert [m.expert_offsets.diff().tolist() for m in frozen_layers(model)] == [[max(s)] * len(s) for s in real]
+    assert manifest["padding_overhead"] == pytest.approx(sum(len(s) * max(s) - sum(s) for s in real) / sum(map(sum, real)))
     learned, tok = _learned_model(run, manifest["threshold"]["gate_offset"])
     ids = tok(["He counted the coins twice"], return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -187,7 +187,7 @@ def test_learning_learns_beats_static_energy_pruning_and_the_untrained_init(tiny
     from conftest import tiny_tokenizer
     from momcompress.calibration.data import batch_for_step, build_token_batches
     from momcompress.learn.init import collect_ffn_inputs, importance_init, neuron_contributions
-    from momcompress.learn.select import match_target, measure_ratio
+    from momcompress.learn.select import match_target
     from momcompress.models import load_model
 
     torch.manual_seed(0)

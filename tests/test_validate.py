@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import momcompress
 from conftest import SAMPLE_TEXT, TINY_ARCHS, make_tiny_model_dir, tiny_config, write_text_data
 from momcompress.cli import main
 from momcompress.config import LearnConfig
-from momcompress.errors import ConfigError, DataError, ModelLoadError, RunDirError
+from momcompress.errors import ConfigError, DataError, ExportError, ModelLoadError, RunDirError
 from momcompress.validate import cost, speed, tasks
 from momcompress.validate.tasks import Doc
 from momcompress.validate.validator import average_retention
@@ -107,21 +108,83 @@ def test_timing_is_interleaved_and_reports_median_ratios():
                "sparse": runner("sparse", [9.0, 0.1, 0.05, 0.5], 0.02)}
     out = speed._interleave(runners, torch.arange(10), 6, 4, repeats=3, progress=None)
     assert calls == ["dense", "sparse", "sparse", "dense", "dense", "sparse", "sparse", "dense"]  # order alternates
-    assert out["prefill"]["dense_ms"] == pytest.approx(200.0)  # warm-up round (9 s) dropped; median of .2 .1 .3
-    assert out["prefill"]["sparse_ms"] == pytest.approx(100.0)
-    assert out["prefill"]["ratio"] == pytest.approx(0.5)
-    assert out["decode"]["dense_ms"] == pytest.approx(10.0) and out["decode"]["ratio"] == pytest.approx(2.0)
+    p = out["prefill"]
+    assert p["dense_ms"] == pytest.approx(200.0)  # warm-up round (9 s) dropped; median of .2 .1 .3
+    assert p["sparse_ms"] == pytest.approx(100.0) and p["sparse_ms_range"] == pytest.approx([50.0, 500.0])
+    # per-round ratios .5, .5, 1.67: median .5, but the spread (1.17) is wider than |.5 - 1|: flagged
+    assert p["ratio"] == pytest.approx(0.5) and p["ratio_range"] == pytest.approx([0.5, 5 / 3]) and p["unstable"]
+    d = out["decode"]
+    assert d["dense_ms"] == pytest.approx(10.0) and d["ratio"] == pytest.approx(2.0) and not d["unstable"]
+    assert d["rounds"] == 3 and out["warmup"] == 1
+
+
+def test_warmup_rounds_are_dropped_and_still_alternate():
+    calls, times = [], iter([5.0, 5.0, 4.0, 4.0, 0.1, 0.2])  # two warm-up rounds, then one timed round
+
+    def run(name):
+        def fn(tokens, prefill, decode):
+            calls.append(name)
+            return next(times), 0.0
+
+        return fn
+
+    out = speed._interleave({"dense": run("dense"), "sparse": run("sparse")}, torch.arange(4), 2, 1, repeats=1,
+                            progress=None, warmup=2)
+    assert calls == ["dense", "sparse", "sparse", "dense", "dense", "sparse"]
+    assert out["prefill"]["dense_ms"] == pytest.approx(100.0) and out["prefill"]["sparse_ms"] == pytest.approx(200.0)
+
+
+@pytest.mark.parametrize("dense, sparse, unstable", [
+    ([1.0, 1.0, 1.0], [0.50, 0.55, 0.60], False),   # ratios .5-.6: spread .1 < |.55 - 1|
+    ([1.0, 1.0, 1.0], [0.90, 1.10, 1.00], True),    # ratios .9-1.1 around 1: cannot tell
+    ([1.0, 2.0, 1.0], [1.2, 2.4, 1.3], False),      # load doubled round 2 for both: paired ratios stay 1.2-1.3
+    ([1.0, 1.0], [1.60, 1.40], False),              # slower, and clearly so: spread .2 < |1.5 - 1|
+])
+def test_spread_warning_logic(dense, sparse, unstable):
+    summary = speed.summarise_rounds(dense, sparse)
+    ratios = sorted(s / d for d, s in zip(dense, sparse))
+    assert summary["ratio_range"] == pytest.approx([ratios[0], ratios[-1]])
+    assert summary["dense_ms_range"] == pytest.approx([1000 * min(dense), 1000 * max(dense)])
+    assert summary["unstable"] is unstable
+    warning = speed.spread_warning("torch cpu", "decode", summary)
+    if unstable:
+        assert warning.startswith("torch cpu decode: sparse / dense ranged 0.90-1.10 over 3 rounds, wider than")
+    else:
+        assert warning is None
+    with pytest.raises(ValueError, match="same positive number"):
+        speed.summarise_rounds(dense, sparse[:-1])
+
+
+def test_torch_timing_pins_threads_and_reports_warnings(monkeypatch):
+    seen, before = [], torch.get_num_threads()
+    # call order: warm-up dense, sparse; round 1 sparse, dense; round 2 dense, sparse
+    rounds = iter([(1.0, 1.0), (1.0, 1.0), (1.0, 4.4), (1.0, 1.0), (1.0, 1.0), (1.0, 3.6)])
+
+    def fake_run(model, tokens, prefill, decode):
+        seen.append(torch.get_num_threads())
+        return next(rounds)
+
+    monkeypatch.setattr(speed, "_torch_run", fake_run)
+    out = speed.time_torch({"dense": None, "sparse": None}, torch.arange(12), prefill=8, decode=4, repeats=2, threads=1)
+    assert seen == [1] * 6 and torch.get_num_threads() == before and out["threads"] == 1
+    assert out["prefill"]["ratio"] == pytest.approx(1.0) and not out["prefill"]["unstable"]
+    # decode: dense 1 s, sparse 4.4 s then 3.6 s: paired ratios 4.4 and 3.6, spread .8 < |4 - 1|
+    assert out["decode"]["ratio_range"] == pytest.approx([3.6, 4.4]) and out["warnings"] == []
 
 
 def test_torch_timing_runs_prefill_and_cached_decode(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    out = speed.time_torch({"dense": model, "sparse": model}, torch.arange(3, 15), prefill=8, decode=4, repeats=2)
-    assert out["prefill_tokens"] == 8 and out["decode_tokens"] == 4
+    out = speed.time_torch({"dense": model, "sparse": model}, torch.arange(3, 15), prefill=8, decode=4, repeats=3)
+    assert out["prefill_tokens"] == 8 and out["decode_tokens"] == 4 and out["threads"] == torch.get_num_threads()
     for phase in ("prefill", "decode"):
-        assert out[phase]["dense_ms"] > 0 and out[phase]["sparse_ms"] > 0
-        assert out[phase]["ratio"] == pytest.approx(out[phase]["sparse_ms"] / out[phase]["dense_ms"])
+        r = out[phase]
+        assert r["rounds"] == 3
+        assert r["dense_ms_range"][0] <= r["dense_ms"] <= r["dense_ms_range"][1]
+        assert r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]
+        assert r["unstable"] == (r["ratio_range"][1] - r["ratio_range"][0] > abs(r["ratio"] - 1))
+    assert len(out["warnings"]) == out["prefill"]["unstable"] + out["decode"]["unstable"]
     with pytest.raises(ValueError, match="tokens"):
         speed.time_torch({"dense": model, "sparse": model}, torch.arange(5), prefill=8, decode=4)
 
@@ -166,29 +229,62 @@ def write_toy_onnx(folder, with_cache: bool = True, logits_name: str = "logits")
 
 def test_onnx_runner_prefills_and_decodes_with_the_cache(tmp_path):
     folder, table, keys = write_toy_onnx(tmp_path / "toy")
-    lm = speed.OrtCausalLM(folder, num_kv_heads=HKV, head_dim=HD)
-    assert lm.has_cache and lm.manifest == {"stage": "export", "body": "toy"}
-    logits, past = lm.forward(np.array([[5, 7, 9]]))
+    lm = speed.open_onnx(folder, threads=1)
+    assert lm.has_cache and lm.manifest == {"stage": "export", "body": "toy"} and lm.threads == 1
+    ids = np.array([[5, 7, 9]])
+    logits, past = lm.run(ids, np.ones((1, 3)), np.arange(3)[None], lm.first_past(1))
     np.testing.assert_array_equal(logits[0], table[[5, 7, 9]])
-    assert past["past_key_values.0.key"].shape == (1, HKV, 3, HD)
-    logits, past = lm.forward(np.array([[11]]), past)
+    assert past[0].shape == (1, HKV, 3, HD)  # past_key_values.0.key
+    logits, past = lm.run(np.array([[11]]), np.ones((1, 4)), np.array([[3]]), past)
     np.testing.assert_array_equal(logits[0, 0], table[11])
-    assert past["past_key_values.0.value"].shape == (1, HKV, 4, HD)
-    np.testing.assert_array_equal(past["past_key_values.0.key"][0, :, 3], keys[11].reshape(HKV, HD))
+    assert past[1].shape == (1, HKV, 4, HD)
+    np.testing.assert_array_equal(past[0][0, :, 3], keys[11].reshape(HKV, HD))
 
-    out = speed.time_onnx({"dense": lm, "sparse": lm}, torch.arange(1, 13), prefill=8, decode=4, repeats=1)
-    assert out["prefill"]["ratio"] > 0 and out["decode"]["sparse_ms"] > 0
+
+class _Recording:
+    """An OrtCausalLM proxy that records what the timing loop feeds it."""
+
+    def __init__(self, lm):
+        self.lm, self.calls = lm, []
+        self.has_cache, self.threads, self.first_past = lm.has_cache, lm.threads, lm.first_past
+
+    def run(self, ids, mask, pos, past):
+        self.calls.append((ids.tolist(), mask.shape, pos.tolist(), past[0].shape[2] if past else None))
+        return self.lm.run(ids, mask, pos, past)
+
+
+def test_onnx_timing_feeds_the_real_tokens_with_a_growing_cache(tmp_path):
+    rec = _Recording(speed.open_onnx(write_toy_onnx(tmp_path / "toy")[0], threads=1))
+    tokens = torch.arange(20, 32)
+    out = speed.time_onnx({"dense": rec, "sparse": rec}, tokens, prefill=8, decode=4, repeats=2, warmup=1)
+    assert len(rec.calls) == 2 * 3 * (1 + 4)  # 2 models x 3 rounds x (prefill + 4 decode steps)
+    prefill, *steps = rec.calls[:5]
+    assert prefill == ([list(range(20, 28))], (1, 8), [list(range(8))], 0)
+    assert steps == [([[20 + t]], (1, t + 1), [[t]], t) for t in range(8, 12)]  # token t after t cached
+    assert out["prefill"]["rounds"] == out["decode"]["rounds"] == 2 and out["threads"] == 1
+    assert set(out["prefill"]) >= {"dense_ms", "sparse_ms", "dense_ms_range", "ratio", "ratio_range", "unstable"}
 
 
 def test_onnx_runner_without_cache_and_bad_exports(tmp_path):
-    plain = speed.OrtCausalLM(write_toy_onnx(tmp_path / "plain", with_cache=False)[0], HKV, HD)
-    assert not plain.has_cache
+    plain = speed.open_onnx(write_toy_onnx(tmp_path / "plain", with_cache=False)[0])
+    assert not plain.has_cache and plain.first_past(1) == []
     out = speed.time_onnx({"dense": plain, "sparse": plain}, torch.arange(1, 13), prefill=8, decode=4, repeats=1)
     assert "decode" not in out and "no past_key_values" in out["note"]
     with pytest.raises(speed.OnnxModelError, match="needs input_ids and logits"):
-        speed.OrtCausalLM(write_toy_onnx(tmp_path / "odd", logits_name="scores")[0], HKV, HD)
+        speed.open_onnx(write_toy_onnx(tmp_path / "odd", logits_name="scores")[0])
     with pytest.raises(speed.OnnxModelError, match="holds no model.onnx"):
-        speed.OrtCausalLM(tmp_path, HKV, HD)
+        speed.open_onnx(tmp_path)
+
+
+def test_one_onnx_runner_class():
+    from pathlib import Path
+
+    from momcompress.export import causal_lm
+
+    root = Path(momcompress.__file__).parent.parent
+    defined = [str(f.relative_to(root)) for folder in ("momcompress", "export", "benchmarks") for f in (root / folder).rglob("*.py")
+               if "class OrtCausalLM" in f.read_text()]
+    assert defined == ["export/causal_lm.py"] and speed.OrtCausalLM is causal_lm.OrtCausalLM
 
 
 # ----------------------------------------------------------------------------- a tiny frozen model
@@ -250,7 +346,34 @@ def patched_task(monkeypatch, known_docs):
     return known_docs[1]
 
 
-def test_report_files_and_measurements(frozen, patched_task, tmp_path):
+def test_dense_export_is_cached_by_fingerprint_and_settings(tmp_path, monkeypatch, tiny_llama_dir):
+    from momcompress.export import exporter
+    from momcompress.validate import dense_onnx
+
+    monkeypatch.setenv("MOMCOMPRESS_CACHE", str(tmp_path / "cache"))
+    exported = []
+
+    def fake_export(model, output, dense, opset):
+        assert dense
+        exported.append((Path(model), opset))
+        Path(output).mkdir(parents=True)
+        (Path(output) / "model.onnx").write_bytes(b"onnx")
+
+    monkeypatch.setattr(exporter, "export", fake_export)
+    first = dense_onnx.cached_dense_export(tiny_llama_dir, {"opset": 18, "dtype": "float32"})
+    again = dense_onnx.cached_dense_export(tiny_llama_dir, {"opset": 18, "dtype": "float32", "experts_body": "moe"})
+    other = dense_onnx.cached_dense_export(tiny_llama_dir, {"opset": 20, "dtype": "float32"})
+    assert exported == [(tiny_llama_dir, 18), (tiny_llama_dir, 20)]  # once per settings
+    assert first == again != other and first.parent == other.parent == tmp_path / "cache" / "onnx-dense"
+    from momcompress.models import model_fingerprint
+
+    assert model_fingerprint(tiny_llama_dir)[:12] in first.name and (first / "model.onnx").is_file()
+    assert [p.name for p in first.parent.iterdir() if p not in (first, other)] == []  # no temporary folder left
+    with pytest.raises(ExportError, match="float32 only"):
+        dense_onnx.cached_dense_export(tiny_llama_dir, {"opset": 18, "dtype": "float16"})
+
+
+def test_report_files_and_measurements(frozen, patched_task, tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -260,9 +383,10 @@ def test_report_files_and_measurements(frozen, patched_task, tmp_path):
     model_dir, frozen_dir, heldout, _, manifest = frozen
     onnx_dir, _, _ = write_toy_onnx(tmp_path / "onnx")
     out = tmp_path / "reports"
+    monkeypatch.setenv("MOMCOMPRESS_CACHE", str(tmp_path / "cache"))  # the dense export is made there, once
     report = momcompress.validate(frozen_dir, dense=model_dir, output=out, data=str(heldout), task_names="arc_easy",
-                                  prefill_tokens=8, decode_tokens=2, speed_repeats=1, onnx_dense=onnx_dir,
-                                  onnx_sparse=onnx_dir, **FAST)
+                                  prefill_tokens=8, decode_tokens=2, speed_repeats=2, onnx_sparse=onnx_dir, threads=1,
+                                  **FAST)
 
     # retention definitions: perplexity dense / sparse; zero-shot sparse / dense (dense acc_norm is 1 here)
     ppl = report["perplexity"]
@@ -291,10 +415,22 @@ def test_report_files_and_measurements(frozen, patched_task, tmp_path):
     assert c["dense"]["params"] == manifest["parameters"]["dense_model_active_per_token"]
     assert c["flops_ratio"] == pytest.approx(c["sparse"]["flops"] / c["dense"]["flops"]) and c["flops_ratio"] < 1
 
-    # speed in both runtimes
-    assert report["speed"]["torch"]["cpu"]["decode"]["dense_ms"] > 0
-    ort = report["speed"]["onnxruntime"]["cpu"]
-    assert ort["prefill"]["ratio"] > 0 and ort["exports"]["dense"]["manifest"]["body"] == "toy"
+    # speed in both runtimes, threads pinned, medians with their spread; the dense ONNX export from the cache
+    torch_cpu, ort = report["speed"]["torch"]["cpu"], report["speed"]["onnxruntime"]["cpu"]
+    for result in (torch_cpu, ort):
+        assert result["threads"] == 1 and result["repeats"] == 2 and result["warmup"] == 1
+        for phase in ("prefill", "decode"):
+            r = result[phase]
+            assert r["rounds"] == 2 and r["sparse_ms_range"][0] <= r["sparse_ms"] <= r["sparse_ms_range"][1]
+            assert r["unstable"] == (r["ratio_range"][1] - r["ratio_range"][0] > abs(r["ratio"] - 1))
+    warnings = [w for result in (torch_cpu, ort) for w in result["warnings"]]
+    assert [n for n in report["notes"] if n.startswith("unstable timing: ")] == [f"unstable timing: {w}" for w in warnings]
+    assert ort["exports"]["sparse"]["manifest"]["body"] == "toy"
+    dense_export = ort["exports"]["dense"]
+    assert dense_export["manifest"]["kind"] == "dense" and dense_export["manifest"]["checks"]
+    assert Path(dense_export["path"]).parent.parent.resolve() == (tmp_path / "cache" / "onnx-dense").resolve()
+    # the dense export really is the dense model: onnxruntime agrees with PyTorch on it
+    assert ort["max_abs_logit_diff_vs_torch"]["dense"] < 1e-3
 
     # files
     folder = out / "frozen"
@@ -304,6 +440,10 @@ def test_report_files_and_measurements(frozen, patched_task, tmp_path):
     md = (folder / "report.md").read_text()
     assert "| metric | dense | sparse | sparse / dense |" in md and f"| arc_easy | {arc['n']} |" in md
     assert "## Cost per token" in md and "torch cpu" in md and "onnxruntime cpu" in md
+    d = torch_cpu["decode"]
+    assert (f"| {d['dense_ms']:.1f} ms/token ({d['dense_ms_range'][0]:.1f}-{d['dense_ms_range'][1]:.1f}) |" in md)
+    assert f"{d['ratio']:.2f} ({d['ratio_range'][0]:.2f}-{d['ratio_range'][1]:.2f})" in md
+    assert all(f"**Warning**: {w}" in md for w in warnings)
     for png in ("training_curves.png", "blocks_per_layer.png", "expert_usage.png"):
         assert (folder / png).read_bytes()[:8] == PNG_MAGIC and f"]({png})" in md
         assert plt.imread(folder / png).ndim == 3
@@ -394,8 +534,19 @@ def test_bad_input_gets_a_clear_error(case, frozen, tmp_path):
 def test_cli_turns_bad_input_into_a_message(frozen, tmp_path):
     result = _validate_cli(frozen, tmp_path / "r", "--tasks", "nope", "--no-speed")
     assert result.exit_code == 1 and "Error: Unknown task 'nope'" in result.output
-    with pytest.raises(ConfigError, match="both --onnx-dense and --onnx-sparse"):
+    with pytest.raises(ConfigError, match="--onnx-dense needs --onnx"):
         momcompress.validate(frozen[1], dense=frozen[0], onnx_dense=tmp_path, **FAST)
+
+
+def test_cli_times_the_onnx_exports_with_pinned_threads(frozen, tmp_path):
+    toy = write_toy_onnx(tmp_path / "toy")[0]
+    for flag in ("--onnx", "--onnx-sparse"):  # --onnx-sparse: the older name
+        res = _validate_cli(frozen, tmp_path / flag, "--tasks", "none", flag, str(toy), "--onnx-dense", str(toy), "--repeats",
+                            "2", "--prefill-tokens", "8", "--decode-tokens", "2", "--threads", "1")
+        assert res.exit_code == 0, res.output
+        assert "onnxruntime cpu prefill 8 tokens (ms)" in res.output and "onnxruntime cpu decode (ms per token)" in res.output
+        written = json.loads((tmp_path / flag / "frozen" / "report.json").read_text())
+        assert written["speed"]["onnxruntime"]["cpu"]["threads"] == 1 and written["speed"]["torch"]["cpu"]["threads"] == 1
 
 
 def test_real_task_files_score_with_a_limit(frozen, tmp_path):
@@ -413,7 +564,8 @@ def test_teal_baseline_validates_with_its_measured_read_fraction(frozen, tmp_pat
 
     model_dir, _, heldout, calib, _ = frozen
     teal_dir = tmp_path / "teal"
-    momcompress.baselines("teal", str(model_dir), teal_dir, BaselineConfig(target=0.5, tokens=512, eval_tokens=64, seq_len=32, data=str(calib)))
+    momcompress.baseline("teal", str(model_dir), teal_dir,
+                         BaselineConfig(target=0.5, tokens=512, eval_tokens=64, seq_len=32, data=str(calib)))
     report = momcompress.validate(teal_dir, dense=model_dir, output=tmp_path / "r", data=str(heldout), task_names="none",
                                   measure_speed=False, **FAST)
     ratio = report["activation_ratio"]["measured"]
@@ -422,3 +574,28 @@ def test_teal_baseline_validates_with_its_measured_read_fraction(frozen, tmp_pat
     assert sparse_ffn == pytest.approx(ratio * dense_ffn, rel=1e-4)
     assert report["cost"]["sparse"]["router"] == 0
     assert (tmp_path / "r" / report["key"] / "report.md").is_file()
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def test_training_curves_plot_what_the_control_moved(tmp_path):
+    """Projection control logs a per-step gate offset: the panel shows it (and its running sum), not the
+    multipliers, which stay 0 under that control; a Lagrangian run's log shows the multipliers."""
+    import matplotlib.pyplot as plt
+
+    from momcompress.validate import plots
+
+    projection = [{"step": i + 1, "loss": 1.0, "ratio": 0.9, "target": 0.9, "lambda1": 0.0, "lambda2": 0.0,
+                   "offset": off} for i, off in enumerate([-0.5, -0.25, 0.125])]
+    title, lines = plots.control_series(projection)
+    assert title == "projection control: gate offset"
+    assert lines == {"offset per step": [-0.5, -0.25, 0.125], "cumulative offset": [-0.5, -0.75, -0.625]}
+    lagrangian = [{**r, "lambda1": 0.1 * r["step"], "lambda2": 0.0} for r in projection]
+    for r in lagrangian:
+        del r["offset"]
+    title, lines = plots.control_series(lagrangian)
+    assert title == "Lagrange multipliers" and lines["lambda1"] == pytest.approx([0.1, 0.2, 0.3])
+    for records in (projection, lagrangian):
+        path = plots.plot_training_curves(records, tmp_path / "curves.png")
+        assert path.read_bytes()[:8] == PNG_MAGIC and plt.imread(path).ndim == 3

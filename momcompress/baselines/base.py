@@ -253,7 +253,7 @@ def ffn_params_read(model, ratio_per_layer: list[float], dense_ffn: int) -> int:
 
 
 def _format_version() -> int:
-    from momcompress.freeze.freezer import FORMAT_VERSION
+    from momcompress.modelio import FORMAT_VERSION
 
     return FORMAT_VERSION
 
@@ -272,7 +272,7 @@ def _manifest(
     method, config, model_dir, model_hash, model, calib, heldout, ratio, per_layer, dense_parts, parts, ffn_active, ppl_dense, ppl, cal_seconds,
     details, fit_ratio,
 ) -> dict:
-    from momcompress.freeze.freezer import _versions
+    from momcompress.modelio import library_versions
     from momcompress.sizes import active_params_per_token
 
     note = ratio_rule.heldout_note(config.target, fit_ratio, ratio, RATIO_TOLERANCE)
@@ -282,7 +282,7 @@ def _manifest(
         "stage": "baseline",
         "method": method,
         "momcompress_version": __version__,
-        "versions": _versions(),
+        "versions": library_versions(),
         "config": config.to_dict(),
         "source_model": str(model_dir.resolve()),
         "source_model_hash": model_hash,
@@ -327,7 +327,7 @@ def data_description(data: str | None) -> dict[str, str]:
 def write_baseline_folder(out: Path, model, tokenizer, model_dir: Path, section: dict, manifest: dict, t_start: float, plans=None) -> None:
     """Write OUTPUT atomically, as freeze writes a frozen folder (config + section, tokenizer, weights, manifest;
     with plans, a MoM-format folder: block ids and the standalone modeling file too)."""
-    from momcompress.freeze.freezer import write_model_folder
+    from momcompress.modelio import write_model_folder
 
     out.parent.mkdir(parents=True, exist_ok=True)
     write_model_folder(out, model, tokenizer, section, model_dir, manifest, "baseline", t_start, plans)

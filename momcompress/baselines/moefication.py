@@ -179,7 +179,7 @@ def moefy(model, seqs: torch.Tensor, target: float, block_size: int, experts: in
     Returns:
         What the frozen config and manifest record: E, k, per-layer plans and router quality.
     """
-    from momcompress.freeze.freezer import detect_activation
+    from momcompress.modelio import detect_activation
     from momcompress.freeze.plan import plan_layer, repack_layer
     from momcompress.models import decoder_layers
 

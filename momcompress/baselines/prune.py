@@ -56,8 +56,9 @@ def prune(model, out: Path, config) -> dict:
     """Learn one block mask per layer for MODEL, freeze it and write the baseline folder OUT; return its manifest."""
     from momcompress.baselines.base import data_description
     from momcompress.ratio_rule import RATIO_TOLERANCE
-    from momcompress.freeze.freezer import MANIFEST_FILE, _versions, freeze
+    from momcompress.freeze.freezer import freeze
     from momcompress.learn.trainer import learn
+    from momcompress.modelio import MANIFEST_FILE, library_versions
 
     t_start = time.time()
     cfg = learn_config(config)
@@ -74,7 +75,7 @@ def prune(model, out: Path, config) -> dict:
             "stage": "baseline",
             "method": "prune",
             "momcompress_version": __version__,
-            "versions": _versions(),
+            "versions": library_versions(),
             "config": config.to_dict(),
             "learn_config": cfg.to_dict(),
             "source_model": fm["source_model"],

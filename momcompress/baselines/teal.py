@@ -158,7 +158,7 @@ def calibrate(model, seqs: torch.Tensor, target: float, split: str = "search") -
     the inputs it gets from the already-sparsified layers before it. Returns per-layer records
     (thresholds, kept fractions, relative FFN output error on SEARCH_TOKENS of the calibration tokens).
     """
-    from momcompress.freeze.freezer import detect_activation
+    from momcompress.modelio import detect_activation
     from momcompress.models import decoder_layers
 
     if split not in SPLITS:

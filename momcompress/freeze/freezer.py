@@ -20,36 +20,29 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from momcompress import __version__, ratio_rule
 from momcompress.config import LearnConfig
 from momcompress.errors import ConfigError, DataError, FreezeCheckError, ModelLoadError, RunDirError
 from momcompress.freeze.plan import LayerPlan, pad_uniform, padding_overhead, plan_layer, repack_layer
-from momcompress.fsutil import atomic_dir_write
 from momcompress.learn.gates import LOG_ALPHA_FULLY_OFF, deterministic_gates
 from momcompress.learn.mom import gate_mode, mom_layers
 from momcompress.learn.select import match_target, matched_gates
 from momcompress.metrics import perplexity
 from momcompress.learn.mom import wrap_with_mom
-from momcompress.models import WEIGHT_SUFFIXES, decoder_layers, load_model, model_fingerprint
-from momcompress.runtime.mom_ffn import ACTIVATIONS, frozen_layers
+from momcompress.modelio import FORMAT_VERSION, detect_activation, library_versions, write_model_folder
+from momcompress.models import decoder_layers, load_model, model_fingerprint
+from momcompress.runtime.mom_ffn import frozen_layers
 from momcompress.sizes import active_params_per_token, param_breakdown
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: per-expert lists in model.safetensors, counts in config.json (1: lists in config.json)
-WEIGHTS_FILE = "model.safetensors"
-BLOCKS_FILE = "blocks.safetensors"  # original FFN block id of every shared / routed / pruned block, per layer
-MODELING_FILE = "modeling_momcompress.py"  # copy of momcompress/runtime/hf_modeling.py (plain transformers loading)
-MANIFEST_FILE = "manifest.json"
 RUN_FILES = ("manifest.json", "masks.safetensors")
 # Frozen vs learned logits, max |diff| relative to the largest |logit|, per model dtype. fp32 gives ~1e-6;
 # bf16 / fp16 round every matmul to 8 / 11 mantissa bits and the two models sum in different orders
@@ -129,16 +122,6 @@ def resolve_source(run: LearnedRun, model: str | os.PathLike | None = None) -> P
             "manifest): pass --model PATH to the original model, or learn again on this one"
         )
     return model_dir
-
-
-def detect_activation(act_fn: torch.nn.Module) -> str:
-    """Name (in momcompress.runtime.mom_ffn.ACTIVATIONS) of the function act_fn computes, by probing it."""
-    probe = torch.linspace(-6, 6, 241, dtype=torch.float64)
-    out = act_fn(probe)
-    for name, fn in ACTIVATIONS.items():
-        if torch.allclose(out, fn(probe), rtol=0, atol=1e-6):
-            return name
-    raise ModelLoadError(f"FFN activation {type(act_fn).__name__} is none of {sorted(ACTIVATIONS)}: cannot freeze it")
 
 
 def load_learned(run: LearnedRun, model_dir: Path, device: torch.device):
@@ -353,7 +336,7 @@ def freeze(
     manifest = {
         "stage": "freeze",
         "momcompress_version": __version__,
-        "versions": _versions(),
+        "versions": library_versions(),
         "run_dir": str(Path(run_dir).resolve()),
         "source_model": str(model_dir.resolve()),
         "source_model_hash": run.manifest["source_model_hash"],
@@ -397,64 +380,6 @@ def freeze(
 
     write_model_folder(out, frozen, tokenizer, section, model_dir, manifest, "frozen", t_start, plans)
     return manifest
-
-
-def write_model_folder(
-    out: Path, model, tokenizer, section: dict, model_dir: Path, manifest: dict, kind: str, t_start: float, plans: list[LayerPlan] | None = None
-) -> None:
-    """Write OUT atomically: config.json (+ the `momcompress` section), generation config, tokenizer,
-    model.safetensors and manifest.json (with on-disk sizes, dense vs `kind`, and the wall time).
-
-    With plans (a MoM-format folder): also blocks.safetensors (each layer's original block ids) and the
-    standalone modeling file with config.json's `auto_map`, so that plain transformers loads OUT with
-    `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`.
-    """
-    from momcompress.runtime import hf_modeling
-
-    source_bytes = sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-
-    def write(folder: Path) -> None:
-        model.config.momcompress = section
-        if plans is not None:
-            class_name = hf_modeling.model_class_name(model.config.model_type)
-            model.config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{class_name}"}
-            shutil.copy(hf_modeling.__file__, folder / MODELING_FILE)
-            ids = {name: t for i, p in enumerate(plans) for name, t in p.block_ids(f"layers.{i}.").items()}
-            save_file({k: v.to(torch.int64).clone() for k, v in ids.items()}, folder / BLOCKS_FILE)  # clone: plans may share tensors
-        model.config.save_pretrained(folder)
-        if (model_dir / "generation_config.json").is_file():
-            shutil.copy(model_dir / "generation_config.json", folder / "generation_config.json")
-        tokenizer.save_pretrained(folder)
-        save_file(_state_dict_for_disk(model), folder / WEIGHTS_FILE, metadata={"format": "pt", "momcompress_format": str(FORMAT_VERSION)})
-        manifest["disk_bytes"] = {"dense": source_bytes, kind: (folder / WEIGHTS_FILE).stat().st_size}
-        manifest["wall_seconds"] = time.time() - t_start
-        (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-
-    try:
-        atomic_dir_write(out, write)
-    finally:
-        for attr in ("momcompress", "auto_map"):
-            if hasattr(model.config, attr):
-                delattr(model.config, attr)
-
-
-def _state_dict_for_disk(model) -> dict[str, torch.Tensor]:
-    """The model's tensors, contiguous, with tied weights stored once (the embedding)."""
-    seen: set[tuple] = set()
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        tensors[name] = tensor.detach().contiguous().cpu()
-    return tensors
-
-
-def _versions() -> dict:
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
 
 
 def format_block_table(manifest: dict) -> str:

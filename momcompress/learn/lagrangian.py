@@ -15,7 +15,6 @@ to 415 with the ratio still at 1.0) because the union ratio's gradient vanishes 
 
 from __future__ import annotations
 
-import itertools
 
 import torch
 

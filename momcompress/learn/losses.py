@@ -13,7 +13,6 @@ Pure math: no model code, no I/O.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # Tokens per chunk of the head: (CHUNK, V) fp32 temporaries, 200 MB for V = 49152.
 HEAD_CHUNK = 256

@@ -1,7 +1,8 @@
 """PNG plots of a validation report (matplotlib, Agg backend: no display needed).
 
-- ``plot_training_curves``: loss, activation ratio (with its target) and the Lagrange multipliers over
-  the learn run's steps, from its log.jsonl;
+- ``plot_training_curves``: loss, activation ratio (with its target) and what the ratio control moved over
+  the learn run's steps, from its log.jsonl: the gate offset under projection control, the Lagrange
+  multipliers under the Lagrangian;
 - ``plot_blocks_per_layer``: shared / routed / pruned FFN blocks of every layer, stacked;
 - ``plot_expert_usage``: a heat map of the fraction of tokens each layer routes to each expert;
 - ``plot_retention_vs_ratio``: retention against activation ratio, one point per validated method.
@@ -30,12 +31,29 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def control_series(records: list[dict]) -> tuple[str, dict[str, list[float]]]:
+    """(panel title, {label: per-step values}) of the quantity the run's ratio control moved.
+
+    Projection control logs the offset added to every gate's log_alpha at each step ("offset"): the panel
+    shows it and its running sum (how far the gates have moved in all). Runs without it (the Lagrangian, or
+    logs written before the field existed) show the multipliers lambda1 and lambda2.
+    """
+    if any("offset" in r for r in records):
+        offsets = [r.get("offset", math.nan) for r in records]
+        total, running = 0.0, []
+        for value in offsets:
+            total += value if math.isfinite(value) else 0.0
+            running.append(total)
+        return "projection control: gate offset", {"offset per step": offsets, "cumulative offset": running}
+    return "Lagrange multipliers", {key: [r.get(key, math.nan) for r in records] for key in ("lambda1", "lambda2")}
+
+
 def plot_training_curves(records: list[dict], path: Path) -> Path:
-    """Loss (total, distillation, LM), activation ratio vs target, and lambda1/lambda2 per step.
+    """Loss (total, distillation, LM), activation ratio vs target, and the ratio control per step.
 
     Args:
         records: log.jsonl lines of a learn run, each with "step" and any of loss, kd, lm, ratio,
-            target, lambda1, lambda2.
+            target, offset (projection control), lambda1, lambda2.
         path: PNG to write.
     """
     steps = [r["step"] for r in records]
@@ -53,10 +71,17 @@ def plot_training_curves(records: list[dict], path: Path) -> Path:
     axes[1].plot(steps, series("target"), "--", label="target")
     axes[1].set(title="FFN activation ratio", xlabel="step", ylim=(0, 1.05))
     axes[1].legend(fontsize=8)
-    axes[2].plot(steps, series("lambda1"), label="lambda1")
-    axes[2].plot(steps, series("lambda2"), label="lambda2")
-    axes[2].set(title="Lagrange multipliers", xlabel="step")
-    axes[2].legend(fontsize=8)
+    title, lines = control_series(records)
+    ax = axes[2]
+    handles = []
+    for i, (label, values) in enumerate(lines.items()):
+        if i == 1 and "cumulative offset" in lines:  # a running sum dwarfs the per-step values: own axis
+            ax = axes[2].twinx()
+            ax.set_ylabel(label, fontsize=8)
+        handles += ax.plot(steps, values, label=label, color=f"C{i}")
+    axes[2].axhline(0.0, color="grey", lw=0.6, ls=":")
+    axes[2].set(title=title, xlabel="step")
+    axes[2].legend(handles=handles, fontsize=8)
     return _save(fig, path)
 
 

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
 from momcompress.errors import RunDirError
@@ -78,6 +77,19 @@ def _speed_rows(speed: dict) -> list[tuple[str, dict, str]]:
     return rows
 
 
+def _ms(r: dict, side: str, unit: str = "") -> str:
+    """Median milliseconds of one side with its min-max over rounds: "12.3 (11.9-13.0)"."""
+    lo, hi = r[f"{side}_ms_range"]
+    return f"{r[f'{side}_ms']:.1f}{unit} ({lo:.1f}-{hi:.1f})"
+
+
+def _speed_ratio(r: dict) -> str:
+    """Median ratio sparse / dense with its min-max over rounds, flagged when the spread exceeds |ratio - 1|."""
+    lo, hi = r["ratio_range"]
+    flag = " (!)" if r.get("unstable") else ""
+    return f"{_num(r['ratio'], 2)} ({_num(lo, 2)}-{_num(hi, 2)}){flag}"
+
+
 def format_summary(report: dict) -> str:
     """The report's summary table (markdown): dense vs sparse and their ratio, one metric per row."""
     ppl, zs, c = report["perplexity"], report["zero_shot"], report["cost"]
@@ -100,7 +112,7 @@ def format_summary(report: dict) -> str:
         what = (f"{label} prefill {result['prefill_tokens']} tokens (ms)" if phase == "prefill"
                 else f"{label} decode (ms per token)")
         r = result[phase]
-        rows.append([what, _num(r["dense_ms"], 1), _num(r["sparse_ms"], 1), _num(r["ratio"], 2)])
+        rows.append([what, _ms(r, "dense"), _ms(r, "sparse"), _speed_ratio(r)])
     return _table(["metric", "dense", "sparse", "sparse / dense"], rows)
 
 
@@ -156,13 +168,22 @@ def format_markdown(report: dict, plot_files: list[str]) -> str:
         unit = "ms" if phase == "prefill" else "ms/token"
         speed_rows.append([label, f"{phase} ({result['prefill_tokens']} tokens)" if phase == "prefill" else
                            f"decode ({result['decode_tokens']} steps after {result['prefill_tokens']})",
-                           f"{r['dense_ms']:.1f} {unit}", f"{r['sparse_ms']:.1f} {unit}", f"{r['ratio']:.2f}",
-                           f"{1 / r['ratio']:.2f}x"])
+                           _ms(r, "dense", " " + unit), _ms(r, "sparse", " " + unit), _speed_ratio(r),
+                           f"{1 / r['ratio']:.2f}x", str(result.get("threads", "-"))])
     out += ["## Latency", ""]
     if speed_rows:
-        out += [_table(["runtime", "phase", "dense", "sparse", "sparse / dense", "speed-up"], speed_rows), ""]
+        out += [_table(["runtime", "phase", "dense (min-max)", "sparse (min-max)", "sparse / dense (min-max)",
+                        "speed-up", "threads"], speed_rows), ""]
         reps = {result["repeats"] for _, result, _ in _speed_rows(speed)}
-        out += [f"Median of {', '.join(map(str, sorted(reps)))} interleaved rounds after one warm-up round."]
+        warm = {result.get("warmup", 1) for _, result, _ in _speed_rows(speed)}
+        out += [f"Median (min-max) of {', '.join(map(str, sorted(reps)))} interleaved rounds after "
+                f"{', '.join(map(str, sorted(warm)))} warm-up round(s), threads pinned; the ratio is the median of "
+                "the per-round ratios. (!): the ratio's spread is wider than its distance from 1, so this run cannot "
+                "tell which model is faster."]
+        for _, result, _ in _speed_rows(speed):
+            for warning in result.get("warnings", []):
+                if f"**Warning**: {warning}" not in out:
+                    out += [f"**Warning**: {warning}"]
         ort = (speed.get("onnxruntime") or {}).get("cpu")
         if ort and "max_abs_logit_diff_vs_torch" in ort:
             d = ort["max_abs_logit_diff_vs_torch"]
@@ -184,14 +205,6 @@ def format_markdown(report: dict, plot_files: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def versions() -> dict:
-    """Versions of the libraries the numbers depend on."""
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
 
 
 def read_index(root: Path) -> dict:

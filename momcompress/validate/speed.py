@@ -5,77 +5,122 @@ Two phases, each timed on the same real tokens for both models:
 - decode: D single-token steps that extend the cache (per-token latency), fed the next real tokens
   (teacher forcing) so both models do the same work whatever they would have generated.
 
-Measurements are interleaved (repeat r times: dense then sparse, the next round sparse then dense) after
-one untimed warm-up round, so drift in machine load (other processes, thermal state) hits both models
-alike; each figure is the median over rounds and the comparison is the ratio sparse / dense.
+What keeps the numbers stable on a shared CPU:
+- threads are pinned: both models run with the same fixed intra-op thread count (torch and onnxruntime),
+  and onnxruntime's idle threads do not spin, so one session's workers cannot slow the other's rounds;
+- `warmup` untimed rounds first (allocations, lazy init, caches);
+- rounds are interleaved (dense then sparse, the next round sparse then dense), so drift in machine load
+  hits both models alike, and each round gives one paired ratio sparse / dense;
+- every figure is the median over rounds with its min-max spread; when the ratio's spread is wider than
+  its distance from 1 (the difference it reports), the result carries a warning: the run cannot tell
+  whether the sparse model is faster or slower.
 
-``OrtCausalLM`` runs a ``model.onnx`` with the usual causal-LM signature (inputs ``input_ids``,
-``attention_mask``, ``position_ids``, ``past_key_values.{i}.key/value``; outputs ``logits`` and
-``present.{i}.key/value``), whatever exported it.
+The onnxruntime runner is :class:`momcompress.export.causal_lm.OrtCausalLM` (one class for export's
+checks, these timings and the benchmarks).
 
 Example::
 
     result = time_torch({"dense": dense, "sparse": mom}, tokens, prefill=128, decode=16, repeats=5)
-    print(result["decode"]["ratio"])  # sparse ms / dense ms per decoded token
+    print(result["decode"]["ratio"], result["decode"]["ratio_range"])  # median and [min, max] sparse / dense
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-import json
 import math
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from momcompress.errors import MomcompressError
+from momcompress.export.causal_lm import OnnxModelError, OrtCausalLM  # noqa: F401  (OnnxModelError: re-export)
 
-ONNX_FILE = "model.onnx"
-EXPORT_MANIFEST = "manifest.json"
-PAST_PREFIX = "past_key_values."
-PRESENT_PREFIX = "present."
-ORT_DTYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-}
-
-
-class OnnxModelError(MomcompressError):
-    """An exported model.onnx is missing, unreadable, or lacks the causal-LM inputs and outputs."""
+PHASES = ("prefill", "decode")
+DEFAULT_WARMUP = 1
 
 
 # ----------------------------------------------------------------------------- shared timing loop
 
 
-def _summarise(times: dict[str, dict[str, list[float]]], names: tuple[str, str]) -> dict:
-    """Median milliseconds per phase and model, and the ratio second / first (sparse / dense)."""
-    out = {}
-    for phase in ("prefill", "decode"):
-        med = {name: 1000 * statistics.median(times[name][phase]) for name in names}
-        ratio = med[names[1]] / med[names[0]] if med[names[0]] > 0 else math.nan  # 0: phase not run
-        out[phase] = {**{f"{name}_ms": med[name] for name in names}, "ratio": ratio}
-    return out
+def summarise_rounds(dense: list[float], sparse: list[float]) -> dict:
+    """Median and min-max of paired per-round timings (seconds) and of their ratios sparse / dense.
+
+    Args:
+        dense, sparse: one time per timed round each, in the same round order (round i of both paired).
+
+    Returns:
+        {"dense_ms", "sparse_ms": medians; "dense_ms_range", "sparse_ms_range": [min, max];
+        "ratio": median of the per-round ratios; "ratio_range": [min, max] of them; "rounds";
+        "unstable": whether the ratio's spread (max - min) is wider than |ratio - 1|}. A phase that was not
+        run (all dense times 0) gives NaN ratios and is never unstable.
+    """
+    if len(dense) != len(sparse) or not dense:
+        raise ValueError(f"need the same positive number of dense and sparse rounds, got {len(dense)} and {len(sparse)}")
+    ratios = [s / d if d > 0 else math.nan for d, s in zip(dense, sparse)]
+    finite = [r for r in ratios if math.isfinite(r)]
+    ratio = statistics.median(finite) if finite else math.nan
+    ratio_range = [min(finite), max(finite)] if finite else [math.nan, math.nan]
+    return {
+        "dense_ms": 1000 * statistics.median(dense), "sparse_ms": 1000 * statistics.median(sparse),
+        "dense_ms_range": [1000 * min(dense), 1000 * max(dense)],
+        "sparse_ms_range": [1000 * min(sparse), 1000 * max(sparse)],
+        "ratio": ratio, "ratio_range": ratio_range, "rounds": len(dense),
+        "unstable": bool(finite) and (ratio_range[1] - ratio_range[0]) > abs(ratio - 1),
+    }
 
 
-def _interleave(runners: dict, tokens: torch.Tensor, prefill: int, decode: int, repeats: int, progress) -> dict:
-    """Run every runner's (prefill, decode) timing `repeats` times, alternating the order each round."""
+def spread_warning(label: str, phase: str, summary: dict) -> str | None:
+    """The warning for an unstable phase summary (see summarise_rounds), else None."""
+    if not summary["unstable"]:
+        return None
+    lo, hi = summary["ratio_range"]
+    return (f"{label} {phase}: sparse / dense ranged {lo:.2f}-{hi:.2f} over {summary['rounds']} rounds, wider than "
+            f"the difference it reports (median {summary['ratio']:.2f} vs 1.00): the machine was too noisy to tell "
+            "which model is faster; close other programs or raise --repeats")
+
+
+def _interleave(runners: dict, tokens: torch.Tensor, prefill: int, decode: int, repeats: int, progress,
+                warmup: int = DEFAULT_WARMUP) -> dict:
+    """Time every runner's (prefill, decode) `warmup` + `repeats` times, alternating the order each round.
+
+    Args:
+        runners: {"dense": fn, "sparse": fn}, each fn(tokens, prefill, decode) -> (prefill s, total decode s).
+
+    Returns:
+        {"prefill": summary, "decode": summary} (summarise_rounds; decode per token), "warmup".
+    """
     names = tuple(runners)
     if len(names) != 2:
         raise ValueError("time two models: dense and sparse")
-    times = {name: {"prefill": [], "decode": []} for name in names}
-    for rnd in range(repeats + 1):  # round 0 warms up (allocations, lazy init, caches) and is dropped
+    times = {name: {phase: [] for phase in PHASES} for name in names}
+    for rnd in range(warmup + repeats):  # the first `warmup` rounds are dropped
         order = names if rnd % 2 == 0 else names[::-1]
         for name in order:
             t_prefill, t_decode = runners[name](tokens, prefill, decode)
-            if rnd:
+            if rnd >= warmup:
                 times[name]["prefill"].append(t_prefill)
                 times[name]["decode"].append(t_decode / decode)
         if progress is not None:
             progress.update(1)
-    return _summarise(times, names)
+    out = {phase: summarise_rounds(times[names[0]][phase], times[names[1]][phase]) for phase in PHASES}
+    return {**out, "warmup": warmup}
+
+
+def _warnings(result: dict, label: str) -> list[str]:
+    return [w for phase in PHASES if phase in result if (w := spread_warning(label, phase, result[phase]))]
+
+
+@contextlib.contextmanager
+def pinned_torch_threads(threads: int):
+    """Run PyTorch's intra-op pool with exactly `threads` threads inside the block, then restore it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -116,30 +161,38 @@ def _torch_run(model, tokens: torch.Tensor, prefill: int, decode: int) -> tuple[
 
 
 def time_torch(models: dict, tokens: torch.Tensor, prefill: int = 128, decode: int = 16, repeats: int = 5,
-               progress=None) -> dict:
-    """Median prefill and per-token decode latency of two PyTorch causal LMs, interleaved.
+               progress=None, threads: int | None = None, warmup: int = DEFAULT_WARMUP, label: str = "torch") -> dict:
+    """Median prefill and per-token decode latency of two PyTorch causal LMs, interleaved, with spreads.
 
     Args:
         models: {"dense": model, "sparse": model}, on the device to time (the order is the ratio's).
         tokens: (prefill + decode,) token ids of real text.
         prefill: prompt length in tokens.
         decode: decode steps after the prompt.
-        repeats: timed rounds (after one warm-up round).
-        progress: an optional tqdm bar advanced once per round.
+        repeats: timed rounds (after `warmup` untimed ones).
+        progress: an optional tqdm bar advanced once per round (warm-up rounds included).
+        threads: intra-op threads for both models (None: torch's current count), pinned while timing.
+        warmup: untimed rounds first.
+        label: names the runtime in warnings.
 
     Returns:
-        {"prefill": {"dense_ms", "sparse_ms", "ratio"}, "decode": {... ms per token ...}, "prefill_tokens",
-        "decode_tokens", "repeats"}.
+        {"prefill": summary, "decode": summary (ms per token)} (see summarise_rounds), "prefill_tokens",
+        "decode_tokens", "repeats", "warmup", "threads", "warnings" (one line per unstable phase).
     """
-    _check_lengths(tokens, prefill, decode, repeats)
+    _check_lengths(tokens, prefill, decode, repeats, warmup)
+    threads = threads or torch.get_num_threads()
     runners = {name: (lambda m: lambda *a: _torch_run(m, *a))(model) for name, model in models.items()}
-    result = _interleave(runners, tokens, prefill, decode, repeats, progress)
-    return {**result, "prefill_tokens": prefill, "decode_tokens": decode, "repeats": repeats}
+    with pinned_torch_threads(threads):
+        result = _interleave(runners, tokens, prefill, decode, repeats, progress, warmup)
+    out = {**result, "prefill_tokens": prefill, "decode_tokens": decode, "repeats": repeats, "threads": threads}
+    out["warnings"] = _warnings(out, label)
+    return out
 
 
-def _check_lengths(tokens: torch.Tensor, prefill: int, decode: int, repeats: int) -> None:
-    if prefill < 1 or decode < 1 or repeats < 1:
-        raise ValueError(f"prefill, decode and repeats must be positive, got {prefill}, {decode}, {repeats}")
+def _check_lengths(tokens: torch.Tensor, prefill: int, decode: int, repeats: int, warmup: int = 0) -> None:
+    if prefill < 1 or decode < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"prefill, decode and repeats must be positive and warmup >= 0, got {prefill}, {decode}, "
+                         f"{repeats}, {warmup}")
     if tokens.numel() < prefill + decode:
         raise ValueError(f"need {prefill + decode} tokens for timing, got {tokens.numel()}")
 
@@ -147,124 +200,49 @@ def _check_lengths(tokens: torch.Tensor, prefill: int, decode: int, repeats: int
 # ----------------------------------------------------------------------------- onnxruntime
 
 
-class OrtCausalLM:
-    """An exported causal LM run with onnxruntime (CPU), with a KV cache when the graph has one.
+def open_onnx(folder, threads: int | None = None, kv_shape: tuple[int, int] | None = None) -> OrtCausalLM:
+    """An export folder (or model.onnx) opened for timing: CPU, `threads` intra-op threads, no spinning."""
+    return OrtCausalLM(folder, threads=threads or torch.get_num_threads(), kv_shape=kv_shape, spinning=False)
 
-    Args:
-        folder: a folder holding model.onnx (and the exporter's manifest.json, if it wrote one), or the
-            model.onnx file itself.
-        num_kv_heads, head_dim: sizes of an empty cache entry, (1, num_kv_heads, 0, head_dim), used for
-            the dimensions the graph leaves symbolic.
-        threads: intra-op threads (0: onnxruntime's default, all cores).
-    """
 
-    def __init__(self, folder: str | Path, num_kv_heads: int, head_dim: int, threads: int = 0):
-        path = Path(folder)
-        self.path = path / ONNX_FILE if path.is_dir() else path
-        if not self.path.is_file():
-            raise OnnxModelError(f"{path} holds no {ONNX_FILE}: pass the folder written by `momcompress export`")
-        manifest = self.path.parent / EXPORT_MANIFEST
-        try:
-            self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
-        except (OSError, json.JSONDecodeError) as e:
-            raise OnnxModelError(f"{manifest} is not readable JSON ({e}); export again") from None
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise OnnxModelError("timing ONNX models needs onnxruntime: `pip install onnxruntime`") from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
-            raise OnnxModelError(f"onnxruntime cannot load {self.path}: {e}") from None
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = [o.name for o in self.session.get_outputs()]
-        if "input_ids" not in self.inputs or "logits" not in outputs:
-            raise OnnxModelError(f"{self.path} has inputs {sorted(self.inputs)} and outputs {outputs}; a causal LM "
-                                 "export needs input_ids and logits: re-export with `momcompress export`")
-        self.past_names = sorted(n for n in self.inputs if n.startswith(PAST_PREFIX))
-        present = {PAST_PREFIX + n[len(PRESENT_PREFIX):]: n for n in outputs if n.startswith(PRESENT_PREFIX)}
-        missing = [n for n in self.past_names if n not in present]
-        if missing:
-            raise OnnxModelError(f"{self.path} takes {missing[0]} but returns no matching present.* output; "
-                                 "re-export with `momcompress export`")
-        self.present_of = present  # past input name -> present output name
-        self.output_names = ["logits"] + [present[n] for n in self.past_names]
-        self.kv_shape = (num_kv_heads, head_dim)
-
-    @property
-    def has_cache(self) -> bool:
-        """Whether the graph takes and returns a KV cache (decode is timed only then)."""
-        return bool(self.past_names)
-
-    def _empty_past(self, name: str) -> np.ndarray:
-        spec = self.inputs[name]
-        want = (1, self.kv_shape[0], 0, self.kv_shape[1])  # (B, Hkv, past, h)
-        shape = [dim if isinstance(dim, int) else want[i] for i, dim in enumerate(spec.shape)]
-        if len(shape) != 4 or (isinstance(spec.shape[2], int) and spec.shape[2] != 0):
-            raise OnnxModelError(f"{self.path}: {name} has shape {spec.shape}, expected (batch, kv heads, past, head "
-                                 "dim); re-export with `momcompress export`")
-        return np.zeros(shape, dtype=ORT_DTYPES.get(spec.type, np.float32))
-
-    def _feed(self, ids: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> dict:
-        T = ids.shape[1]
-        values = {
-            "input_ids": ids,
-            "attention_mask": np.ones((1, past_len + T), dtype=np.int64),
-            "position_ids": np.arange(past_len, past_len + T, dtype=np.int64)[None],
-        }
-        feed = {}
-        for name, spec in self.inputs.items():
-            if name in values:
-                feed[name] = values[name].astype(ORT_DTYPES.get(spec.type, np.int64), copy=False)
-            elif name in past:
-                feed[name] = past[name]
-            else:
-                raise OnnxModelError(f"{self.path} needs input {name!r}, which a causal LM run does not provide; "
-                                     "re-export with `momcompress export`")
-        return feed
-
-    def forward(self, ids: np.ndarray, past: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
-        """(logits (1, T, V), new cache) for ids (1, T) after the cache `past` (None: an empty one)."""
-        if past is None:
-            past = {n: self._empty_past(n) for n in self.past_names}
-        past_len = next(iter(past.values())).shape[2] if past else 0
-        outs = self.session.run(self.output_names, self._feed(ids, past, past_len))
-        return outs[0], dict(zip(self.past_names, outs[1:]))
-
-    def run_timed(self, tokens: torch.Tensor, prefill: int, decode: int) -> tuple[float, float]:
-        """(prefill seconds, total decode seconds); decode is 0 for a graph without a cache."""
-        ids = tokens.view(1, -1).numpy().astype(np.int64)
-        t0 = time.perf_counter()
-        _, past = self.forward(ids[:, :prefill])
-        t1 = time.perf_counter()
-        if not self.has_cache:
-            return t1 - t0, 0.0
-        for t in range(prefill, prefill + decode):
-            _, past = self.forward(ids[:, t : t + 1], past)
-        return t1 - t0, time.perf_counter() - t1
+def _ort_run(lm: OrtCausalLM, tokens: torch.Tensor, prefill: int, decode: int) -> tuple[float, float]:
+    """(prefill seconds, total decode seconds); decode is 0 for a graph without a cache."""
+    ids = tokens.view(1, -1).numpy().astype(np.int64)  # (1, P + D)
+    positions = np.arange(ids.shape[1], dtype=np.int64)[None]
+    t0 = time.perf_counter()
+    _, past = lm.run(ids[:, :prefill], np.ones((1, prefill), np.int64), positions[:, :prefill], lm.first_past(1))
+    t1 = time.perf_counter()
+    if not lm.has_cache:
+        return t1 - t0, 0.0
+    for t in range(prefill, prefill + decode):
+        _, past = lm.run(ids[:, t : t + 1], np.ones((1, t + 1), np.int64), positions[:, t : t + 1], past)
+    return t1 - t0, time.perf_counter() - t1
 
 
 def time_onnx(models: dict[str, OrtCausalLM], tokens: torch.Tensor, prefill: int = 128, decode: int = 16,
-              repeats: int = 5, progress=None) -> dict:
-    """As ``time_torch``, for two ``OrtCausalLM``s; decode is left out (with a note) unless both have a cache."""
-    _check_lengths(tokens, prefill, decode, repeats)
-    result = _interleave({n: m.run_timed for n, m in models.items()}, tokens, prefill, decode, repeats, progress)
+              repeats: int = 5, progress=None, warmup: int = DEFAULT_WARMUP, label: str = "onnxruntime") -> dict:
+    """As ``time_torch``, for two ``OrtCausalLM``s (open them with ``open_onnx`` to pin their threads);
+    decode is left out (with a note) unless both have a cache."""
+    _check_lengths(tokens, prefill, decode, repeats, warmup)
+    runners = {n: (lambda m: lambda *a: _ort_run(m, *a))(m) for n, m in models.items()}
+    result = _interleave(runners, tokens, prefill, decode, repeats, progress, warmup)
     out = {**result, "prefill_tokens": prefill, "decode_tokens": decode, "repeats": repeats}
+    threads = {m.threads for m in models.values()}
+    out["threads"] = threads.pop() if len(threads) == 1 else sorted(threads)
     no_cache = [name for name, m in models.items() if not m.has_cache]
     if no_cache:
         del out["decode"]
         out["note"] = f"decode not timed: the {' and '.join(no_cache)} export has no past_key_values inputs"
+    out["warnings"] = _warnings(out, label)
     return out
 
 
 def onnx_logits_diff(ort_model: OrtCausalLM, torch_model, tokens: torch.Tensor) -> float:
     """Largest |logit| difference between the ONNX model and its PyTorch counterpart on one prompt."""
-    ids = tokens.view(1, -1)
-    ort_logits, _ = ort_model.forward(ids.numpy().astype(np.int64))
+    ids = tokens.view(1, -1).numpy().astype(np.int64)
+    T = ids.shape[1]
+    ort_logits, _ = ort_model.run(ids, np.ones((1, T), np.int64), np.arange(T, dtype=np.int64)[None], ort_model.first_past(1))
     device = next(torch_model.parameters()).device
     with torch.no_grad():
-        ref = torch_model(input_ids=ids.to(device), use_cache=False).logits.float().cpu().numpy()
-    return float(np.abs(ort_logits.astype(np.float32) - ref).max())
+        ref = torch_model(input_ids=torch.from_numpy(ids).to(device), use_cache=False).logits.float().cpu().numpy()
+    return float(np.abs(ort_logits - ref).max())

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from momcompress import __version__
 from momcompress.errors import ConfigError, DataError, ModelLoadError, MomcompressError, RunDirError
+from momcompress.modelio import library_versions
 from momcompress.validate import cost, report as report_files, speed, tasks
 
 log = logging.getLogger(__name__)
@@ -252,29 +253,30 @@ def _speed_tokens(seqs: torch.Tensor, need: int) -> torch.Tensor:
     return flat.repeat(-(-need // flat.numel()))[:need]
 
 
-def _torch_speed(dense, sparse, tokens, prefill, decode, repeats, device: torch.device, progress) -> dict:
-    bar = tqdm(total=repeats + 1, desc=f"speed torch {device.type}", unit="round", file=sys.stderr,
+def _torch_speed(dense, sparse, tokens, prefill, decode, repeats, device: torch.device, progress,
+                 threads: int | None) -> dict:
+    bar = tqdm(total=repeats + speed.DEFAULT_WARMUP, desc=f"speed torch {device.type}", unit="round", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     try:
-        result = speed.time_torch({"dense": dense, "sparse": sparse}, tokens, prefill, decode, repeats, bar)
+        result = speed.time_torch({"dense": dense, "sparse": sparse}, tokens, prefill, decode, repeats, bar,
+                                  threads=threads, label=f"torch {device.type}")
     finally:
         bar.close()
-    if device.type == "cpu":
-        result["threads"] = torch.get_num_threads()
-    else:
+    if device.type != "cpu":
         result["gpu"] = torch.cuda.get_device_name(device)
     return result
 
 
-def _onnx_speed(onnx_dense, onnx_sparse, dense, sparse, config, tokens, prefill, decode, repeats, progress) -> dict:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    runners = {"dense": speed.OrtCausalLM(onnx_dense, kv_heads, head_dim),
-               "sparse": speed.OrtCausalLM(onnx_sparse, kv_heads, head_dim)}
-    bar = tqdm(total=repeats + 1, desc="speed onnxruntime cpu", unit="round", file=sys.stderr,
+def _onnx_speed(onnx_dense, onnx_sparse, dense, sparse, config, tokens, prefill, decode, repeats, progress,
+                threads: int | None) -> dict:
+    from momcompress.export.causal_lm import kv_shape
+
+    runners = {"dense": speed.open_onnx(onnx_dense, threads, kv_shape(config)),
+               "sparse": speed.open_onnx(onnx_sparse, threads, kv_shape(config))}
+    bar = tqdm(total=repeats + speed.DEFAULT_WARMUP, desc="speed onnxruntime cpu", unit="round", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     try:
-        result = speed.time_onnx(runners, tokens, prefill, decode, repeats, bar)
+        result = speed.time_onnx(runners, tokens, prefill, decode, repeats, bar, label="onnxruntime cpu")
     finally:
         bar.close()
     check = tokens[: min(32, len(tokens))]
@@ -309,6 +311,7 @@ def validate(
     speed_repeats: int = 5,
     onnx_dense: str | os.PathLike | None = None,
     onnx_sparse: str | os.PathLike | None = None,
+    threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -330,9 +333,13 @@ def validate(
             zero-shot retention (acc_norm) is below it.
         device: "auto", "cpu", "cuda" or "cuda:N".
         batch_size: windows / zero-shot requests per forward pass.
-        measure_speed: time prefill and decode (PyTorch, and onnxruntime when both exports are given).
+        measure_speed: time prefill and decode (PyTorch, and onnxruntime when an ONNX export is given).
         prefill_tokens, decode_tokens, speed_repeats: the timed prompt, decode steps and rounds.
-        onnx_dense, onnx_sparse: folders (or model.onnx files) of `momcompress export` for both models.
+        onnx_sparse: the folder (or model.onnx) `momcompress export` wrote for FROZEN_DIR; its latency is
+            compared in onnxruntime with the dense model's export.
+        onnx_dense: the dense model's export; default: exported once into the momcompress cache with the
+            same settings (validate/dense_onnx.py).
+        threads: intra-op threads pinned for every timing, both runtimes (default: torch's count).
         overwrite: replace this method's earlier report in the same folder.
         progress: tqdm bars and progress lines on stderr.
 
@@ -357,8 +364,10 @@ def validate(
             raise ConfigError(f"{name} must be at least {low}, got {value}")
     if min_retention is not None and not 0 < min_retention <= 2:
         raise ConfigError(f"min_retention must be in (0, 2], got {min_retention}")
-    if (onnx_dense is None) != (onnx_sparse is None):
-        raise ConfigError("pass both --onnx-dense and --onnx-sparse (the exports of the dense and the frozen model), or neither")
+    if onnx_dense is not None and onnx_sparse is None:
+        raise ConfigError("--onnx-dense needs --onnx (the export of FROZEN_DIR) to compare with")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be at least 1, got {threads}")
     limit = limit or None
     context = context or seq_len
 
@@ -380,6 +389,10 @@ def validate(
     learn_manifest = _learn_manifest(manifest)
     _check_not_calibration(data, learn_manifest)
     seqs = _eval_windows(tokenizer, data, text_field, seq_len, heldout_tokens)  # (S, L)
+    if measure_speed and onnx_sparse is not None and onnx_dense is None:
+        from momcompress.validate.dense_onnx import cached_dense_export, read_export_manifest
+
+        onnx_dense = cached_dense_export(dense_dir, read_export_manifest(onnx_sparse))
 
     method = method_name(manifest)
     root = Path(output) if output is not None else frozen_path.resolve().parent / "validation"
@@ -428,24 +441,28 @@ def validate(
     if measure_speed:
         timing_tokens = _speed_tokens(seqs, prefill_tokens + decode_tokens)
         speed_report["torch"] = {dev.type: _torch_speed(dense_model, sparse, timing_tokens, prefill_tokens, decode_tokens,
-                                                        speed_repeats, dev, progress)}
+                                                        speed_repeats, dev, progress, threads)}
         if dev.type == "cpu" and torch.cuda.is_available():
             gpu = torch.device("cuda")
             dense_model.to(gpu), sparse.to(gpu)
             speed_report["torch"]["cuda"] = _torch_speed(dense_model, sparse, timing_tokens, prefill_tokens,
-                                                         decode_tokens, speed_repeats, gpu, progress)
+                                                         decode_tokens, speed_repeats, gpu, progress, threads)
             dense_model.to(dev), sparse.to(dev)
         elif dev.type != "cpu":
             notes.append("PyTorch CPU latency not measured: the models ran on the GPU (--device cpu times the CPU)")
-        if onnx_dense is not None:
+        if onnx_sparse is not None:
             speed_report["onnxruntime"] = {"cpu": _onnx_speed(onnx_dense, onnx_sparse, dense_model, sparse, frozen_config,
                                                               timing_tokens, prefill_tokens, decode_tokens, speed_repeats,
-                                                              progress)}
+                                                              progress, threads)}
         else:
-            speed_report["onnxruntime"] = {"skipped": "no ONNX exports given (--onnx-dense and --onnx-sparse, from "
-                                                      "`momcompress export`)"}
-        notes.append("latency is the median of interleaved rounds on a possibly shared machine: compare the ratios, "
-                     "not the absolute times")
+            speed_report["onnxruntime"] = {"skipped": "no ONNX export given (--onnx FOLDER, from `momcompress export`)"}
+        for runtime in ("torch", "onnxruntime"):
+            for result in speed_report[runtime].values():
+                for warning in result.get("warnings", []) if isinstance(result, dict) else []:
+                    log.warning("%s", warning)
+                    notes.append(f"unstable timing: {warning}")
+        notes.append("latency is the median of interleaved rounds (min-max in brackets) on a possibly shared machine: "
+                     "compare the ratios, not the absolute times")
     else:
         speed_report["skipped"] = "--no-speed"
 
@@ -454,7 +471,7 @@ def validate(
     report = {
         "stage": "validate",
         "momcompress_version": __version__,
-        "versions": report_files.versions(),
+        "versions": library_versions(),
         "method": method,
         "key": key,
         "frozen_dir": str(frozen_path.resolve()),
