@@ -2,7 +2,7 @@
 
 `routed_experts` is `torch.ops.momcompress.routed_experts`: on CUDA it runs the Triton kernels of
 `momcompress.kernels.triton_mom`, on any other device the torch reference of
-`momcompress.runtime.mom_ffn`; its fake implementation keeps models traceable by torch.export,
+`momcompress.kernels.reference`; its fake implementation keeps models traceable by torch.export,
 torch.onnx and torch.compile. Triton is optional and imported only when a CUDA call needs it, so this
 package imports without it (`pip install 'momcompress[triton]'` adds it).
 
@@ -18,6 +18,10 @@ import functools
 import torch
 
 from momcompress.errors import MomcompressError
+from momcompress.kernels import reference
+
+# Up to this many tokens the reference reads the union of the tokens' blocks once; above it, it groups by expert.
+REFERENCE_DECODE_MAX_TOKENS = 64
 
 __all__ = ["kernels_available", "routed_experts"]
 
@@ -63,7 +67,7 @@ def routed_experts(
     expert_block_scale: torch.Tensor,
     activation: str,
 ) -> torch.Tensor:
-    """Routed part of a frozen MoM FFN: (T, d) -> (T, d); the contract of mom_ffn.routed_experts_grouped.
+    """Routed part of a frozen MoM FFN: (T, d) -> (T, d); the contract of reference.routed_experts_grouped.
 
     Args:
         x: (T, d) FFN input. top_w: (T, k) fp32 renormalised router weights. top_i: (T, k) expert ids.
@@ -72,10 +76,8 @@ def routed_experts(
         activation: "silu", "gelu_tanh" or "gelu".
     """
     # Default (CPU and any non-CUDA device): the torch reference.
-    from momcompress.runtime import mom_ffn
-
-    reference = mom_ffn.routed_experts_decode if x.shape[0] <= mom_ffn.DECODE_MAX_TOKENS else mom_ffn.routed_experts_grouped
-    return reference(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation)
+    fn = reference.routed_experts_decode if x.shape[0] <= REFERENCE_DECODE_MAX_TOKENS else reference.routed_experts_grouped
+    return fn(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation)
 
 
 @routed_experts.register_kernel("cuda")
