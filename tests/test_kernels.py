@@ -315,3 +315,75 @@ def test_gpu_frozen_layer_kernels_match_reference(T):
         slow = layer(x)
     atol = 2e-2 * slow.float().abs().max().item()
     assert (fast.float() - slow.float()).abs().max().item() <= atol
+
+
+# -- the self-check (MOMCOMPRESS_KERNELS) ---------------------------------------------------------------
+@pytest.fixture
+def fresh_verdicts(monkeypatch):
+    import momcompress.kernels as k
+
+    monkeypatch.setattr(k, "_verdicts", {})
+    monkeypatch.delenv("MOMCOMPRESS_KERNELS", raising=False)
+    return k
+
+
+class CountingKernel:
+    """A launcher with routed_experts' contract: the reference, scaled by `factor` (1.0: correct), or raising."""
+
+    def __init__(self, factor=1.0, error=None):
+        self.factor, self.error, self.calls = factor, error, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.error:
+            raise self.error
+        return routed_experts_grouped(*args) * self.factor
+
+
+@pytest.mark.parametrize("broken", [CountingKernel(factor=1.01), CountingKernel(error=RuntimeError("PTX too new"))], ids=["wrong", "raises"])
+def test_broken_kernel_is_caught_once_and_falls_back(fresh_verdicts, broken, recwarn):
+    k = fresh_verdicts
+    args = make_problem(2, 32, 4, 12, 4, 2)
+    want = routed_experts_grouped(*args, "silu")
+    with pytest.warns(k.KernelCheckWarning, match=r"the broken kernel .*(max abs error|PTX too new).*block size 4"):
+        out = k.run_checked(broken, "the broken kernel", "decode", 3, *args, "silu")
+    torch.testing.assert_close(out, want)
+    assert broken.calls == 1  # the self-check only
+    recwarn.clear()
+    out = k.run_checked(broken, "the broken kernel", "decode", 3, *make_problem(1, 32, 4, 12, 4, 2, seed=1), "silu")
+    assert broken.calls == 1 and not recwarn.list  # remembered: no second check, no second warning
+    # Another class of calls (another block size) is checked on its own.
+    with pytest.warns(k.KernelCheckWarning):
+        k.run_checked(broken, "the broken kernel", "decode", 3, *make_problem(1, 32, 1, 40, 4, 2), "silu")
+    assert broken.calls == 2
+
+
+def test_correct_kernel_passes_its_check(fresh_verdicts, recwarn):
+    k = fresh_verdicts
+    tm = kernels()
+    calls = []
+
+    def decode(*args):
+        calls.append(len(args[0]))
+        return tm.routed_experts_decode_triton(*args)
+
+    args = make_problem(2, 32, 1, 40, 4, 2)
+    out = k.run_checked(decode, "the Triton decode kernel", "decode", 3, *args, "silu")
+    assert calls == [3, 2] and not [w for w in recwarn.list if issubclass(w.category, k.KernelCheckWarning)]
+    assert_matches(out, args, "silu")
+
+
+def test_kernel_modes(fresh_verdicts, monkeypatch):
+    k = fresh_verdicts
+    args = make_problem(2, 32, 4, 12, 4, 2)
+    want = routed_experts_grouped(*args, "silu")
+    broken = CountingKernel(factor=2.0)
+    monkeypatch.setenv("MOMCOMPRESS_KERNELS", "off")
+    torch.testing.assert_close(k.run_checked(broken, "k", "decode", 3, *args, "silu"), want)
+    assert broken.calls == 0
+    monkeypatch.setenv("MOMCOMPRESS_KERNELS", "trust")
+    torch.testing.assert_close(k.run_checked(broken, "k", "decode", 3, *args, "silu"), 2 * want)  # unverified, as asked
+    assert broken.calls == 1 and not k._verdicts
+    monkeypatch.setenv("MOMCOMPRESS_KERNELS", "fast")
+    with pytest.raises(k.KernelModeError, match="check, trust, off"):
+        k.run_checked(broken, "k", "decode", 3, *args, "silu")
