@@ -200,6 +200,14 @@ for fn, pointers, ints, consts in kernels:
     signature = dict(zip(fn.arg_names, types)) | {name: "constexpr" for name in consts}
     compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
     assert compiled.asm["cubin"], fn.__name__
+# The AOT plugin's kernel, with the signature and constants its aot_impl gives TensorRT (b = 1 and 16).
+from momcompress.plugins import triton_aot
+from momcompress.plugins.mom_experts import _aot_signature
+for b in (1, 16):
+    block_d, block_k, block_n = triton_aot.tiles(4096)
+    consts = dict(K=2, B=b, ACT=0, BLOCK_D=block_d, BLOCK_K=block_k, BLOCK_N=block_n)
+    compiled = triton.compile(ASTSource(triton_aot.mom_experts_kernel, _aot_signature("bfloat16"), constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["ptx"], b
 print("ok")
 """
 
@@ -387,3 +395,36 @@ def test_kernel_modes(fresh_verdicts, monkeypatch):
     monkeypatch.setenv("MOMCOMPRESS_KERNELS", "fast")
     with pytest.raises(k.KernelModeError, match="check, trust, off"):
         k.run_checked(broken, "k", "decode", 3, *args, "silu")
+
+
+# -- the TensorRT AOT plugin's fused kernel -------------------------------------------------------------
+AOT_CASES = [(1, 64, 1, 40, 4, 1), (3, 64, 2, 24, 5, 2), (2, 200, 4, 12, 6, 3), (5, 64, 16, 6, 4, 4), (2, 32, 12, 3, 3, 2)]
+
+
+@pytest.mark.parametrize("case", AOT_CASES, ids=lambda c: "T{}-d{}-b{}-R{}-E{}-k{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aot_kernel_matches_reference(case, dtype):
+    """plugins/triton_aot.py at b = 1, 2, 4, 16 and 12, ragged experts, k = 1..4, dead tokens: accumulate + routed."""
+    kernels()
+    from momcompress.plugins import triton_aot
+
+    T, d, b, R, E, k = case
+    args = make_problem(T, d, b, R, E, k, dtype, DEVICE, dead_tokens=True)
+    acc = torch.randn(T, d, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    out = triton_aot.mom_experts(*args, acc, "silu")
+    assert out.shape == acc.shape and out.dtype == dtype
+    want = acc.float().cpu() + reference(args, "silu")
+    err = (out.float().cpu() - want).abs().max().item()
+    assert err <= RTOL[dtype] * want.abs().max().item(), err
+    assert torch.equal(out[0], acc[0])  # token 0's experts use no block: accumulate passes through
+
+
+def test_aot_shape_guard():
+    kernels()
+    from momcompress.plugins import triton_aot
+
+    assert triton_aot.check_shapes((8, 1, 64), (8, 1, 64), (8, 1, 64), 64) == (8, 1, 64)
+    with pytest.raises(ValueError, match="one shape"):
+        triton_aot.check_shapes((8, 4, 64), (8, 4, 64), (64, 32), 64)
+    with pytest.raises(ValueError, match="hidden size 32"):
+        triton_aot.check_shapes((8, 4, 64), (8, 4, 64), (8, 4, 64), 32)
