@@ -113,7 +113,7 @@ def bench_ffn(dense, frozen, tokens: list[int], rounds: int, paths: list[str]) -
     rows = []
     for T in tokens:
         x = torch.randn(1, T, hidden)
-        reps = max(1, int(32 / max(T, 1) ** 0.5))
+        reps = max(1, int(16 / max(T, 1) ** 0.5))
 
         def run(mlps, path=None):
             if path:

@@ -25,6 +25,10 @@ ACTIVATIONS = {
 HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
 
+# When the union of the tokens' blocks is at least this fraction of the routed blocks, the union path
+# multiplies all routed blocks in place (unused ones weighted 0) instead of copying the union out.
+UNION_IN_PLACE_FRACTION = 0.5
+
 _scratch = threading.local()
 
 
@@ -106,4 +110,11 @@ def routed_experts_decode(x, top_w, top_i, routed_gate, routed_up, routed_down, 
     blocks = w.any(dim=0).nonzero().squeeze(-1) if x.shape[0] > 1 else w[0].nonzero().squeeze(-1)  # (K,)
     if len(blocks) == 0:
         return torch.zeros_like(x)
+    if len(blocks) >= UNION_IN_PLACE_FRACTION * routed_gate.shape[0]:
+        # The union covers most routed blocks: multiply all of them where they lie (the unused ones weigh 0)
+        # rather than copy the union first; on CPU the copy cost more than the extra rows (README).
+        R, b, d = routed_gate.shape
+        h = ACTIVATIONS[activation](x @ routed_gate.view(R * b, d).T) * (x @ routed_up.view(R * b, d).T)  # (T, R*b)
+        h = (h.view(-1, R, b) * w.unsqueeze(-1).to(h.dtype)).view(-1, R * b)
+        return h @ routed_down.view(R * b, d)  # (T, d)
     return _blocks_forward(x, blocks, w[:, blocks], routed_gate, routed_up, routed_down, activation)
