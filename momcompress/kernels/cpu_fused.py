@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -31,6 +32,10 @@ import torch
 ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 # Chunks per thread: a little over-decomposition balances chunks whose tokens read different blocks.
 CHUNKS_PER_THREAD = 2
+# Run the kernel on Numba's thread pool (False: on the calling thread). Numba's pool is not torch's
+# OpenMP pool: right after a torch op, torch's threads still spin, and on a 2-core machine a parallel
+# call then took 5-180 ms instead of 0.1-0.8 ms (README). MOMCOMPRESS_CPU_FUSED_PARALLEL=1 turns it on.
+PARALLEL = os.environ.get("MOMCOMPRESS_CPU_FUSED_PARALLEL", "0") == "1"
 
 
 @functools.cache
@@ -48,8 +53,8 @@ def available() -> bool:
 
 
 @functools.cache
-def _kernel():
-    """Compile (first use; cached on disk by Numba) and return the fused kernel."""
+def _kernel(parallel: bool):
+    """Compile (first use; cached on disk by Numba) and return the fused kernel, multi-threaded or not."""
     numba = _numba()
     import numpy as np
 
@@ -61,7 +66,7 @@ def _kernel():
             return 0.5 * g * (1.0 + math.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
         return 0.5 * g * (1.0 + math.erf(g * 0.7071067811865476))
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @numba.njit(parallel=parallel, fastmath=True, cache=True, nogil=True)
     def routed_rows(x, top_w, top_i, offsets, blocks, scales, gate, up, down, b, code, nchunks, out):
         # x (T, d) f32; top_w (T, k) f32; top_i (T, k) i64; offsets (E+1,), blocks (nnz,) i64, scales (nnz,) f32;
         # gate, up, down (R*b, d) f32 neuron rows; out (T, d) f32, added into.
@@ -126,13 +131,13 @@ def routed_experts_rows(x, top_w, top_i, offsets, blocks, scales, routed_gate, r
     numba = _numba()
     if numba is None:
         raise ImportError("the fused CPU path needs Numba: pip install 'momcompress[cpu]'")
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != threads:
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)) if PARALLEL else 1
+    if PARALLEL and numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
     R, b, d = routed_gate.shape
     rows = [t.detach().reshape(R * b, d).numpy() for t in (routed_gate, routed_up, routed_down)]  # (R*b, d) views
-    _kernel()(
+    _kernel(PARALLEL)(
         x.detach().numpy(), top_w.detach().float().numpy(), top_i.detach().to(torch.int64).numpy(),
-        offsets.numpy(), blocks.numpy(), scales.numpy(), *rows, b, ACTIVATION_CODES[activation],
+        offsets.numpy(), blocks.numpy(), scales.float().numpy(), *rows, b, ACTIVATION_CODES[activation],
         threads * CHUNKS_PER_THREAD, out.detach().numpy(),
     )
