@@ -56,7 +56,7 @@ def test_frozen_layer_dispatches_by_token_count(monkeypatch):
     calls = []
     real = cpu_fused.routed_experts_rows
     monkeypatch.setattr(cpu_fused, "routed_experts_rows", lambda x, *a: (calls.append(len(x)), real(x, *a))[1])
-    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         for T in (1, layer.fused_cpu_max_tokens, layer.fused_cpu_max_tokens + 1):
             fused = layer(x[:T])

@@ -6,9 +6,10 @@ compiled by Numba (an optional dependency: `pip install 'momcompress[cpu]'`), do
 tokens (T small: decode):
   1. w[t, r] = sum_j top_w[t, j] * z[top_i[t, j], r] from the experts' block lists (CSR), and the union
      of the tokens' blocks;
-  2. in parallel over chunks of that union: for every neuron row n of a block, h[t] = act(Wg[n] . x[t]) *
-     (Wu[n] . x[t]) * w[t, r], then out_chunk[t] += h[t] * Wd[n] (Wd stored transposed: row n is
-     W_down[:, n]); each row of the three matrices is read once, contiguously, for all T tokens;
+  2. over chunks of the union's neuron rows (four rows at a time): for each row n of block r,
+     h[t] = act(Wg[n] . x[t]) * (Wu[n] . x[t]) * w[t, r], then out_chunk[t] += h[t] * Wd[n] (Wd stored
+     transposed: row n is W_down[:, n]); each row of the three matrices is read from memory once,
+     contiguously, for all T tokens;
   3. out += sum of the per-chunk partial outputs (chunks x T x d floats: small).
 No d-wide atomic adds: each chunk owns its partial output. fp32 only (Numba has no bf16); any block
 size b (rows are rows: b = 1 is single neurons).
@@ -85,30 +86,55 @@ def _kernel(parallel: bool):
                     used[r] = True
         union = np.nonzero(used)[0]  # (K,) blocks some token reads
         K = union.shape[0]
-        chunks = max(1, min(nchunks, K))
-        per = (K + chunks - 1) // chunks
+        nrows = K * b
+        rows = np.empty(nrows, np.int64)  # (K*b,) the union's neuron rows
+        rblk = np.empty(nrows, np.int64)  # (K*b,) the block of each
+        for i in range(K):
+            for j in range(b):
+                rows[i * b + j] = union[i] * b + j
+                rblk[i * b + j] = union[i]
+        chunks = max(1, min(nchunks, nrows))
+        per = (nrows + chunks - 1) // chunks
         partial = np.zeros((chunks, T, d), np.float32)
         for c in numba.prange(chunks):
-            h = np.zeros(T, np.float32)
-            for i in range(c * per, min(K, (c + 1) * per)):
-                r = union[i]
-                for n in range(r * b, r * b + b):  # the block's neuron rows
-                    for t in range(T):
-                        wt = w[t, r]
-                        if wt == 0.0:
-                            h[t] = 0.0
-                            continue
-                        g = np.float32(0.0)
-                        u = np.float32(0.0)
-                        for q in range(d):
-                            g += gate[n, q] * x[t, q]
-                            u += up[n, q] * x[t, q]
-                        h[t] = act(g, code) * u * wt
-                    for t in range(T):
-                        ht = h[t]
-                        if ht != 0.0:
-                            for q in range(d):
-                                partial[c, t, q] += ht * down[n, q]
+            lo = c * per
+            hi = min(nrows, lo + per)
+            i = lo
+            # Four rows at a time: eight gate/up streams in flight keep the memory system busy when the rows
+            # are scattered (b = 1), where one row at a time left the prefetchers restarting every 2 KB.
+            while i + 4 <= hi:
+                n0, n1, n2, n3 = rows[i], rows[i + 1], rows[i + 2], rows[i + 3]
+                for t in range(T):
+                    g0 = g1 = g2 = g3 = u0 = u1 = u2 = u3 = np.float32(0.0)
+                    for q in range(d):
+                        xq = x[t, q]
+                        g0 += gate[n0, q] * xq
+                        g1 += gate[n1, q] * xq
+                        g2 += gate[n2, q] * xq
+                        g3 += gate[n3, q] * xq
+                        u0 += up[n0, q] * xq
+                        u1 += up[n1, q] * xq
+                        u2 += up[n2, q] * xq
+                        u3 += up[n3, q] * xq
+                    h0 = act(g0, code) * u0 * w[t, rblk[i]]
+                    h1 = act(g1, code) * u1 * w[t, rblk[i + 1]]
+                    h2 = act(g2, code) * u2 * w[t, rblk[i + 2]]
+                    h3 = act(g3, code) * u3 * w[t, rblk[i + 3]]
+                    for q in range(d):
+                        partial[c, t, q] += h0 * down[n0, q] + h1 * down[n1, q] + h2 * down[n2, q] + h3 * down[n3, q]
+                i += 4
+            while i < hi:
+                n = rows[i]
+                for t in range(T):
+                    g = np.float32(0.0)
+                    u = np.float32(0.0)
+                    for q in range(d):
+                        g += gate[n, q] * x[t, q]
+                        u += up[n, q] * x[t, q]
+                    ht = act(g, code) * u * w[t, rblk[i]]
+                    for q in range(d):
+                        partial[c, t, q] += ht * down[n, q]
+                i += 1
         for c in range(chunks):
             for t in range(T):
                 for q in range(d):

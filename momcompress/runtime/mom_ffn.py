@@ -16,10 +16,15 @@ Pruned blocks are not stored. For token t with top-k experts and weights r, bloc
 w[t, j] = sum_e r[t, e] z[e, j] (z the expert's gate value, 0 if the block is not in its list), the
 same formula as the training layer, so the frozen layer reproduces it exactly.
 
-Two execution paths, both reading only what a token needs:
-- grouped (any token count, the reference): the shared part as one dense matmul; tokens grouped by
-  expert, each expert's blocks gathered once and applied to its tokens only (as MoE engines do);
-- decode (few tokens): per token, the union of its experts' blocks, each read once.
+Execution paths, all reading only what a token needs (the shared part is always one dense matmul; the
+README's "Which path runs where" table has the measured crossovers):
+- fused CPU (fp32, up to FUSED_CPU_MAX_TOKENS tokens, Numba installed): kernels/cpu_fused.py multiplies
+  the selected neuron rows where they lie, in one compiled call;
+- decode / union (few tokens, or tokens spread over many experts): the union of the tokens' experts'
+  blocks, each read once (in place when the union covers most routed blocks);
+- grouped (many tokens on few experts): tokens grouped by expert, each expert's blocks gathered once
+  and applied to its tokens only (as MoE engines do);
+- on CUDA with Triton, the kernels of momcompress.kernels (behind their self-check).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ DECODE_MAX_TOKENS = 64
 BLOCK_READ_TOKENS = 16
 # Up to this many tokens (fp32, CPU, Numba installed) the fused CPU kernel runs: it reads each selected
 # neuron row once, where it lies, instead of copying the rows first (measured crossover: README).
-FUSED_CPU_MAX_TOKENS = 8
+FUSED_CPU_MAX_TOKENS = 16
 
 
 def _kernels_ready(device: torch.device) -> bool:
