@@ -258,11 +258,15 @@ def test_custom_op_fake_shapes_and_export():
     assert "momcompress.routed_experts" in str(program.graph)
 
 
-def test_imports_without_triton():
+def test_imports_without_triton_nor_the_runtime():
+    """momcompress.kernels imports without Triton and without momcompress.runtime (no import cycle: the
+    reference lives in kernels/reference.py)."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "import momcompress.kernels as k\n"
+        "cycle = [m for m in sys.modules if m.startswith('momcompress.runtime')]\n"
+        "assert not cycle, f'momcompress.kernels imports the runtime: {cycle}'\n"
         "assert not k.kernels_available(torch.device('cuda')) and not k.kernels_available(torch.device('cpu'))\n"
         "try:\n"
         "    k._routed_experts_cuda(*[torch.zeros(1)] * 7, 'silu')\n"
