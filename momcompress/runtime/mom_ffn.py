@@ -51,7 +51,7 @@ DECODE_MAX_TOKENS = 64
 BLOCK_READ_TOKENS = 16
 # Up to this many tokens (fp32, CPU, Numba installed) the fused CPU kernel runs: it reads each selected
 # neuron row once, where it lies, instead of copying the rows first (measured crossover: README).
-FUSED_CPU_MAX_TOKENS = 16
+FUSED_CPU_MAX_TOKENS = 8
 
 
 def _kernels_ready(device: torch.device) -> bool:
