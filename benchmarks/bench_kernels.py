@@ -13,6 +13,7 @@ bandwidth: the distinct weight bytes the batch needs (shared + the union of its 
 dense: all) over the time. "use" says which path wins ("dense (fallback)" when the sparse path is slower).
 
     python benchmarks/bench_kernels.py [--tokens 1,4,16,128,2048] [--ratios 0.5,0.3] [--modes graph,eager] [--json out.json]
+    python benchmarks/bench_kernels.py --shapes "4096,14336;576,1536" --block-sizes 1,4,16   # each shape at each b
     python benchmarks/bench_kernels.py --smoke     # no GPU: check the kernels in Triton's interpreter
 
 Without CUDA it says so and exits 0.
@@ -138,7 +139,8 @@ def run(args) -> list[dict]:
         dense_bytes = 3 * d * f * 2
         for ratio in args.ratios:
             layer, achieved = build_mom(d, f, b, ratio, args.experts, args.top_k, "cuda")
-            print(f"shape d={d} F={f} b={b}, ratio {ratio} (achieved {achieved:.3f}): {check_kernels(layer, d)}", file=sys.stderr)
+            check = check_kernels(layer, d)
+            print(f"shape d={d} F={f} b={b}, ratio {ratio} (achieved {achieved:.3f}): {check}", file=sys.stderr)
             for T in args.tokens:
                 x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
                 top_w, top_i = layer.route(x)
@@ -154,7 +156,7 @@ def run(args) -> list[dict]:
                         dense_ms=dense_ms, mom_ms=mom_ms, routed_ms=routed_ms, mom_over_dense=mom_ms / dense_ms,
                         dense_gbps=dense_bytes / dense_ms / 1e6 if decode else None,
                         mom_gbps=weight_bytes_needed(layer, x) / mom_ms / 1e6 if decode else None,
-                        use="mom" if mom_ms < dense_ms else "dense (fallback)",
+                        use="mom" if mom_ms < dense_ms else "dense (fallback)", check=check,
                     ))
                     print_row(rows[-1])
             del layer
@@ -187,10 +189,10 @@ def smoke() -> int:
     except ImportError:
         print("Triton is not installed (pip install 'momcompress[triton]'): nothing to check", file=sys.stderr)
         return 0
-    from momcompress.runtime.mom_ffn import routed_experts_grouped
+    from momcompress.kernels.reference import routed_experts_grouped
 
     g = torch.Generator().manual_seed(0)
-    T, d, b, R, E, k = 20, 32, 8, 6, 4, 2
+    T, d, b, R, E, k = 20, 32, 1, 48, 4, 2
     x = torch.randn(T, d, generator=g)
     gate, up, down = (torch.randn(R, b, d, generator=g) / d**0.5 for _ in range(3))
     scale = (torch.rand(E, R, generator=g) < 0.5) * torch.rand(E, R, generator=g)  # (E, R) ragged, fractional
@@ -211,7 +213,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="1,4,16,128,2048", help="token counts T")
     ap.add_argument("--ratios", default="0.5,0.3", help="activation ratios (fraction of blocks a token reads)")
-    ap.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES), help="d,F,b;d,F,b;...")
+    ap.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES), help="d,F,b;d,F,b;... (or d,F;... with --block-sizes)")
+    ap.add_argument("--block-sizes", default="", help="run every shape at each of these block sizes, e.g. 1,4,16 (overrides the shapes' b)")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--modes", default="graph,eager", help="graph (CUDA graph replay) and/or eager")
@@ -223,7 +226,13 @@ def main() -> int:
         return smoke()
     args.tokens = [int(t) for t in args.tokens.split(",")]
     args.ratios = [float(r) for r in args.ratios.split(",")]
-    args.shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
+    if args.block_sizes:
+        args.shapes = [(sh[0], sh[1], int(b)) for sh in shapes for b in args.block_sizes.split(",")]
+    elif any(len(sh) != 3 for sh in shapes):
+        ap.error("--shapes needs d,F,b for each shape unless --block-sizes is given")
+    else:
+        args.shapes = shapes
     args.modes = [m for m in args.modes.split(",") if m]
     if not args.modes or set(args.modes) - {"graph", "eager"}:
         ap.error(f"--modes takes graph and/or eager, got {args.modes}")

@@ -15,6 +15,9 @@ reach. Goal (issue 5): MoM decode step <= 0.8x dense at ratio 0.5.
 
     python benchmarks/bench_onnx.py --frozen /tmp/f6 [--dense default] [--threads 2] [--json out.json]
     python benchmarks/bench_onnx.py --frozen F --workdir W   # reuse exports in W from an earlier run
+
+Any block size works (the bodies walk routed blocks of the frozen model's b; checked at b = 1 and 8 on
+tiny models); the header and the JSON name the block size, experts and top-k measured.
 """
 
 from __future__ import annotations
@@ -169,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
 
     frozen_manifest = json.loads((Path(args.frozen) / "manifest.json").read_text())
+    mom_config = json.loads((Path(args.frozen) / "config.json").read_text())["momcompress"]
+    block_size = mom_config.get("block_size")
     rows = []
     for w in workloads:
         dense_ms = statistics.median(times[w]["dense"]) * 1e3
@@ -181,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     mom_names = [v for v in sessions if v != "dense"]
     print(f"onnxruntime CPU, fp32, batch 1, {args.threads} threads; frozen model measured ratio "
-          f"{frozen_manifest.get('measured_ratio', float('nan')):.3f}; median of {args.repeats} rounds")
+          f"{frozen_manifest.get('measured_ratio', float('nan')):.3f}, block size {block_size}, "
+          f"{mom_config.get('num_experts')} experts top-{mom_config.get('top_k')}; median of {args.repeats} rounds")
     header = f"{'workload':<26} {'dense ms':>9} " + " ".join(f"{v + ' ms':>18} {'ratio':>6}" for v in mom_names)
     print(header)
     for row in rows:
@@ -194,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         result = {
             "threads": args.threads, "repeats": args.repeats, "frozen": str(args.frozen), "dense": args.dense,
-            "measured_ratio": frozen_manifest.get("measured_ratio"), "rows": rows, "raw_seconds": times, "decode_goal_met": goal,
+            "measured_ratio": frozen_manifest.get("measured_ratio"), "block_size": block_size,
+            "experts": mom_config.get("num_experts"), "top_k": mom_config.get("top_k"), "rows": rows, "raw_seconds": times, "decode_goal_met": goal,
         }
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

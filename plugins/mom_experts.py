@@ -27,7 +27,7 @@ def _aot_signature(dtype_name: str) -> dict:
     return {
         "x_ptr": t, "top_w_ptr": "*fp32", "top_i_ptr": "*i64", "gate_ptr": t, "up_ptr": t, "down_ptr": t,
         "scale_ptr": "*fp32", "acc_ptr": t, "out_ptr": t, "R": "i32", "d": "i32",
-        "K": "constexpr", "B": "constexpr", "ACT": "constexpr", "BLOCK_D": "constexpr", "BLOCK_K": "constexpr",
+        "K": "constexpr", "B": "constexpr", "ACT": "constexpr", "BLOCK_D": "constexpr", "BLOCK_K": "constexpr", "BLOCK_N": "constexpr",
     }
 
 
@@ -96,19 +96,25 @@ def register(implementation: str = "aot") -> str:
 
             from momcompress.plugins import triton_aot
 
-            R, b, d = (int(v) for v in routed_gate.shape_expr)  # weights are constants: static shapes
-            block_d, block_k = triton_aot.tiles(d)
+            # Weights are constants: static shapes. Any block size runs; the guard rejects other layouts.
+            R, b, d = triton_aot.check_shapes(routed_gate.shape_expr, routed_up.shape_expr, routed_down.shape_expr)
+            if activation not in triton_aot.ACTIVATION_CODES:
+                raise ValueError(f"activation must be one of {sorted(triton_aot.ACTIVATION_CODES)}, got {activation!r}")
+            block_d, block_k, block_n = triton_aot.tiles(d)
             import tensorrt as trt
 
             dtype = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}[x.dtype]
             src = triton.compiler.ASTSource(
                 fn=triton_aot.mom_experts_kernel,
                 signature=_aot_signature(dtype),
-                constexprs={"K": int(top_k), "B": b, "ACT": triton_aot.ACTIVATION_CODES[activation], "BLOCK_D": block_d, "BLOCK_K": block_k},
+                constexprs={
+                    "K": int(top_k), "B": b, "ACT": triton_aot.ACTIVATION_CODES[activation],
+                    "BLOCK_D": block_d, "BLOCK_K": block_k, "BLOCK_N": block_n,
+                },
             )
             kernel = triton.compile(src)
             launch = trtp.KernelLaunchParams()
-            launch.grid_x = x.shape_expr[0]  # one program per token (T is dynamic: a symbolic expression)
+            launch.grid_x = x.shape_expr[0]  # tokens (T is dynamic: a symbolic expression) x output tiles
             launch.grid_y = trtp.cdiv(d, block_d)
             launch.block_x = kernel.metadata.num_warps * 32
             launch.shared_mem = kernel.metadata.shared

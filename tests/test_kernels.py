@@ -2,7 +2,7 @@
 
 Without CUDA the Triton kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1 is set
 below, before the kernels are first imported); with CUDA the same tests run on the GPU. Tests that need
-Triton are skipped when it is not installed.
+Triton fail on Linux when it is not installed (it is in the test extra) and are skipped elsewhere.
 
     python -m pytest -q tests/test_kernels.py              # CPU (interpreter), about 15 s on 2 cores
     python -m pytest -q -m gpu tests/test_kernels.py       # GPU: default and large model shapes
@@ -70,24 +70,46 @@ def assert_matches(out, args, activation):
 
 
 def kernels():
-    pytest.importorskip("triton")
+    """The Triton kernel module. Triton is part of the test extra on Linux: missing there, the tests fail
+    (they used to skip, and a CI without Triton passed without testing a kernel)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        if sys.platform.startswith("linux"):
+            pytest.fail(f"Triton is not importable ({err}): install the test extra, pip install -e '.[test]'")
+        pytest.skip(f"Triton is not available on {sys.platform}")
     from momcompress.kernels import triton_mom
 
     return triton_mom
 
 
 # (T, d, b, R, E, k, dtype, activation, dead_tokens, tiles): small shapes, ragged experts, an expert with
-# no block in every case; tiles smaller than the shape force the multi-tile loops.
+# no block in every case; every block size the runtime supports (1, 2, 4, 16 and one not a power of two)
+# with k = 1..4; tiles smaller than the shape force the multi-tile loops and the split reduction.
 DECODE_CASES = [
+    (1, 32, 1, 40, 4, 1, torch.float32, "silu", False, None),
+    (3, 64, 1, 48, 8, 3, torch.float32, "gelu", True, dict(block_n=4, block_d=32, block_k=8, split=5)),
+    (4, 64, 1, 64, 6, 4, torch.bfloat16, "silu", False, None),
+    (2, 32, 2, 24, 4, 2, torch.float32, "gelu_tanh", False, dict(block_n=8, block_d=16, block_k=4, split=3)),
+    (5, 64, 2, 20, 5, 4, torch.float16, "silu", True, None),
+    (1, 64, 4, 12, 3, 3, torch.float32, "silu", False, dict(block_n=4, block_d=64, block_k=8, split=2)),
+    (16, 32, 4, 16, 8, 2, torch.bfloat16, "gelu", False, None),
     (1, 32, 8, 3, 2, 1, torch.float32, "silu", False, None),
-    (3, 64, 16, 12, 4, 2, torch.float32, "gelu_tanh", True, dict(block_n=64, block_d=64)),
-    (16, 64, 8, 12, 8, 4, torch.float32, "gelu", False, dict(block_n=64, block_d=64)),
-    (1, 64, 16, 12, 2, 2, torch.float32, "silu", False, dict(block_n=4, block_d=32)),
+    (3, 64, 16, 12, 4, 2, torch.float32, "gelu_tanh", True, dict(block_n=64, block_d=64, block_k=16, split=4)),
+    (16, 64, 16, 12, 8, 4, torch.float32, "gelu", False, dict(block_n=64, block_d=64)),
+    (1, 64, 16, 12, 2, 2, torch.float32, "silu", False, dict(block_n=4, block_d=32, block_k=4, split=7)),
     (3, 32, 16, 12, 8, 3, torch.float16, "silu", True, dict(block_n=32, block_d=32)),
     (3, 64, 16, 12, 4, 4, torch.bfloat16, "gelu_tanh", False, dict(block_n=64, block_d=64)),
-    (3, 32, 12, 3, 2, 2, torch.float32, "silu", False, dict(block_n=16, block_d=32)),  # b not a power of two
+    (3, 32, 12, 3, 2, 2, torch.float32, "silu", False, dict(block_n=16, block_d=32, block_k=16, split=2)),  # b not a power of two
 ]
 GROUPED_CASES = [
+    (1, 32, 1, 40, 4, 1, torch.float32, "gelu", False, None),
+    (20, 64, 1, 48, 8, 3, torch.float32, "silu", True, dict(block_m=16, block_n=16, block_k=16)),
+    (40, 32, 1, 64, 6, 4, torch.bfloat16, "silu", False, None),
+    (24, 32, 2, 24, 4, 2, torch.float32, "gelu_tanh", False, None),
+    (20, 64, 2, 20, 5, 4, torch.float16, "silu", True, dict(block_m=16, block_n=32, block_k=16)),
+    (17, 64, 4, 12, 3, 3, torch.float32, "silu", False, None),
+    (40, 32, 4, 16, 8, 2, torch.bfloat16, "gelu", False, dict(block_m=32, block_n=16, block_k=16)),
     (1, 32, 8, 3, 2, 1, torch.float32, "gelu", False, None),
     (16, 64, 16, 12, 4, 2, torch.float32, "silu", True, None),
     (70, 64, 8, 12, 4, 2, torch.float32, "gelu_tanh", False, dict(block_m=32, block_n=32, block_k=32)),
@@ -162,11 +184,12 @@ from triton.compiler import ASTSource
 from momcompress.kernels import triton_mom as tm
 
 if "constexprs" not in inspect.signature(ASTSource).parameters:
-    raise SystemExit("skip: this Triton's ASTSource differs")
+    raise SystemExit(f"this Triton's ASTSource differs: {inspect.signature(ASTSource)}; update COMPILE_CHECK and plugins/mom_experts.py")
 ptr = dict(x="*bf16", w="*bf16", f="*fp32", i="*i32", l="*i64")
 kernels = [
-    (tm._decode_plan_kernel, "f l f i f i f", "R d", dict(K=2, BLOCK_R=256, BLOCK_D=1024)),
-    (tm._decode_kernel, "x w w w i f i f", "R b d", dict(ACT=1, BLOCK_N=8, BLOCK_D=256)),
+    (tm._decode_plan_kernel, "f l f i f i", "R", dict(K=2, BLOCK_R=256)),
+    (tm._decode_gate_up_kernel, "x w w i f i f", "R b d", dict(ACT=1, BLOCK_N=8, BLOCK_D=256)),
+    (tm._decode_down_kernel, "f w i i f", "T R b d SPLIT_N", dict(BLOCK_K=8, BLOCK_D=256)),
     (tm._grouped_gate_up_kernel, "x w w f i i i f i x", "TK K E R b d H_WIDTH",
      dict(ACT=2, PREC="tf32", UPCAST=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)),
     (tm._grouped_down_kernel, "x w i i i i f", "TK E R b d H_WIDTH",
@@ -177,18 +200,25 @@ for fn, pointers, ints, consts in kernels:
     signature = dict(zip(fn.arg_names, types)) | {name: "constexpr" for name in consts}
     compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
     assert compiled.asm["cubin"], fn.__name__
+# The AOT plugin's kernel, with the signature and constants its aot_impl gives TensorRT (b = 1 and 16).
+from momcompress.plugins import triton_aot
+from momcompress.plugins.mom_experts import _aot_signature
+for b in (1, 16):
+    block_d, block_k, block_n = triton_aot.tiles(4096)
+    consts = dict(K=2, B=b, ACT=0, BLOCK_D=block_d, BLOCK_K=block_k, BLOCK_N=block_n)
+    compiled = triton.compile(ASTSource(triton_aot.mom_experts_kernel, _aot_signature("bfloat16"), constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["ptx"], b
 print("ok")
 """
 
 
 def test_kernels_compile_for_sm90():
     """The kernels compile to sm_90 machine code (Triton's bundled ptxas, no GPU needed): catches what the
-    interpreter does not check (types, layouts, constexpr branches)."""
-    pytest.importorskip("triton")
+    interpreter does not check (types, layouts, constexpr branches). Fails, not skips, on a Triton whose
+    compile API differs, so that a Triton upgrade cannot silently drop this check."""
+    kernels()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE_CHECK], capture_output=True, text=True, timeout=300, env=env)
-    if done.stdout.startswith("skip"):
-        pytest.skip(done.stdout.strip())
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
@@ -228,11 +258,15 @@ def test_custom_op_fake_shapes_and_export():
     assert "momcompress.routed_experts" in str(program.graph)
 
 
-def test_imports_without_triton():
+def test_imports_without_triton_nor_the_runtime():
+    """momcompress.kernels imports without Triton and without momcompress.runtime (no import cycle: the
+    reference lives in kernels/reference.py)."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "import momcompress.kernels as k\n"
+        "cycle = [m for m in sys.modules if m.startswith('momcompress.runtime')]\n"
+        "assert not cycle, f'momcompress.kernels imports the runtime: {cycle}'\n"
         "assert not k.kernels_available(torch.device('cuda')) and not k.kernels_available(torch.device('cpu'))\n"
         "try:\n"
         "    k._routed_experts_cuda(*[torch.zeros(1)] * 7, 'silu')\n"
@@ -256,40 +290,149 @@ def _gpu_kernels():
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 4, 16, 17, 128, 2048])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_default_model_shape(T, dtype):
-    """SmolLM2-135M's FFN (d=576, F=1536, b=16 -> 96 blocks; 64 of them routed over 8 experts, top-2)."""
+@pytest.mark.parametrize("b", [1, 4, 16])
+def test_gpu_default_model_shape(T, dtype, b):
+    """SmolLM2-135M's FFN (d=576, F=1536: 1024 routed neurons over 8 experts, top-2) at block size b."""
     tm = _gpu_kernels()
-    args = make_problem(T, 576, 16, 64, 8, 2, dtype, "cuda", dead_tokens=True)
+    args = make_problem(T, 576, b, 1024 // b, 8, 2, dtype, "cuda", dead_tokens=True)
     assert_matches(tm.routed_experts_triton(*args, "silu"), args, "silu")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 16, 512])
-def test_gpu_large_shape_bf16(T):
-    """A Llama-3-8B-sized FFN (d=4096, F=14336, b=64 -> 224 blocks; 192 routed over 16 experts, top-2)."""
+@pytest.mark.parametrize("b", [1, 4, 16, 64])
+def test_gpu_large_shape_bf16(T, b):
+    """A Llama-3-8B-sized FFN (d=4096, F=14336: 12288 routed neurons over 16 experts, top-2) at block size b."""
     tm = _gpu_kernels()
-    args = make_problem(T, 4096, 64, 192, 16, 2, torch.bfloat16, "cuda")
+    args = make_problem(T, 4096, b, 12288 // b, 16, 2, torch.bfloat16, "cuda")
     assert_matches(tm.routed_experts_triton(*args, "silu"), args, "silu")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 64])
-def test_gpu_frozen_layer_kernels_match_reference(T):
-    """FrozenMoMFFN.forward with the kernels equals its torch path."""
+@pytest.mark.parametrize("b", [1, 16])
+def test_gpu_frozen_layer_kernels_match_reference(T, b, fresh_verdicts, recwarn):
+    """FrozenMoMFFN.forward with the kernels (behind their self-check, which must pass) equals its torch path."""
     _gpu_kernels()
-    d, b, E = 576, 16, 8
-    layer = FrozenMoMFFN(d, b, num_blocks=96, top_k=2, num_shared=32, num_routed=64, expert_sizes=[8] * E,
+    d, E = 576, 8
+    layer = FrozenMoMFFN(d, b, num_blocks=1536 // b, top_k=2, num_shared=512 // b, num_routed=1024 // b, expert_sizes=[128 // b] * E,
                          activation="silu", dtype=torch.bfloat16, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=g, device="cuda") / d**0.5)
-        layer.expert_blocks.copy_(torch.randperm(64, generator=g, device="cuda"))
+        layer.expert_blocks.copy_(torch.randperm(1024 // b, generator=g, device="cuda"))
         layer.expert_scales.fill_(1.0)
         layer.refresh()
         x = torch.randn(T, d, generator=g, device="cuda", dtype=torch.bfloat16)
         fast = layer(x)
         layer.use_kernels = False
         slow = layer(x)
+    assert fresh_verdicts._verdicts and all(v is None for v in fresh_verdicts._verdicts.values()), fresh_verdicts._verdicts
     atol = 2e-2 * slow.float().abs().max().item()
     assert (fast.float() - slow.float()).abs().max().item() <= atol
+
+
+# -- the self-check (MOMCOMPRESS_KERNELS) ---------------------------------------------------------------
+@pytest.fixture
+def fresh_verdicts(monkeypatch):
+    import momcompress.kernels as k
+
+    monkeypatch.setattr(k, "_verdicts", {})
+    monkeypatch.delenv("MOMCOMPRESS_KERNELS", raising=False)
+    return k
+
+
+class CountingKernel:
+    """A launcher with routed_experts' contract: the reference, scaled by `factor` (1.0: correct), or raising."""
+
+    def __init__(self, factor=1.0, error=None):
+        self.factor, self.error, self.calls = factor, error, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.error:
+            raise self.error
+        return routed_experts_grouped(*args) * self.factor
+
+
+@pytest.mark.parametrize("broken", [CountingKernel(factor=1.01), CountingKernel(error=RuntimeError("PTX too new"))], ids=["wrong", "raises"])
+def test_broken_kernel_is_caught_once_and_falls_back(fresh_verdicts, broken, recwarn):
+    k = fresh_verdicts
+    args = make_problem(2, 32, 4, 12, 4, 2)
+    want = routed_experts_grouped(*args, "silu")
+    with pytest.warns(k.KernelCheckWarning, match=r"the broken kernel .*(max abs error|PTX too new).*block size 4"):
+        out = k.run_checked(broken, "the broken kernel", "decode", 3, *args, "silu")
+    torch.testing.assert_close(out, want)
+    assert broken.calls == 1  # the self-check only
+    recwarn.clear()
+    out = k.run_checked(broken, "the broken kernel", "decode", 3, *make_problem(1, 32, 4, 12, 4, 2, seed=1), "silu")
+    assert broken.calls == 1 and not recwarn.list  # remembered: no second check, no second warning
+    # Another class of calls (another block size) is checked on its own.
+    with pytest.warns(k.KernelCheckWarning):
+        k.run_checked(broken, "the broken kernel", "decode", 3, *make_problem(1, 32, 1, 40, 4, 2), "silu")
+    assert broken.calls == 2
+
+
+def test_correct_kernel_passes_its_check(fresh_verdicts, recwarn):
+    k = fresh_verdicts
+    tm = kernels()
+    calls = []
+
+    def decode(*args):
+        calls.append(len(args[0]))
+        return tm.routed_experts_decode_triton(*args)
+
+    args = make_problem(2, 32, 1, 40, 4, 2)
+    out = k.run_checked(decode, "the Triton decode kernel", "decode", 3, *args, "silu")
+    assert calls == [3, 2] and not [w for w in recwarn.list if issubclass(w.category, k.KernelCheckWarning)]
+    assert_matches(out, args, "silu")
+
+
+def test_kernel_modes(fresh_verdicts, monkeypatch):
+    k = fresh_verdicts
+    args = make_problem(2, 32, 4, 12, 4, 2)
+    want = routed_experts_grouped(*args, "silu")
+    broken = CountingKernel(factor=2.0)
+    monkeypatch.setenv("MOMCOMPRESS_KERNELS", "off")
+    torch.testing.assert_close(k.run_checked(broken, "k", "decode", 3, *args, "silu"), want)
+    assert broken.calls == 0
+    monkeypatch.setenv("MOMCOMPRESS_KERNELS", "trust")
+    torch.testing.assert_close(k.run_checked(broken, "k", "decode", 3, *args, "silu"), 2 * want)  # unverified, as asked
+    assert broken.calls == 1 and not k._verdicts
+    monkeypatch.setenv("MOMCOMPRESS_KERNELS", "fast")
+    with pytest.raises(k.KernelModeError, match="check, trust, off"):
+        k.run_checked(broken, "k", "decode", 3, *args, "silu")
+
+
+# -- the TensorRT AOT plugin's fused kernel -------------------------------------------------------------
+AOT_CASES = [(1, 64, 1, 40, 4, 1), (3, 64, 2, 24, 5, 2), (2, 200, 4, 12, 6, 3), (5, 64, 16, 6, 4, 4), (2, 32, 12, 3, 3, 2)]
+
+
+@pytest.mark.parametrize("case", AOT_CASES, ids=lambda c: "T{}-d{}-b{}-R{}-E{}-k{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aot_kernel_matches_reference(case, dtype):
+    """plugins/triton_aot.py at b = 1, 2, 4, 16 and 12, ragged experts, k = 1..4, dead tokens: accumulate + routed."""
+    kernels()
+    from momcompress.plugins import triton_aot
+
+    T, d, b, R, E, k = case
+    args = make_problem(T, d, b, R, E, k, dtype, DEVICE, dead_tokens=True)
+    acc = torch.randn(T, d, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    out = triton_aot.mom_experts(*args, acc, "silu")
+    assert out.shape == acc.shape and out.dtype == dtype
+    want = acc.float().cpu() + reference(args, "silu")
+    err = (out.float().cpu() - want).abs().max().item()
+    assert err <= RTOL[dtype] * want.abs().max().item(), err
+    assert torch.equal(out[0], acc[0])  # token 0's experts use no block: accumulate passes through
+
+
+def test_aot_shape_guard():
+    kernels()
+    from momcompress.plugins import triton_aot
+
+    assert triton_aot.check_shapes((8, 1, 64), (8, 1, 64), (8, 1, 64), 64) == (8, 1, 64)
+    with pytest.raises(ValueError, match="one shape"):
+        triton_aot.check_shapes((8, 4, 64), (8, 4, 64), (64, 32), 64)
+    with pytest.raises(ValueError, match="hidden size 32"):
+        triton_aot.check_shapes((8, 4, 64), (8, 4, 64), (8, 4, 64), 32)

@@ -5,10 +5,13 @@ The contract is `momcompress.runtime.mom_ffn.routed_experts_grouped`: for each t
 with the routed blocks stored as (R, b, d) row blocks (down transposed) and z = expert_block_scale (E, R).
 
 Two paths, chosen by token count in `routed_experts_triton`:
-- decode (T <= DECODE_KERNEL_MAX_TOKENS): a plan kernel lists each token's active blocks (w[t, r] != 0)
-  and zeroes an fp32 output; then one program per (token, tile of BN active neurons) does the fused
-  gate/up matvec, activation, routing-weight scale and down projection, atomically adding its (d,)
-  partial to the output. Each needed weight byte is read once per token; no host synchronisation.
+- decode (T <= DECODE_KERNEL_MAX_TOKENS): a plan kernel lists each token's active blocks (w[t, r] != 0);
+  one program per (token, tile of BLOCK_N active neuron rows) computes h = act(gate) * up * w of those
+  rows; then one program per (token, tile of output features, split of the active neurons) sums h * Wd
+  over its split into a partial output, and the splits are summed (a split reduction: no atomics).
+  Programs cover neuron rows, not blocks, so the block size b (1, 2, 4, 16 or any divisor of the FFN
+  width) only maps a row to its block. Each needed weight byte is read once per token; no host
+  synchronisation.
 - grouped (more tokens): token slots (token, j) are sorted by expert and padded to BLOCK_M (as MoE
   engines do), then a grouped GEMM over each expert's own block list writes h = act(gate) * up * z * top_w
   and a second grouped GEMM applies the down projection; the k slots of a token are summed at the end.
@@ -56,11 +59,11 @@ def _activation(g, ACT: tl.constexpr):
 # -- decode ---------------------------------------------------------------------------------------------
 @triton.jit
 def _decode_plan_kernel(
-    top_w_ptr, top_i_ptr, scale_ptr, active_ptr, weight_ptr, count_ptr, out_ptr,
-    R, d,
-    K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    top_w_ptr, top_i_ptr, scale_ptr, active_ptr, weight_ptr, count_ptr,
+    R,
+    K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Per token t: its active blocks active[t, :count[t]] with weights w (compacted), and out[t] = 0."""
+    """Per token t: its active blocks active[t, :count[t]] with weights w (compacted)."""
     t = tl.program_id(0)
     n = tl.full([], 0, tl.int32)
     for r0 in range(0, R, BLOCK_R):
@@ -77,19 +80,16 @@ def _decode_plan_kernel(
         tl.store(weight_ptr + t * R + pos, w, mask=nz)
         n += tl.sum(nz.to(tl.int32), axis=0)
     tl.store(count_ptr + t, n)
-    for d0 in range(0, d, BLOCK_D):
-        off = d0 + tl.arange(0, BLOCK_D)
-        tl.store(out_ptr + t * d + off, tl.zeros([BLOCK_D], dtype=tl.float32), mask=off < d)
 
 
 @triton.jit
-def _decode_kernel(
-    x_ptr, gate_ptr, up_ptr, down_ptr, active_ptr, weight_ptr, count_ptr, out_ptr,
+def _decode_gate_up_kernel(
+    x_ptr, gate_ptr, up_ptr, active_ptr, weight_ptr, count_ptr, h_ptr,
     R, b, d,
     ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (t, p): active neurons [p*BLOCK_N, (p+1)*BLOCK_N) of token t (neuron n is row n % b of
-    its slot-th active block); out[t] += (act(Wg x) * (Wu x) * w) @ Wd over those neurons, atomically."""
+    """Program (t, p): h[t, n] = act(Wg_n x) * (Wu_n x) * w for the active neurons n in [p*BLOCK_N, (p+1)*BLOCK_N)
+    of token t (neuron n is row n % b of its (n // b)-th active block: gathered rows, any b)."""
     t = tl.program_id(0)
     p = tl.program_id(1)
     n_active = tl.load(count_ptr + t) * b  # active neurons of token t
@@ -112,33 +112,71 @@ def _decode_kernel(
             acc_g += tl.sum(wg * xv[None, :], axis=1)
             acc_u += tl.sum(wu * xv[None, :], axis=1)
         h = _activation(acc_g, ACT) * acc_u * w  # (BLOCK_N,); 0 on masked neurons
-        for d0 in range(0, d, BLOCK_D):
-            off = d0 + tl.arange(0, BLOCK_D)
-            dmask = off < d
-            wd = tl.load(down_ptr + row[:, None] + off[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            tl.atomic_add(out_ptr + t * d + off, tl.sum(h[:, None] * wd, axis=0), mask=dmask, sem="relaxed")
+        tl.store(h_ptr + t.to(tl.int64) * R * b + n, h, mask=nmask)
 
 
-def _decode_tiles(T: int, R: int, b: int, d: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_D) for the decode kernel: 8 neurons x 256 features per load (2048 weights; larger
-    tiles need over 200 registers a thread on sm_90), 4 neurons when that leaves under ~256 programs."""
-    block_n = min(8, triton.next_power_of_2(b))
-    if block_n > 4 and T * max(R // 2, 1) * triton.cdiv(b, block_n) < 256:
-        block_n = 4
+@triton.jit
+def _decode_down_kernel(
+    h_ptr, down_ptr, active_ptr, count_ptr, part_ptr,
+    T, R, b, d, SPLIT_N,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (t, q, s): part[s, t, q-th BLOCK_D features] = sum of h[t, n] * Wd_n over the active neurons n
+    of split s ([s*SPLIT_N, (s+1)*SPLIT_N)); a split reduction, summed by the host: no atomics."""
+    t = tl.program_id(0)
+    q = tl.program_id(1)
+    s = tl.program_id(2)
+    n_active = tl.load(count_ptr + t) * b
+    cols = q * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    cmask = cols < d
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    end = tl.minimum(s * SPLIT_N + SPLIT_N, n_active)
+    for n0 in range(s * SPLIT_N, end, BLOCK_K):
+        n = n0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+        nmask = n < end
+        blk = tl.load(active_ptr + t * R + n // b, mask=nmask, other=0)
+        row = (blk.to(tl.int64) * b + n % b) * d
+        h = tl.load(h_ptr + t.to(tl.int64) * R * b + n, mask=nmask, other=0.0)  # (BLOCK_K,)
+        wd = tl.load(down_ptr + row[:, None] + cols[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(h[:, None] * wd, axis=0)
+    tl.store(part_ptr + (s.to(tl.int64) * T + t) * d + cols, acc, mask=cmask)
+
+
+# Programs the decode kernels aim for (a few per SM of a large GPU); fewer leave the GPU idle at T = 1.
+DECODE_TARGET_PROGRAMS = 512
+
+
+def _decode_tiles(T: int, R: int, b: int, d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_D, BLOCK_K, SPLIT) for the decode kernels.
+
+    gate/up: 8 neuron rows x 256 features per load (2048 weights; larger tiles need over 200 registers a
+    thread on sm_90), 4 rows when that leaves under ~256 programs. down: tiles of BLOCK_K rows x BLOCK_D
+    features, the neurons split so that T x (d / BLOCK_D) x SPLIT is about DECODE_TARGET_PROGRAMS.
+    None of this depends on b: the kernels walk neuron rows, b only maps a row to its block."""
+    width = R * b  # upper bound of a token's active neurons
+    block_n = 8 if T * width // 2 // 8 >= 256 else 4
     block_d = min(triton.next_power_of_2(d), 2048 // block_n)
-    return block_n, block_d
+    down_d = min(triton.next_power_of_2(d), 256)
+    block_k = 8
+    tiles = T * triton.cdiv(d, down_d)
+    split = max(1, min(triton.cdiv(DECODE_TARGET_PROGRAMS, tiles), triton.cdiv(width, 64)))
+    return block_n, block_d, block_k, split
 
 
 def routed_experts_decode_triton(
     x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation: str,
-    block_n: int | None = None, block_d: int | None = None,
+    block_n: int | None = None, block_d: int | None = None, block_k: int | None = None, split: int | None = None,
 ) -> torch.Tensor:
-    """Routed part for few tokens, per token over its active blocks (same contract as the reference).
+    """Routed part for few tokens, per token over its active neurons (same contract as the reference).
+
+    Three launches, no host synchronisation: a plan (each token's active blocks, compacted), gate/up (h
+    of each active neuron, BLOCK_N gathered rows per program), down (a split reduction over the active
+    neurons into split partial outputs, which are then summed).
 
     Args:
-        x: (T, d). top_w: (T, k) fp32. top_i: (T, k) int. routed_gate/up/down: (R, b, d).
+        x: (T, d). top_w: (T, k) fp32. top_i: (T, k) int. routed_gate/up/down: (R, b, d), any b.
         expert_block_scale: (E, R) fp32. activation: "silu", "gelu_tanh" or "gelu".
-        block_n, block_d: tile sizes (powers of two); chosen from the shape when None.
+        block_n, block_d, block_k, split: tile sizes (powers of two) and neuron splits; from the shape when None.
     Returns:
         (T, d) in x's dtype.
     """
@@ -147,22 +185,29 @@ def routed_experts_decode_triton(
     k = top_i.shape[1]
     if T == 0 or R == 0:
         return torch.zeros_like(x)
-    auto_n, auto_d = _decode_tiles(T, R, b, d)
-    block_n, block_d = block_n or auto_n, block_d or auto_d
+    auto = _decode_tiles(T, R, b, d)
+    block_n, block_d, block_k, split = block_n or auto[0], block_d or auto[1], block_k or auto[2], split or auto[3]
+    down_d = min(triton.next_power_of_2(d), 256)
     x = x.contiguous()
     active = torch.empty(T, R, dtype=torch.int32, device=x.device)  # (T, R) active block ids, compacted
     weight = torch.empty(T, R, dtype=torch.float32, device=x.device)  # (T, R) their w[t, r]
     count = torch.empty(T, dtype=torch.int32, device=x.device)  # (T,) number of active blocks
-    out = torch.empty(T, d, dtype=torch.float32, device=x.device)  # zeroed by the plan kernel
+    h = torch.empty(T, R * b, dtype=torch.float32, device=x.device)  # (T, R*b) h of the active neurons, compacted
+    split_n = triton.cdiv(triton.cdiv(R * b, split), block_k) * block_k  # neurons per split
+    part = torch.empty(split, T, d, dtype=torch.float32, device=x.device)  # (split, T, d) partial outputs
     _decode_plan_kernel[(T,)](
-        top_w.float().contiguous(), top_i.contiguous(), expert_block_scale.float().contiguous(), active, weight, count, out,
-        R, d, K=k, BLOCK_R=min(triton.next_power_of_2(R), 1024), BLOCK_D=min(triton.next_power_of_2(d), 1024),
+        top_w.float().contiguous(), top_i.contiguous(), expert_block_scale.float().contiguous(), active, weight, count,
+        R, K=k, BLOCK_R=min(triton.next_power_of_2(R), 1024),
     )
-    _decode_kernel[(T, triton.cdiv(R * b, block_n))](
-        x, routed_gate.contiguous(), routed_up.contiguous(), routed_down.contiguous(), active, weight, count, out,
+    _decode_gate_up_kernel[(T, triton.cdiv(R * b, block_n))](
+        x, routed_gate.contiguous(), routed_up.contiguous(), active, weight, count, h,
         R, b, d, ACT=_activation_code(activation), BLOCK_N=block_n, BLOCK_D=block_d,
     )
-    return out.to(x.dtype)
+    _decode_down_kernel[(T, triton.cdiv(d, down_d), split)](
+        h, routed_down.contiguous(), active, count, part,
+        T, R, b, d, split_n, BLOCK_K=block_k, BLOCK_D=down_d,
+    )
+    return (part[0] if split == 1 else part.sum(dim=0)).to(x.dtype)
 
 
 # -- grouped (prefill) ------------------------------------------------------------------------------
@@ -340,10 +385,16 @@ def routed_experts_grouped_triton(
 
 
 # -- dispatch -----------------------------------------------------------------------------------------
-def routed_experts_triton(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation: str) -> torch.Tensor:
-    """The routed part with the kernel that suits the token count: decode up to DECODE_KERNEL_MAX_TOKENS."""
+def check_arguments(x, routed_gate, routed_up, routed_down, activation: str) -> None:
+    """Raise ValueError on an unknown activation or mixed dtypes (the kernels assume one dtype)."""
     _activation_code(activation)
     if not x.dtype == routed_gate.dtype == routed_up.dtype == routed_down.dtype:
         raise ValueError(f"x and the routed blocks must share a dtype, got {x.dtype} and {routed_gate.dtype}")
+
+
+def routed_experts_triton(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation: str) -> torch.Tensor:
+    """The routed part with the kernel that suits the token count: decode up to DECODE_KERNEL_MAX_TOKENS
+    (unverified: momcompress.kernels.routed_experts runs these behind a self-check)."""
+    check_arguments(x, routed_gate, routed_up, routed_down, activation)
     launch = routed_experts_decode_triton if x.shape[0] <= DECODE_KERNEL_MAX_TOKENS else routed_experts_grouped_triton
     return launch(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation)

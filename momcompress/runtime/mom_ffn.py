@@ -16,19 +16,30 @@ Pruned blocks are not stored. For token t with top-k experts and weights r, bloc
 w[t, j] = sum_e r[t, e] z[e, j] (z the expert's gate value, 0 if the block is not in its list), the
 same formula as the training layer, so the frozen layer reproduces it exactly.
 
-Two execution paths, both reading only what a token needs:
-- grouped (any token count, the reference): the shared part as one dense matmul; tokens grouped by
-  expert, each expert's blocks gathered once and applied to its tokens only (as MoE engines do);
-- decode (few tokens): per token, the union of its experts' blocks, each read once.
+Execution paths, all reading only what a token needs (the shared part is always one dense matmul; the
+README's "Which path runs where" table has the measured crossovers):
+- fused CPU (fp32, up to FUSED_CPU_MAX_TOKENS tokens, Numba installed): kernels/cpu_fused.py multiplies
+  the selected neuron rows where they lie, in one compiled call;
+- decode / union (few tokens, or tokens spread over many experts): the union of the tokens' experts'
+  blocks, each read once (in place when the union covers most routed blocks);
+- grouped (many tokens on few experts): tokens grouped by expert, each expert's blocks gathered once
+  and applied to its tokens only (as MoE engines do);
+- on CUDA with Triton, the kernels of momcompress.kernels (behind their self-check).
 """
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from momcompress.kernels import cpu_fused
+from momcompress.kernels.reference import (  # noqa: F401  (re-exported: the reference lives with the kernels)
+    ACTIVATIONS,
+    HF_ACTIVATIONS,
+    routed_experts_decode,
+    routed_experts_grouped,
+)
 
 ROUTINGS = ("renormalized", "unit")
 # Up to this many tokens per call the decode path (union of the tokens' blocks, read once) is used;
@@ -38,6 +49,9 @@ DECODE_MAX_TOKENS = 64
 # In the choice between grouping tokens by expert and reading the union of their blocks once (CPU /
 # reference path): reading (gathering) one block costs about as much as computing this many tokens on it.
 BLOCK_READ_TOKENS = 16
+# Up to this many tokens (fp32, CPU, Numba installed) the fused CPU kernel runs: it reads each selected
+# neuron row once, where it lies, instead of copying the rows first (measured crossover: README).
+FUSED_CPU_MAX_TOKENS = 8
 
 
 def _kernels_ready(device: torch.device) -> bool:
@@ -86,6 +100,7 @@ class FrozenMoMFFN(nn.Module):
         self.routing = routing
         self.use_kernels = True  # on CUDA, run the Triton kernels when Triton is installed
         self.decode_max_tokens = DECODE_MAX_TOKENS
+        self.fused_cpu_max_tokens = FUSED_CPU_MAX_TOKENS  # 0 turns the fused CPU kernel off
 
         def param(*shape, dt=dtype):
             return nn.Parameter(torch.zeros(*shape, dtype=dt, device=device), requires_grad=False)
@@ -157,6 +172,11 @@ class FrozenMoMFFN(nn.Module):
             from momcompress.kernels import routed_experts
 
             out = out + routed_experts(xf, top_w, top_i, self.routed_gate, self.routed_up, self.routed_down, self.expert_block_scale, self.activation)
+        elif self._fused_cpu_ok(xf):
+            cpu_fused.routed_experts_rows(
+                xf, top_w, top_i, self.expert_offsets, self.expert_blocks, self.expert_scales,
+                self.routed_gate, self.routed_up, self.routed_down, self.activation, out,
+            )
         elif xf.shape[0] <= self.decode_max_tokens or self.union_is_cheaper(top_i):
             self.routed_decode(xf, top_w, top_i, out)
         else:
@@ -164,6 +184,15 @@ class FrozenMoMFFN(nn.Module):
         if self.track_stats:
             self.last_ratio = self.blocks_read(top_i) / self.num_blocks
         return out.view(*lead, self.hidden_size)
+
+    def _fused_cpu_ok(self, x: torch.Tensor) -> bool:
+        """Whether the fused CPU kernel (rows multiplied where they lie, kernels/cpu_fused.py) runs on x."""
+        return (
+            x.device.type == "cpu" and x.shape[0] <= self.fused_cpu_max_tokens and x.dtype == torch.float32
+            and self.routed_gate.dtype == torch.float32 and cpu_fused.available()
+            and not (torch.is_grad_enabled() and x.requires_grad) and self.routed_gate.is_contiguous()
+            and self.routed_up.is_contiguous() and self.routed_down.is_contiguous() and x.is_contiguous()
+        )
 
     def shared_forward(self, x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
         """The shared blocks as one dense FFN: (T, d) -> (T, d)."""
@@ -216,100 +245,6 @@ class FrozenMoMFFN(nn.Module):
 
     def router_params(self) -> int:
         return self.router_weight.numel()
-
-
-# -- functional form: the contract the Triton kernels and the ONNX op implement -------------------------
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "gelu": F.gelu,
-}
-# Hugging Face activation names -> ours.
-HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh"}
-
-
-_scratch = threading.local()
-
-
-def _gather_blocks(weight: torch.Tensor, blocks: torch.Tensor, slot: int) -> torch.Tensor:
-    """weight (R, b, d) rows of `blocks` (K,) as one (K*b, d) tensor.
-
-    On CPU the copy goes into a reused per-thread buffer: a fresh multi-MB tensor per call costs
-    page faults that made the gather 100x slower than the copy itself (measured: 12 ms vs 23 us for
-    45 blocks of 16 x 576 fp32).
-    """
-    d = weight.shape[-1]
-    if weight.device.type != "cpu" or torch.compiler.is_compiling():
-        return weight.index_select(0, blocks).view(-1, d)
-    n = blocks.numel() * weight.shape[1] * d
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    key = (slot, weight.dtype)
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < n or buf.is_inference() != torch.is_inference_mode_enabled():
-        buf = bufs[key] = torch.empty(n, dtype=weight.dtype)
-    out = buf[:n].view(blocks.numel(), weight.shape[1], d)
-    torch.index_select(weight, 0, blocks, out=out)
-    return out.view(-1, d)
-
-
-def _blocks_forward(x, blocks, scale, routed_gate, routed_up, routed_down, activation: str) -> torch.Tensor:
-    """x (T, d) through routed blocks (K,) with per-token block scales (T, K): (T, d)."""
-    T, d = x.shape
-    b = routed_gate.shape[1]
-    wg = _gather_blocks(routed_gate, blocks, 0)  # (K*b, d)
-    wu = _gather_blocks(routed_up, blocks, 1)
-    wd = _gather_blocks(routed_down, blocks, 2)
-    h = ACTIVATIONS[activation](x @ wg.T) * (x @ wu.T)  # (T, K*b)
-    h = (h.view(T, -1, b) * scale.unsqueeze(-1).to(h.dtype)).view(T, -1)
-    return h @ wd  # (T, d)
-
-
-def routed_experts_grouped(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation: str) -> torch.Tensor:
-    """Routed part of a frozen MoM FFN, tokens grouped by expert (the reference for any token count).
-
-    Args:
-        x: (T, d) FFN input. top_w: (T, k) renormalised router weights. top_i: (T, k) expert ids.
-        routed_gate, routed_up, routed_down: (R, b, d) routed blocks (down transposed).
-        expert_block_scale: (E, R) gate value of block r in expert e, 0 where the expert does not use it.
-        activation: "silu", "gelu_tanh" or "gelu".
-    Returns:
-        (T, d): sum over each token's experts e of top_w * W_down_e (act(W_gate_e x) * W_up_e x * z_e).
-    """
-    T, k = top_i.shape
-    flat = top_i.reshape(-1)  # (T*k,)
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=expert_block_scale.shape[0]).tolist()
-    token_of = order // k  # (T*k,) token of each sorted slot
-    weight_of = top_w.reshape(-1)[order].float()  # (T*k,)
-    # Expert outputs land in sorted-slot order, then one gather puts them back: cheaper than one
-    # scatter-add per expert.
-    ys = x.new_zeros(T * k, x.shape[1])  # (T*k, d)
-    start = 0
-    for e, count in enumerate(counts):
-        if count:
-            blocks = expert_block_scale[e].nonzero().squeeze(-1)  # (K,)
-            if len(blocks):
-                tokens = token_of[start : start + count]
-                scale = weight_of[start : start + count, None] * expert_block_scale[e, blocks].float()  # (n, K)
-                ys[start : start + count] = _blocks_forward(x.index_select(0, tokens), blocks, scale, routed_gate, routed_up, routed_down, activation)
-        start += count
-    slot_of = torch.empty_like(order)
-    slot_of[order] = torch.arange(T * k, device=order.device)  # (T*k,) sorted position of slot (t, j)
-    return ys.index_select(0, slot_of).view(T, k, -1).sum(dim=1)
-
-
-def routed_experts_decode(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation: str) -> torch.Tensor:
-    """Same result as routed_experts_grouped, reading the union of the tokens' experts' blocks once (decode,
-    and prompts spread over many overlapping experts: FrozenMoMFFN.union_is_cheaper); each token weighs
-    each block by w[t, r] = sum_e top_w[t, e] * scale[e, r] (0 for blocks its experts do not use). One token reads exactly its experts' blocks; a few tokens
-    read at most the routed blocks once, where grouping by expert would read each expert's blocks again."""
-    w = (top_w.float().unsqueeze(-1) * expert_block_scale[top_i].float()).sum(dim=1)  # (T, R)
-    blocks = w.any(dim=0).nonzero().squeeze(-1) if x.shape[0] > 1 else w[0].nonzero().squeeze(-1)  # (K,)
-    if len(blocks) == 0:
-        return torch.zeros_like(x)
-    return _blocks_forward(x, blocks, w[:, blocks], routed_gate, routed_up, routed_down, activation)
 
 
 def frozen_layers(model: nn.Module) -> list[FrozenMoMFFN]:
