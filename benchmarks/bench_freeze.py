@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import momcompress
-from momcompress.freeze.plan import LayerPlan, repack_layer
+from momcompress.freeze.plan import plan_layer, repack_layer
 from momcompress.models import decoder_layers, load_model, resolve_model_dir
 from momcompress.runtime.mom_ffn import frozen_layers
 
@@ -51,16 +51,12 @@ def synthetic_frozen(dense_dir: Path, ratio: float, block_size: int, experts: in
         perm = torch.randperm(N, generator=gen).tolist()
         shared, rest = sorted(perm[:S]), perm[S:]
         per_expert = (round(ratio * N) - S) // top_k  # routed blocks per expert (a token reads top_k of them)
-        routed = sorted(rest)
-        slot = {j: i for i, j in enumerate(routed)}
-        experts_lists = []
-        for _ in range(experts):
-            pick = torch.randperm(len(rest), generator=gen)[:per_expert].tolist()
-            experts_lists.append(sorted(slot[rest[i]] for i in pick))
-        plan = LayerPlan(
-            N, shared, routed, [], experts_lists, [[1.0] * len(e) for e in experts_lists], [[1.0] * S for _ in range(experts)],
-            padding=[0] * experts,
-        )
+        gates = torch.zeros(experts, N)  # (E, N): each expert's blocks on, then the planner repacks them
+        gates[:, shared] = 1.0
+        rest_t = torch.tensor(rest, dtype=torch.long)
+        for e in range(experts):
+            gates[e, rest_t[torch.randperm(len(rest), generator=gen)[:per_expert]]] = 1.0
+        plan = plan_layer(gates)
         router = torch.randn(experts, mlp.gate_proj.in_features, generator=gen) * 0.05
         layer.mlp = repack_layer(mlp, router, plan, top_k, b, act)
     return model

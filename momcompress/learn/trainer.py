@@ -94,10 +94,10 @@ def resolve_block_size(config: LearnConfig, width: int) -> int:
     if config.block_size is None:
         return default_block_size(width)
     if width % config.block_size:
-        divisors = [b for b in (128, 64, 32, 16, 8) if width % b == 0]
+        divisors = [b for b in (64, 32, 16, 8, 4, 2, 1) if width % b == 0]
         raise ConfigError(
             f"--block-size {config.block_size} does not divide the FFN width {width}; "
-            f"use one of {divisors} (or omit it for the default {default_block_size(width)})"
+            f"use one of {divisors} (or omit it for the default, single neurons)"
         )
     return config.block_size
 
