@@ -282,6 +282,13 @@ def load_texts(data: str | None, split: str, text_field: str | None = None) -> l
     return read_texts(data, text_field)
 
 
+def describe_data(data: str | None) -> dict[str, str]:
+    """A manifest's names for the calibration and held-out text of DATA."""
+    if is_default_data(data):
+        return {"data": "default (LAMBADA novel passages)", "heldout_data": "default (BoolQ Wikipedia passages)"}
+    return {"data": str(data), "heldout_data": f"held-out split of {data}"}
+
+
 def is_default_data(data: str | None) -> bool:
     """Whether `data` names the embedded default data."""
     return data in DEFAULT_DATA_NAMES

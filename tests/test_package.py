@@ -7,6 +7,7 @@ import importlib
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,37 @@ def test_shared_helpers_are_public_in_modelio():
         modelio.detect_activation(torch.nn.ReLU())
     assert set(modelio.library_versions()) == {"torch", "transformers", "python"}
     assert not hasattr(freezer, "_versions") and freezer.write_model_folder is modelio.write_model_folder
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """momcompress's own modules -> the modules they import (module-level and inside functions)."""
+    import ast
+
+    top = Path(__file__).resolve().parents[1]
+    roots = {"momcompress": top / "momcompress", "momcompress.calibration": top / "calibration",
+             "momcompress.export": top / "export", "momcompress.plugins": top / "plugins"}
+    mods = {}
+    for pkg, root in roots.items():
+        for f in root.rglob("*.py"):
+            parts = [p for p in f.relative_to(root).with_suffix("").parts if p != "__init__"]
+            mods[".".join([pkg, *parts])] = f
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in mods:
+                subs = {f"{node.module}.{a.name}" for a in node.names} & mods.keys()
+                graph[m] |= subs if subs else {node.module}  # `from pkg import submodule` names the submodule
+            elif isinstance(node, ast.Import):
+                graph[m] |= {a.name for a in node.names} & mods.keys()
+    return graph
+
+
+def test_no_import_cycles_between_modules():
+    """The four cycles the house review found (learn/mom <-> models, kernels <-> runtime/mom_ffn,
+    runtime/load <-> baselines/load, baselines/base <-> baselines/prune) and any other two-module cycle."""
+    graph = _import_graph()
+    assert "momcompress.learn.mom" not in graph["momcompress.models"]
+    assert not any(m.startswith("momcompress.baselines") for m in graph["momcompress.runtime.load"])
+    assert "momcompress.baselines.base" not in graph["momcompress.baselines.prune"]
+    pairs = sorted((a, b) for a in graph for b in graph[a] if a < b and a in graph.get(b, ()))
+    assert pairs == [], pairs

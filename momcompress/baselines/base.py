@@ -272,6 +272,7 @@ def _manifest(
     method, config, model_dir, model_hash, model, calib, heldout, ratio, per_layer, dense_parts, parts, ffn_active, ppl_dense, ppl, cal_seconds,
     details, fit_ratio,
 ) -> dict:
+    from momcompress.calibration.data import describe_data
     from momcompress.modelio import library_versions
     from momcompress.sizes import active_params_per_token
 
@@ -298,7 +299,7 @@ def _manifest(
         "calibration": {
             "tokens": int(calib.numel()),
             "wall_seconds": cal_seconds,
-            **data_description(config.data),
+            **describe_data(config.data),
         },
         "parameters": {
             "dense_total": dense_parts["total"],
@@ -313,15 +314,6 @@ def _manifest(
         "perplexity": {"dense": ppl_dense, "baseline": ppl, "tokens": int(heldout.numel())},
         "details": details,
     }
-
-
-def data_description(data: str | None) -> dict[str, str]:
-    """The manifest's names for the calibration and held-out text of DATA."""
-    from momcompress.calibration.data import is_default_data
-
-    if is_default_data(data):
-        return {"data": "default (LAMBADA novel passages)", "heldout_data": "default (BoolQ Wikipedia passages)"}
-    return {"data": str(data), "heldout_data": f"held-out split of {data}"}
 
 
 def write_baseline_folder(out: Path, model, tokenizer, model_dir: Path, section: dict, manifest: dict, t_start: float, plans=None) -> None:

@@ -54,7 +54,7 @@ def learn_config(config):
 
 def prune(model, out: Path, config) -> dict:
     """Learn one block mask per layer for MODEL, freeze it and write the baseline folder OUT; return its manifest."""
-    from momcompress.baselines.base import data_description
+    from momcompress.calibration.data import describe_data
     from momcompress.ratio_rule import RATIO_TOLERANCE
     from momcompress.freeze.freezer import freeze
     from momcompress.learn.trainer import learn
@@ -93,7 +93,7 @@ def prune(model, out: Path, config) -> dict:
                 "tokens": learned["train_tokens_seen"],
                 "wall_seconds": learned["wall_seconds"],
                 "steps": learned["steps"],
-                **data_description(config.data),
+                **describe_data(config.data),
             },
             "parameters": {
                 "dense_total": fp["dense_total"],

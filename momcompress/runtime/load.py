@@ -17,6 +17,7 @@ import torch
 from momcompress.errors import ModelLoadError
 from momcompress.models import check_supported, decoder_layers
 from momcompress.runtime.mom_ffn import FrozenMoMFFN
+from momcompress.runtime.registry import folder_loader
 
 WEIGHTS_FILE = "model.safetensors"
 SUPPORTED_FORMATS = (1, 2)  # 1: block lists in config.json; 2: lists in model.safetensors, counts in config.json
@@ -66,10 +67,9 @@ def load(frozen_dir: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         state = load_file(path / WEIGHTS_FILE)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{path / WEIGHTS_FILE} is corrupt ({exc}); freeze again") from None
-    if section.get("method") == "teal":  # TEAL baseline: dense FFN weights + per-layer thresholds
-        from momcompress.baselines.load import load_teal
-
-        return load_teal(path, config, state, device, dtype)
+    loader = folder_loader(section.get("method"))  # e.g. TEAL: dense FFN weights + per-layer thresholds
+    if loader is not None:
+        return loader(path, config, state, device, dtype)
     # Build the model with a one-block FFN so no dense FFN weights are allocated, then swap in the MoM layers.
     build_config = copy.deepcopy(config)
     build_config.intermediate_size = section["block_size"]
