@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-# Tokens per chunk of the head: (CHUNK, V) fp32 temporaries, 200 MB for V = 49152.
+# Tokens per chunk of the head: (CHUNK, V) fp32 temporaries, 50 MB each for V = 49152; a chunk that
+# stays near the L3 cache beat one pass over all 1024 tokens (bf16 b=1 step: ~5.7 s with 128 or 256, 6.6 s).
 HEAD_CHUNK = 256
 IGNORE_INDEX = -100
 
