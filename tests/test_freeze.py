@@ -289,7 +289,7 @@ def test_uniform_experts_pad_to_equal_width(llama_frozen, workdir):
         sizes = m.expert_offsets.diff()
         assert (sizes == sizes[0]).all()
     # every expert padded to its layer's widest expert of the unpadded freeze (same run and target)
-    real = [[len(e) for e in layer["experts"]] for layer in json.loads((frozen_dir / "config.json").read_text())["momcompress"]["layers"]]
+    real = [m.expert_offsets.diff().tolist() for m in frozen_layers(momcompress.load(frozen_dir))]  # unpadded widths
     assert [m.expert_offsets.diff().tolist() for m in frozen_layers(model)] == [[max(s)] * len(s) for s in real]
     assert manifest["padding_overhead"] == pytest.approx(sum(len(s) * max(s) - sum(s) for s in real) / sum(map(sum, real)))
     learned, tok = _learned_model(run, manifest["threshold"]["gate_offset"])
@@ -370,23 +370,24 @@ def test_load_rejects_a_dense_folder(tiny_llama_dir):
 
 # -- dtypes --------------------------------------------------------------------------------------------
 def test_bf16_run_freezes_within_the_bf16_tolerance(workdir, data_file, tmp_path):
-    """A bf16 learn run at b = 1 freezes (the check uses bf16's tolerance) and the folder loads and generates."""
+    """A bf16 (mixed-precision) learn run at b = 1 freezes: its tuned weights are fp32 masters, so the frozen
+    model is fp32 and meets the fp32 check; the folder loads and generates."""
     model_dir = make_tiny_model_dir(workdir / "model-bf16", "llama")
     run = workdir / "run-bf16"
     momcompress.learn(str(model_dir), run, _learn_cfg(data_file, block_size=1, steps=4, dtype="bfloat16", tune_weights=True))
     res = _cli(run, "-o", tmp_path / "f", "--tolerance", "0.05")
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
-    assert manifest["checks"]["logits_rtol"] == pytest.approx(2.0**-5)
-    assert manifest["checks"]["logits_max_rel_diff"] <= 2.0**-5
+    assert manifest["checks"]["logits_rtol"] == pytest.approx(1e-4)
+    assert manifest["checks"]["logits_max_rel_diff"] <= 1e-4
     model = momcompress.load(tmp_path / "f")
-    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_input_embeddings().weight.dtype == torch.float32
     assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 6)
 
 
 def test_a_failed_self_check_is_a_clean_error(llama_frozen, tmp_path, monkeypatch):
     """Frozen logits that drift from the learned ones: exit 1 with a message (no traceback), nothing written."""
-    import momcompress.freeze.freezer as freezer
+    from momcompress.freeze import freezer
 
     real = freezer.repack_layer
 

@@ -2,7 +2,7 @@
 (MoEfication, static structured pruning, TEAL-style activation sparsity); ``momcompress.baseline(...)``
 (in momcompress/__init__.py) calls :func:`momcompress.baselines.base.baseline`."""
 
-from momcompress.runtime.registry import register_folder_loader
+from momcompress.registry import register_folder_loader
 
 # teal folders keep dense FFN weights plus thresholds: momcompress.load hands them to load_teal.
 register_folder_loader("teal", "momcompress.baselines.load:load_teal")

@@ -17,7 +17,7 @@ import torch
 from momcompress.errors import ModelLoadError
 from momcompress.models import check_supported, decoder_layers
 from momcompress.runtime.mom_ffn import FrozenMoMFFN
-from momcompress.runtime.registry import folder_loader
+from momcompress.registry import folder_loader
 
 WEIGHTS_FILE = "model.safetensors"
 SUPPORTED_FORMATS = (1, 2)  # 1: block lists in config.json; 2: lists in model.safetensors, counts in config.json
