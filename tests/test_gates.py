@@ -14,7 +14,6 @@ from momcompress.learn.gates import (
     deterministic_gates,
     prob_nonzero,
     sample_gates,
-    union_ratio,
 )
 
 
@@ -56,6 +55,9 @@ def test_sampling_is_differentiable_and_seeded():
 
 def test_union_ratio_by_hand():
     # one token, k=2 experts, N=2 blocks
-    p = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])  # (1, k, N)
+    from momcompress.learn.mom import union_ratio_of
+
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5]])  # (k=E=2, N=2) P(z != 0) of the token's two experts
+    chosen = torch.ones(1, 2)  # the token chose both
     # block 0: 1-(0)(0.5)=1 ; block 1: 1-(1)(0.5)=0.5 ; mean 0.75
-    assert union_ratio(p).item() == pytest.approx(0.75)
+    assert union_ratio_of(chosen, torch.log1p(-p).clamp_min(-200.0)).item() == pytest.approx(0.75)

@@ -48,14 +48,3 @@ def sample_gates(log_alpha: torch.Tensor, generator: torch.Generator | None = No
 def deterministic_gates(log_alpha: torch.Tensor) -> torch.Tensor:
     """The evaluation-time gate value (no noise); exactly 0 or 1 once log_alpha is far from 0."""
     return (torch.sigmoid(log_alpha) * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
-
-
-def union_ratio(p_on: torch.Tensor) -> torch.Tensor:
-    """Fraction of blocks read for a token that selected k experts.
-
-    Args:
-        p_on: (..., k, N) probability that each selected expert's block gate is on.
-    Returns:
-        (...,) mean over blocks of 1 - prod_k (1 - p): a block is read if any selected expert uses it.
-    """
-    return (1.0 - torch.prod(1.0 - p_on, dim=-2)).mean(dim=-1)

@@ -84,7 +84,10 @@ def stacked_routing(hists: list[tuple[torch.Tensor, torch.Tensor]], num_experts:
 
 
 def ratio_for_routing(p_on: list[torch.Tensor], hists: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean over layers of the union ratio for fixed routing, given each layer's block-on probabilities (E, N)."""
+    """Mean over layers of the union ratio for fixed routing, given each layer's block-on probabilities (E, N).
+
+    The per-set definition, kept as the reference the batched solver (_ratio_and_slope) is tested against.
+    """
     total = 0.0
     for p, (sets, weights) in zip(p_on, hists):
         union = 1.0 - torch.prod(1.0 - p[sets], dim=1)  # (S, N)

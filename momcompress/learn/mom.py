@@ -105,13 +105,9 @@ class MoMFFN(nn.Module):
         the ratio's gradient, so that it does not vanish when gates start fully on (DESIGN.md, lessons
         of the first runs).
         """
-        if self.gate_override is not None or self.gate_mode in ("dense", "deterministic"):
-            if self.gate_override is not None:
-                gates = self.gate_override
-            elif self.gate_mode == "dense":
-                gates = torch.ones_like(self.log_alpha)
-            else:
-                gates = deterministic_gates(self.log_alpha)
+        fixed = {"dense": torch.ones_like, "deterministic": deterministic_gates}.get(self.gate_mode)
+        if self.gate_override is not None or fixed is not None:
+            gates = self.gate_override if self.gate_override is not None else fixed(self.log_alpha)
             return torch.where(gates > 0, LOG_ZERO, 0.0).to(torch.float32), None
         q = log_prob_zero(self.log_alpha)
         if self.ratio_grad_temperature == 1.0 or not torch.is_grad_enabled():

@@ -65,8 +65,8 @@ def measure_ratio(model, seqs: torch.Tensor, batch_size: int, offset: float = 0.
 MATCH_SETS = 2048
 
 
-def _max_log_alpha(log_alphas, hists, generator: torch.Generator) -> torch.Tensor:
-    """(L, S, N): for sampled expert sets of each layer, the largest log_alpha of each block over the set.
+def _max_log_alpha(log_alphas, hists, generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (maxima (S, N), weights (S,)): for (sampled) expert sets, each block's largest log_alpha over the set.
 
     A block is read for that set iff this maximum + offset clears the all-off threshold, so the
     measured ratio of fixed routing is a weighted count of these values above LOG_ALPHA_FULLY_OFF - offset.
