@@ -7,7 +7,9 @@
 FFN: every layer's FFN run in sequence (so weights come from memory, not cache, as in a real forward)
 on T tokens, for T in --tokens: dense modules, the frozen modules as they dispatch (auto), and with
 --paths also each frozen path forced (fused: the Numba kernel that multiplies the selected rows where
-they lie; torch: the reference that copies them first), to find the crossover. Decode step: one
+they lie; union: the union of the tokens' blocks, copied first unless it covers most of them; grouped:
+tokens grouped by expert; masked: every routed row in one GEMM, unselected ones weighted 0), to find
+the crossovers. Decode step: one
 token through the whole model with a KV cache after a --prompt-tokens prompt (per-step time, median
 over --new-tokens steps). Generation: greedy decoding of --new-tokens tokens, batch 1.
 Every variant is timed in the same rounds, interleaved (round i times each variant once, in turn),
@@ -81,9 +83,10 @@ def _interleaved(fns: dict, rounds: int, reps: int) -> dict:
 
 
 def _set_path(layers, path: str) -> None:
-    """Force a frozen path: auto (the module's dispatch), fused (Numba kernel up to any T), torch (no Numba)."""
+    """Force a frozen path (FrozenMoMFFN.PATHS): auto (the module's dispatch), fused (the Numba kernel),
+    union (the union of the tokens' blocks), grouped (tokens grouped by expert), masked (every routed row)."""
     for m in layers:
-        m.fused_cpu_max_tokens = {"auto": m._auto_fused_max, "fused": 1 << 30, "torch": 0}[path]
+        m.path = path
 
 
 def _row(stats: dict, base: str, unit: float = 1e3) -> dict:
@@ -103,8 +106,6 @@ def bench_ffn(dense, frozen, tokens: list[int], rounds: int, paths: list[str]) -
     d_mlps = [layer.mlp for layer in decoder_layers(dense)]
     f_mlps = [layer.mlp for layer in decoder_layers(frozen)]
     layers = frozen_layers(frozen)
-    for m in layers:
-        m._auto_fused_max = m.fused_cpu_max_tokens
     hidden = d_mlps[0].gate_proj.in_features
     rows = []
     for T in tokens:
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, default=64, help="experts of the synthetic plan")
     p.add_argument("--top-k", type=int, default=1, help="top-k of the synthetic plan")
     p.add_argument("--tokens", default="1,4,16,128", help="token counts for the FFN benchmark")
-    p.add_argument("--paths", default="", help="also time these frozen paths forced, comma-separated: fused,torch")
+    p.add_argument("--paths", default="", help="also time these frozen paths forced, comma-separated: fused,union,grouped,masked")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)

@@ -33,10 +33,12 @@ import torch
 ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 # Chunks per thread: a little over-decomposition balances chunks whose tokens read different blocks.
 CHUNKS_PER_THREAD = 2
-# Run the kernel on Numba's thread pool (False: on the calling thread). Numba's pool is not torch's
-# OpenMP pool: right after a torch op, torch's threads still spin, and on a 2-core machine a parallel
-# call then took 5-180 ms instead of 0.1-0.8 ms (README). MOMCOMPRESS_CPU_FUSED_PARALLEL=1 turns it on.
-PARALLEL = os.environ.get("MOMCOMPRESS_CPU_FUSED_PARALLEL", "0") == "1"
+# Run the kernel on Numba's thread pool, as many threads as torch uses (False: on the calling thread).
+# Numba's pool is not torch's OpenMP pool, and right after a torch op torch's threads still spin; on a
+# loaded 2-core machine parallel calls were erratic (5-180 ms instead of 0.1-0.8 ms), but run alone the
+# parallel kernel made the decode step 0.79x dense against 0.87-0.89x on one thread (README).
+# MOMCOMPRESS_CPU_FUSED_PARALLEL=0 runs it on the calling thread.
+PARALLEL = os.environ.get("MOMCOMPRESS_CPU_FUSED_PARALLEL", "1") != "0"
 
 
 @functools.cache

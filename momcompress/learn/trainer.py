@@ -387,7 +387,7 @@ def learn(
         overwrite: replace an existing OUTPUT (or OUTPUT.partial).
         on_step: called with each step's metrics (progress reporting, tests).
     """
-    from momcompress.calibration.data import batch_for_step, build_token_batches
+    from momcompress.calibration.data import batch_for_step
 
     paths = RunPaths.of(output)
     resuming = prepare_run_dir(paths, resume, overwrite)
@@ -400,19 +400,7 @@ def learn(
     try:
         dense, tokenizer = load_model(model_dir, dtype=torch.float32, device=device)  # fp32 masters; see Learner
         block_size = resolve_block_size(config, ffn_width(dense))
-        global_batch = config.batch_size * world
-        need = max(config.steps * global_batch * config.seq_len, config.layerwise_tokens if config.layerwise_steps else 0)
-        data = build_token_batches(
-            tokenizer,
-            config.data,
-            seq_len=config.seq_len,
-            train_tokens=need,
-            heldout_tokens=config.eval_tokens,
-            seed=config.seed,
-            min_train_tokens=global_batch * config.seq_len,
-            text_field=config.text_field,
-        )
-        train, heldout = data.train, data.heldout
+        train, heldout = learning_data(config, tokenizer, world)
         if config.eval_tokens and len(heldout) == 0:
             raise DataError("no held-out tokens for evaluation: add data or pass eval_tokens 0")
         learner = Learner(dense, config, block_size, device)
@@ -538,6 +526,49 @@ def _trim_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def learning_data(config: LearnConfig, tokenizer, world: int = 1):
+    """The run's (train, held-out) token windows: enough for every step (and the layer-wise pool)."""
+    from momcompress.calibration.data import build_token_batches
+
+    global_batch = config.batch_size * world
+    need = max(config.steps * global_batch * config.seq_len, config.layerwise_tokens if config.layerwise_steps else 0)
+    data = build_token_batches(
+        tokenizer,
+        config.data,
+        seq_len=config.seq_len,
+        train_tokens=need,
+        heldout_tokens=config.eval_tokens,
+        seed=config.seed,
+        min_train_tokens=global_batch * config.seq_len,
+        text_field=config.text_field,
+    )
+    return data.train, data.heldout
+
+
+@torch.no_grad()
+def heldout_metrics(model, eval_seqs: torch.Tensor, target: float, batch_size: int) -> dict:
+    """Ratios and perplexities of a MoM-wrapped model on held-out windows: dense, and deterministic
+    gates matched to TARGET (the figure freeze will reproduce)."""
+    expected = expected_ratio(model, eval_seqs, batch_size)
+    det_ratio, per_layer = measure_ratio(model, eval_seqs, batch_size)
+    offset, matched = match_target(model, eval_seqs, target, batch_size)
+    with gate_mode(model, "dense"):
+        ppl_dense = perplexity(model, eval_seqs, batch_size)
+    with matched_gates(model, offset):
+        ppl_matched = perplexity(model, eval_seqs, batch_size)
+    log.info("held-out perplexity: dense %.2f, learned %.2f at measured ratio %.3f", ppl_dense, ppl_matched, matched)
+    return {
+        "expected_ratio": expected,
+        "eval_tokens": int(eval_seqs.numel()),
+        "deterministic_ratio": det_ratio,
+        "deterministic_ratio_per_layer": per_layer,
+        "target_matched_offset": offset,
+        "target_matched_ratio": matched,
+        "perplexity_dense": ppl_dense,
+        "perplexity_target_matched": ppl_matched,
+    }
+
+
 def _finish(learner, model, heldout, train, model_dir, source_hash, block_size, world, checks, records, t_start) -> dict:
     """Final measurements (rank 0): ratios, held-out perplexity dense vs learned; the manifest."""
     cfg = learner.config
@@ -551,26 +582,7 @@ def _finish(learner, model, heldout, train, model_dir, source_hash, block_size, 
         "final_target": final.get("target"),
     }
     if cfg.eval_tokens and len(heldout):
-        bs = max(1, min(8, cfg.batch_size))
-        result["expected_ratio"] = expected_ratio(model, eval_seqs, bs)
-        det_ratio, per_layer = measure_ratio(model, eval_seqs, bs)
-        offset, matched = match_target(model, eval_seqs, cfg.target, bs)
-        with gate_mode(model, "dense"):
-            ppl_dense = perplexity(model, eval_seqs, bs)
-        with matched_gates(model, offset):
-            ppl_matched = perplexity(model, eval_seqs, bs)
-        result.update(
-            {
-                "eval_tokens": int(eval_seqs.numel()),
-                "deterministic_ratio": det_ratio,
-                "deterministic_ratio_per_layer": per_layer,
-                "target_matched_offset": offset,
-                "target_matched_ratio": matched,
-                "perplexity_dense": ppl_dense,
-                "perplexity_target_matched": ppl_matched,
-            }
-        )
-        log.info("held-out perplexity: dense %.2f, learned %.2f at measured ratio %.3f", ppl_dense, ppl_matched, matched)
+        result.update(heldout_metrics(model, eval_seqs, cfg.target, max(1, min(8, cfg.batch_size))))
     import transformers
 
     last = records[-1] if records else {}

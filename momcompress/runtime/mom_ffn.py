@@ -42,6 +42,11 @@ from momcompress.kernels.reference import (  # noqa: F401  (re-exported: the ref
 )
 
 ROUTINGS = ("renormalized", "unit")
+INPLACE_ACTIVATIONS = {
+    "silu": lambda t: F.silu(t, inplace=True),
+    "gelu_tanh": lambda t: t.copy_(F.gelu(t, approximate="tanh")),
+    "gelu": lambda t: t.copy_(F.gelu(t)),
+}
 # Up to this many tokens per call the decode path (union of the tokens' blocks, read once) is used;
 # above it, grouping by expert. On a 2-core CPU the union path beat grouping up to at least 64 tokens
 # (benchmarks/bench_freeze.py); grouping wins once many tokens share each expert.
@@ -51,7 +56,16 @@ DECODE_MAX_TOKENS = 64
 BLOCK_READ_TOKENS = 16
 # Up to this many tokens (fp32, CPU, Numba installed) the fused CPU kernel runs: it reads each selected
 # neuron row once, where it lies, instead of copying the rows first (measured crossover: README).
-FUSED_CPU_MAX_TOKENS = 8
+FUSED_CPU_MAX_TOKENS = 12
+# From this many tokens the masked path runs (every routed row multiplied by a dense GEMM, each token's
+# blocks weighted, the others by 0): gathering the union of many tokens' blocks copies nearly all of
+# them, and grouping by expert copies each expert's blocks, both slower than one GEMM over rows that
+# lie in place (measured crossover: README).
+MASKED_MIN_TOKENS = 13
+# The masked path multiplies routed rows padded (with zero rows) to a multiple of this count.
+ROW_ALIGN = 16
+# The routed paths without kernels; FrozenMoMFFN.path forces one ("auto": choose_path).
+PATHS = ("auto", "fused", "union", "grouped", "masked")
 
 
 def _kernels_ready(device: torch.device) -> bool:
@@ -101,6 +115,8 @@ class FrozenMoMFFN(nn.Module):
         self.use_kernels = True  # on CUDA, run the Triton kernels when Triton is installed
         self.decode_max_tokens = DECODE_MAX_TOKENS
         self.fused_cpu_max_tokens = FUSED_CPU_MAX_TOKENS  # 0 turns the fused CPU kernel off
+        self.masked_min_tokens = MASKED_MIN_TOKENS
+        self.path = "auto"  # or force one of PATHS (benchmarks, tests)
 
         def param(*shape, dt=dtype):
             return nn.Parameter(torch.zeros(*shape, dtype=dt, device=device), requires_grad=False)
@@ -123,6 +139,7 @@ class FrozenMoMFFN(nn.Module):
         self.register_buffer("expert_block_scale", torch.zeros(E, num_routed, device=device), persistent=False)
         self.register_buffer("expert_uses", torch.zeros(E, num_routed, dtype=torch.bool, device=device), persistent=False)
         self.track_stats = False
+        self._aligned = None  # (gate, up, down) zero-padded row buffers of the masked path (_aligned_rows)
         self.last_ratio: torch.Tensor | None = None  # (T,) fraction of the layer's blocks each token read
         self.refresh()
 
@@ -172,18 +189,34 @@ class FrozenMoMFFN(nn.Module):
             from momcompress.kernels import routed_experts
 
             out = out + routed_experts(xf, top_w, top_i, self.routed_gate, self.routed_up, self.routed_down, self.expert_block_scale, self.activation)
-        elif self._fused_cpu_ok(xf):
-            cpu_fused.routed_experts_rows(
-                xf, top_w, top_i, self.expert_offsets, self.expert_blocks, self.expert_scales,
-                self.routed_gate, self.routed_up, self.routed_down, self.activation, out,
-            )
-        elif xf.shape[0] <= self.decode_max_tokens or self.union_is_cheaper(top_i):
-            self.routed_decode(xf, top_w, top_i, out)
         else:
-            self.routed_grouped(xf, top_w, top_i, out)
+            path = self.path if self.path != "auto" else self.choose_path(xf, top_i)
+            if path == "fused":
+                cpu_fused.routed_experts_rows(
+                    xf, top_w, top_i, self.expert_offsets, self.expert_blocks, self.expert_scales,
+                    self.routed_gate, self.routed_up, self.routed_down, self.activation, out,
+                )
+            elif path == "masked":
+                self.routed_masked(xf, top_w, top_i, out)
+            elif path == "union":
+                self.routed_decode(xf, top_w, top_i, out)
+            else:
+                self.routed_grouped(xf, top_w, top_i, out)
         if self.track_stats:
             self.last_ratio = self.blocks_read(top_i) / self.num_blocks
         return out.view(*lead, self.hidden_size)
+
+    def choose_path(self, x: torch.Tensor, top_i: torch.Tensor) -> str:
+        """The routed path for x (T, d) without kernels, by the measured crossovers (README):
+        fused up to fused_cpu_max_tokens tokens, masked from masked_min_tokens, else union or grouped."""
+        T = x.shape[0]
+        if self._fused_cpu_ok(x):
+            return "fused"
+        if T >= self.masked_min_tokens:
+            return "masked"
+        if T <= self.decode_max_tokens or self.union_is_cheaper(top_i):
+            return "union"
+        return "grouped"
 
     def _fused_cpu_ok(self, x: torch.Tensor) -> bool:
         """Whether the fused CPU kernel (rows multiplied where they lie, kernels/cpu_fused.py) runs on x."""
@@ -207,6 +240,61 @@ class FrozenMoMFFN(nn.Module):
                 scale = (top_w.unsqueeze(-1) * self.shared_scale[top_i]).sum(dim=-2)  # (T, S)
             h = (h.view(T, -1, b) * scale.unsqueeze(-1).to(h.dtype)).view(T, -1)
         return F.linear(h, self.shared_down)
+
+    def routed_masked(self, x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, out: torch.Tensor) -> None:
+        """Add the routed output to out (T, d) as a dense FFN over every routed block, each token's blocks
+        weighted by w[t, r] (0 where it has none): three plain matmuls over the stored rows, no copies.
+
+        It computes what the token does not need, but reads each routed row once for all tokens at the
+        speed of a dense GEMM; with many tokens the union of their blocks is (nearly) all of them anyway."""
+        T = x.shape[0]
+        R, b, d = self.routed_gate.shape
+        if R == 0:
+            return
+        if T * self.top_k < self.num_experts:  # read only the T*k rows of the (E, R) table that are needed
+            w = (top_w.float().unsqueeze(-1) * self.expert_block_scale[top_i].float()).sum(dim=1)  # (T, R)
+        else:
+            w_e = torch.zeros(T, self.num_experts, dtype=torch.float32, device=x.device).scatter_add_(1, top_i, top_w.float())
+            w = w_e @ self.expert_block_scale.float()  # (T, R)
+        w = w.to(x.dtype)
+        gate, up, down = self._aligned_rows()  # (n, d) each, n >= R*b, rows past R*b zero
+        n = gate.shape[0]
+        g = F.linear(x, gate)  # (T, n)
+        u = F.linear(x, up)
+        if torch.is_grad_enabled() and (x.requires_grad or self.routed_gate.requires_grad):
+            h = (ACTIVATIONS[self.activation](g) * u)[:, : R * b].reshape(T, R, b) * w.unsqueeze(-1)
+            out.addmm_(h.reshape(T, R * b), down[: R * b])
+            return
+        # In place: no new (T, n) temporaries (fresh multi-MB buffers cost page faults on CPU). The
+        # padding rows give act(0) * 0 = 0.
+        h = INPLACE_ACTIVATIONS[self.activation](g).mul_(u)
+        h[:, : R * b].view(T, R, b).mul_(w.unsqueeze(-1))
+        out.addmm_(h, down)
+
+    def _aligned_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routed gate, up and down rows as (n, d) matrices, n = R*b rounded up to ROW_ALIGN rows.
+
+        GEMMs over a row count that is not a multiple of 16 ran 10-20% slower (1532 vs 1536 rows of
+        576, fp32, 2 threads; README). The parameters are moved, once, into zero-padded buffers and
+        stay views of them (same shapes, state dict and files); a move (.to) or a reload is noticed by
+        the data pointers and padded again."""
+        params = (self.routed_gate, self.routed_up, self.routed_down)
+        R, b, d = self.routed_gate.shape
+        n = -(-(R * b) // ROW_ALIGN) * ROW_ALIGN
+        if n == R * b or torch.is_grad_enabled() and self.routed_gate.requires_grad:
+            return tuple(p.view(R * b, d) for p in params)
+        cached = self._aligned
+        if cached is not None and all(c.data_ptr() == p.data_ptr() and c.dtype == p.dtype and c.shape[0] == n for c, p in zip(cached, params)):
+            return cached
+        bufs = []
+        with torch.no_grad():
+            for p in params:
+                buf = torch.zeros(n, d, dtype=p.dtype, device=p.device)
+                buf[: R * b].copy_(p.view(R * b, d))
+                p.data = buf[: R * b].view(R, b, d)
+                bufs.append(buf)
+        self._aligned = tuple(bufs)
+        return self._aligned
 
     def routed_grouped(self, x: torch.Tensor, top_w: torch.Tensor, top_i: torch.Tensor, out: torch.Tensor) -> None:
         """Add the routed experts' output to out (T, d): tokens grouped by expert."""
