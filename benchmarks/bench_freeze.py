@@ -128,6 +128,57 @@ def bench_ffn(dense, frozen, tokens: list[int], rounds: int, paths: list[str]) -
     return rows
 
 
+def bench_breakdown(dense, frozen, tokens: int, rounds: int) -> dict:
+    """Where the frozen FFN's time goes on the masked path at T tokens, all layers in sequence: each
+    stage of FrozenMoMFFN.routed_masked timed alone, next to the dense MLP's three GEMMs (ms)."""
+    import torch.nn.functional as F
+
+    from momcompress.runtime.mom_ffn import ACTIVATIONS
+
+    d_mlps = [layer.mlp for layer in decoder_layers(dense)]
+    layers = frozen_layers(frozen)
+    x = torch.randn(tokens, d_mlps[0].gate_proj.in_features)
+    rows = [m._aligned_rows() for m in layers]  # the padded row views the masked path multiplies
+    routes = [m.route(x) for m in layers]
+    hs = [torch.randn(tokens, g.shape[0]) for g, _, _ in rows]
+    hd = torch.randn(tokens, d_mlps[0].down_proj.in_features)
+    reps = max(1, int(16 / max(tokens, 1) ** 0.5))
+
+    def each(fn, items):
+        def run():
+            with torch.no_grad():
+                for item in items:
+                    fn(*item)
+        return run
+
+    act = ACTIVATIONS[layers[0].activation]
+    fns = {
+        "dense: gate+up GEMMs": each(lambda m: (F.linear(x, m.gate_proj.weight), F.linear(x, m.up_proj.weight)), [(m,) for m in d_mlps]),
+        "dense: act*up": each(lambda h: act(h) * h, [(hd,)] * len(d_mlps)),
+        "dense: down GEMM": each(lambda m: F.linear(hd, m.down_proj.weight), [(m,) for m in d_mlps]),
+        "frozen: router + top-k": each(lambda m: m.route(x), [(m,) for m in layers]),
+        "frozen: shared part": each(lambda m, r: m.shared_forward(x, *r), list(zip(layers, routes))),
+        "frozen: block weights w": each(
+            lambda m, r: (r[0].float().unsqueeze(-1) * m.expert_block_scale[r[1]].float()).sum(dim=1)
+            if tokens * m.top_k < m.num_experts else
+            torch.zeros(tokens, m.num_experts).scatter_add_(1, r[1], r[0].float()) @ m.expert_block_scale.float(),
+            list(zip(layers, routes))),
+        "frozen: routed gate+up GEMMs": each(lambda r: (F.linear(x, r[0]), F.linear(x, r[1])), [(r,) for r in rows]),
+        "frozen: act*up*w (in place)": each(lambda h: act(h.clone()).mul_(h), [(h,) for h in hs]),
+        "frozen: routed down GEMM": each(lambda h, r: h @ r[2], list(zip(hs, rows))),
+        "dense MLP (module)": each(lambda m: m(x), [(m,) for m in d_mlps]),
+        "frozen FFN (module, masked)": each(lambda m: m(x), [(m,) for m in layers]),
+    }
+    for m in layers:
+        m.path = "masked"
+    try:
+        stats = _interleaved(fns, rounds, reps)
+    finally:
+        for m in layers:
+            m.path = "auto"
+    return {"tokens": tokens, **{k: {q: v * 1e3 for q, v in st.items()} for k, st in stats.items()}}
+
+
 def bench_decode_step(dense, frozen, prompt_tokens: int, steps: int, rounds: int) -> dict:
     """Time of one decode step (one token, KV cache, whole model incl. lm_head), per model."""
     from transformers import DynamicCache
@@ -193,6 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="torch (and Numba) threads")
+    p.add_argument("--breakdown", default="", help="token counts at which to time each stage of the masked path (comma-separated)")
     p.add_argument("--skip", default="", help="skip parts, comma-separated: ffn,decode,generate")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -230,6 +282,13 @@ def main(argv=None) -> int:
         for r in out["ffn"]:
             ratios = " ".join(f"{r[n]['ratio']:>8.3f} [{r[n]['ratio_min']:.2f}-{r[n]['ratio_max']:.2f}]" for n in names[1:])
             print(f"{r['tokens']:>6} " + " ".join(f"{_fmt(r[n]):>24}" for n in names) + "   " + ratios)
+    for T in (int(t) for t in args.breakdown.split(",") if t):
+        br = bench_breakdown(dense, frozen, T, args.rounds)
+        out.setdefault("breakdown", []).append(br)
+        print(f"\nwhere the time goes, masked path, {T} tokens, all {len(layers)} layers: ms, median [min-max]")
+        for name, st in br.items():
+            if name != "tokens":
+                print(f"  {name:<32} {_fmt(st)}")
     if "decode" not in skip:
         dec = out["decode_step"] = bench_decode_step(dense, frozen, args.prompt_tokens, args.new_tokens, args.rounds)
         print(f"\ndecode step (1 token, KV cache after a {args.prompt_tokens}-token prompt, whole model): ms")

@@ -16,14 +16,16 @@ Pruned blocks are not stored. For token t with top-k experts and weights r, bloc
 w[t, j] = sum_e r[t, e] z[e, j] (z the expert's gate value, 0 if the block is not in its list), the
 same formula as the training layer, so the frozen layer reproduces it exactly.
 
-Execution paths, all reading only what a token needs (the shared part is always one dense matmul; the
-README's "Which path runs where" table has the measured crossovers):
+Execution paths (FrozenMoMFFN.path forces one; the README's "Which path runs where" table has the
+measured crossovers; the shared part is always one dense matmul):
 - fused CPU (fp32, up to FUSED_CPU_MAX_TOKENS tokens, Numba installed): kernels/cpu_fused.py multiplies
   the selected neuron rows where they lie, in one compiled call;
-- decode / union (few tokens, or tokens spread over many experts): the union of the tokens' experts'
-  blocks, each read once (in place when the union covers most routed blocks);
-- grouped (many tokens on few experts): tokens grouped by expert, each expert's blocks gathered once
-  and applied to its tokens only (as MoE engines do);
+- masked (from MASKED_MIN_TOKENS tokens): every routed row in one GEMM each for gate, up and down, each
+  token's blocks weighted by its gate values and the others by 0 (no copies; rows padded to ROW_ALIGN);
+- union (fewer tokens without the fused kernel): the union of the tokens' experts' blocks, each read
+  once (in place when the union covers most routed blocks);
+- grouped (the reference; runs only when forced or when masked_min_tokens is raised past decode_max_tokens):
+  tokens grouped by expert, each expert's blocks gathered once;
 - on CUDA with Triton, the kernels of momcompress.kernels (behind their self-check).
 """
 
