@@ -120,6 +120,9 @@ def test_auto_path_follows_the_crossovers():
     fused = "fused" if cpu_fused.available() else "union"
     assert got == {1: fused, 2: fused, 3: "union", 15: "union", 16: "masked", 64: "masked"}
     assert layer.choose_path(x[:1].bfloat16(), top_i[:1]) == "union"  # the Numba kernel is fp32 only
+    layer.path = "fastest"
+    with pytest.raises(ValueError, match="path must be one of"):
+        layer(x[:2])
 
 
 def test_masked_path_pads_rows_in_place():

@@ -202,8 +202,10 @@ class FrozenMoMFFN(nn.Module):
                 self.routed_masked(xf, top_w, top_i, out)
             elif path == "union":
                 self.routed_decode(xf, top_w, top_i, out)
-            else:
+            elif path == "grouped":
                 self.routed_grouped(xf, top_w, top_i, out)
+            else:
+                raise ValueError(f"FrozenMoMFFN.path must be one of {PATHS}, got {path!r}")
         if self.track_stats:
             self.last_ratio = self.blocks_read(top_i) / self.num_blocks
         return out.view(*lead, self.hidden_size)
@@ -260,7 +262,6 @@ class FrozenMoMFFN(nn.Module):
             w = w_e @ self.expert_block_scale.float()  # (T, R)
         w = w.to(x.dtype)
         gate, up, down = self._aligned_rows()  # (n, d) each, n >= R*b, rows past R*b zero
-        n = gate.shape[0]
         g = F.linear(x, gate)  # (T, n)
         u = F.linear(x, up)
         if torch.is_grad_enabled() and (x.requires_grad or self.routed_gate.requires_grad):
