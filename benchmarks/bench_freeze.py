@@ -133,7 +133,7 @@ def bench_breakdown(dense, frozen, tokens: int, rounds: int) -> dict:
     stage of FrozenMoMFFN.routed_masked timed alone, next to the dense MLP's three GEMMs (ms)."""
     import torch.nn.functional as F
 
-    from momcompress.runtime.mom_ffn import ACTIVATIONS
+    from momcompress.kernels.reference import ACTIVATIONS, block_weights
 
     d_mlps = [layer.mlp for layer in decoder_layers(dense)]
     layers = frozen_layers(frozen)
@@ -158,11 +158,7 @@ def bench_breakdown(dense, frozen, tokens: int, rounds: int) -> dict:
         "dense: down GEMM": each(lambda m: F.linear(hd, m.down_proj.weight), [(m,) for m in d_mlps]),
         "frozen: router + top-k": each(lambda m: m.route(x), [(m,) for m in layers]),
         "frozen: shared part": each(lambda m, r: m.shared_forward(x, *r), list(zip(layers, routes))),
-        "frozen: block weights w": each(
-            lambda m, r: (r[0].float().unsqueeze(-1) * m.expert_block_scale[r[1]].float()).sum(dim=1)
-            if tokens * m.top_k < m.num_experts else
-            torch.zeros(tokens, m.num_experts).scatter_add_(1, r[1], r[0].float()) @ m.expert_block_scale.float(),
-            list(zip(layers, routes))),
+        "frozen: block weights w": each(lambda m, r: block_weights(r[0], r[1], m.expert_block_scale), list(zip(layers, routes))),
         "frozen: routed gate+up GEMMs": each(lambda r: (F.linear(x, r[0]), F.linear(x, r[1])), [(r,) for r in rows]),
         "frozen: act*up*w (in place)": each(lambda h: act(h.clone()).mul_(h), [(h,) for h in hs]),
         "frozen: routed down GEMM": each(lambda h, r: h @ r[2], list(zip(hs, rows))),

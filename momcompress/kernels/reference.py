@@ -67,6 +67,18 @@ def _blocks_forward(x, blocks, scale, routed_gate, routed_up, routed_down, activ
     return h @ wd  # (T, d)
 
 
+def block_weights(top_w: torch.Tensor, top_i: torch.Tensor, expert_block_scale: torch.Tensor) -> torch.Tensor:
+    """(T, R) fp32 weight of each routed block for each token: w[t, r] = sum_j top_w[t, j] * z[top_i[t, j], r].
+
+    Reads only the T*k rows of z (E, R) it needs when T*k < E; otherwise one (T, E) @ (E, R) matmul."""
+    T, k = top_i.shape
+    E = expert_block_scale.shape[0]
+    if T * k < E:
+        return (top_w.float().unsqueeze(-1) * expert_block_scale[top_i].float()).sum(dim=1)
+    w_e = torch.zeros(T, E, dtype=torch.float32, device=top_w.device).scatter_add_(1, top_i, top_w.float())
+    return w_e @ expert_block_scale.float()
+
+
 def routed_experts_grouped(x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale, activation: str) -> torch.Tensor:
     """Routed part of a frozen MoM FFN, tokens grouped by expert (the reference for any token count).
 
@@ -106,7 +118,7 @@ def routed_experts_decode(x, top_w, top_i, routed_gate, routed_up, routed_down, 
     and prompts spread over many overlapping experts: FrozenMoMFFN.union_is_cheaper); each token weighs
     each block by w[t, r] = sum_e top_w[t, e] * scale[e, r] (0 for blocks its experts do not use). One token reads exactly its experts' blocks; a few tokens
     read at most the routed blocks once, where grouping by expert would read each expert's blocks again."""
-    w = (top_w.float().unsqueeze(-1) * expert_block_scale[top_i].float()).sum(dim=1)  # (T, R)
+    w = block_weights(top_w, top_i, expert_block_scale)  # (T, R)
     blocks = w.any(dim=0).nonzero().squeeze(-1) if x.shape[0] > 1 else w[0].nonzero().squeeze(-1)  # (K,)
     if len(blocks) == 0:
         return torch.zeros_like(x)

@@ -39,6 +39,7 @@ from momcompress.kernels import cpu_fused
 from momcompress.kernels.reference import (  # noqa: F401  (re-exported: the reference lives with the kernels)
     ACTIVATIONS,
     HF_ACTIVATIONS,
+    block_weights,
     routed_experts_decode,
     routed_experts_grouped,
 )
@@ -255,12 +256,7 @@ class FrozenMoMFFN(nn.Module):
         R, b, d = self.routed_gate.shape
         if R == 0:
             return
-        if T * self.top_k < self.num_experts:  # read only the T*k rows of the (E, R) table that are needed
-            w = (top_w.float().unsqueeze(-1) * self.expert_block_scale[top_i].float()).sum(dim=1)  # (T, R)
-        else:
-            w_e = torch.zeros(T, self.num_experts, dtype=torch.float32, device=x.device).scatter_add_(1, top_i, top_w.float())
-            w = w_e @ self.expert_block_scale.float()  # (T, R)
-        w = w.to(x.dtype)
+        w = block_weights(top_w, top_i, self.expert_block_scale).to(x.dtype)  # (T, R)
         gate, up, down = self._aligned_rows()  # (n, d) each, n >= R*b, rows past R*b zero
         g = F.linear(x, gate)  # (T, n)
         u = F.linear(x, up)
