@@ -12,7 +12,8 @@ and perplexity are measured on held-out tokens no method fitted on.
 
 Builds are cached: a method folder that already exists under OUTPUT is reused (pass --rebuild to
 build again), so an interrupted experiment resumes where it stopped. --mom-run RUN_DIR reuses a
-finished `momcompress learn` run for MoM at its own target.
+finished `momcompress learn` run for MoM at its own target; repeat it to give one run per target. The
+dense model's perplexity and zero-shot scores are computed once and shared by every validation.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def _build(method: str, target: float, out: Path, args) -> dict:
 
     t0 = time.time()
     if method == "mom":
-        run = Path(args.mom_run) if args.mom_run else out.with_name(out.name + "-run")
-        if not args.mom_run and (args.rebuild or not run.is_dir()):
+        given = args.mom_runs.get(target)
+        run = given if given is not None else out.with_name(out.name + "-run")
+        if given is None and (args.rebuild or not run.is_dir()):
             learn(args.model, run, LearnConfig(**{**args.learn_options, "target": target, "steps": args.steps,
                                                   "seed": args.seed, "data": args.data}), overwrite=True)
         manifest = json.loads((run / "manifest.json").read_text())
@@ -150,7 +152,9 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="0.5", help="comma-separated activation ratios")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--steps", type=int, default=None, help="learn steps for mom and prune (default: learn's default)")
-    p.add_argument("--mom-run", help="reuse this finished learn run for mom (at its own target)")
+    p.add_argument("--mom-run", action="append", default=[],
+                   help="reuse this finished learn run for mom at its own target (repeat for several targets); "
+                        "targets without one are learned")
     p.add_argument("--data", help="calibration text for every method (default: the embedded novels)")
     p.add_argument("--calibration-tokens", type=int, default=None, help="moefication / teal calibration tokens (default theirs)")
     p.add_argument("--seq-len", type=int, default=256, help="window length for calibration and perplexity")
@@ -184,15 +188,25 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {METHODS}")
     tasks = [t for t in args.tasks.split(",") if t]
+    targets = [float(t) for t in args.targets.split(",") if t]
+    args.mom_runs = {}
+    for run in map(Path, args.mom_run):
+        try:
+            run_target = json.loads((run / "manifest.json").read_text())["config"]["target"]
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--mom-run {run}: not a finished `momcompress learn` run ({e})")
+        match = [t for t in targets if abs(t - run_target) < 1e-9]
+        if not match:
+            p.error(f"--mom-run {run} was learned at target {run_target}, which is not in --targets {args.targets}")
+        if match[0] in args.mom_runs:
+            p.error(f"two --mom-run folders for target {run_target}: {args.mom_runs[match[0]]} and {run}")
+        args.mom_runs[match[0]] = run
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
-    for target in (float(t) for t in args.targets.split(",")):
+    dense_cache: dict = {}  # the dense model's results, computed by the first validation and reused
+    for target in targets:
         for method in methods:
-            if method == "mom" and args.mom_run:
-                target_run = json.loads((Path(args.mom_run) / "manifest.json").read_text())["config"]["target"]
-                if abs(target_run - target) > 1e-9:
-                    continue
             out = root / f"{method}-t{target}"
             stamp = out / "experiment_build.json"
             if args.rebuild or not stamp.is_file():
@@ -203,7 +217,7 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
             report = validate(out, dense=args.model, output=root / "validation", task_names=",".join(tasks),
                               limit=args.limit or None, heldout_tokens=args.heldout_tokens, seq_len=args.seq_len,
-                              measure_speed=not args.no_speed, overwrite=True)
+                              measure_speed=not args.no_speed, overwrite=True, dense_cache=dense_cache)
             rows.append(_row(method, target, build, report, tasks))
             print(format_table(rows, tasks), flush=True)
             (root / "experiment.md").write_text(format_table(rows, tasks) + "\n")

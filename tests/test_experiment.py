@@ -68,3 +68,32 @@ def test_experiment_builds_validates_and_tables_every_method(tmp_path, text_data
     by = {r["method"]: r for r in rows}
     assert by["mom"]["read_incl_router"] > by["mom"]["ratio"] + 1e-6
     assert by["teal"]["read_incl_router"] == pytest.approx(by["teal"]["ratio"], abs=1e-4)  # no router
+
+
+def test_mom_runs_are_matched_to_their_targets(tmp_path, text_data):
+    """--mom-run, repeated, gives MoM one finished learn run per target; a run at no listed target is an error."""
+    from momcompress.config import LearnConfig
+
+    model = make_tiny_model_dir(tmp_path / "tiny", "llama")
+    runs = {}
+    for target in (0.4, 0.6):
+        runs[target] = tmp_path / f"run{target}"
+        momcompress.learn(str(model), runs[target], LearnConfig(target=target, experts=4, block_size=8, steps=3, batch_size=2,
+                                                             seq_len=32, data=str(text_data), eval_tokens=256,
+                                                             init_tokens=256, log_every=100))
+    out, js = tmp_path / "exp", tmp_path / "exp.json"
+    base = ["--model", str(model), "--data", str(text_data), "--seq-len", "32", "--heldout-tokens", "256",
+            "--tasks", "none", "--no-speed", "--methods", "mom", "-o", str(out), "--json", str(js)]
+    exp = _experiment()
+    assert exp.main([*base, "--targets", "0.4,0.6", "--mom-run", str(runs[0.6]), "--mom-run", str(runs[0.4])]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["target"] for r in rows] == [0.4, 0.6]
+    for r in rows:  # each frozen from its own run: the run's token budget, no learn run of its own
+        assert r["calibration_tokens"] == 3 * 2 * 32
+        assert not (out / f"mom-t{r['target']}-run").exists()
+    with pytest.raises(SystemExit):
+        exp.main([*base, "--targets", "0.5", "--mom-run", str(runs[0.4])])
+    with pytest.raises(SystemExit):
+        exp.main([*base, "--targets", "0.4", "--mom-run", str(runs[0.4]), "--mom-run", str(runs[0.4])])
+    with pytest.raises(SystemExit):
+        exp.main([*base, "--targets", "0.4", "--mom-run", str(tmp_path / "missing")])

@@ -576,6 +576,40 @@ def test_teal_baseline_validates_with_its_measured_read_fraction(frozen, tmp_pat
     assert (tmp_path / "r" / report["key"] / "report.md").is_file()
 
 
+def test_dense_cache_scores_the_dense_model_once_per_input(frozen, patched_task, tmp_path, monkeypatch):
+    """Validations sharing a dense_cache score the dense model once; the report's numbers are unchanged, and
+    other windows or documents are scored afresh."""
+    from momcompress.validate import validator
+
+    model_dir, frozen_dir, heldout, _, _ = frozen
+    calls = {"ppl": [], "score": []}
+    real_ppl, real_score = validator._perplexity, tasks.score_docs
+
+    def count_ppl(model, seqs, *a, **k):
+        calls["ppl"].append(tuple(seqs.shape))
+        return real_ppl(model, seqs, *a, **k)
+
+    def count_score(model, tok, docs, **k):
+        calls["score"].append(len(docs))
+        return real_score(model, tok, docs, **k)
+
+    monkeypatch.setattr(validator, "_perplexity", count_ppl)
+    monkeypatch.setattr(tasks, "score_docs", count_score)
+    kw = dict(dense=model_dir, data=str(heldout), task_names="arc_easy", measure_speed=False, overwrite=True, **FAST)
+    plain = momcompress.validate(frozen_dir, output=tmp_path / "a", **kw)
+    assert len(calls["ppl"]) == 2 and len(calls["score"]) == 2  # dense and sparse each
+    cache: dict = {}
+    first = momcompress.validate(frozen_dir, output=tmp_path / "b", dense_cache=cache, **kw)
+    second = momcompress.validate(frozen_dir, output=tmp_path / "b", dense_cache=cache, **kw)
+    assert len(calls["ppl"]) == 2 + 3 and len(calls["score"]) == 2 + 3  # the second call scored the sparse model only
+    for report in (first, second):
+        assert report["perplexity"] == plain["perplexity"]
+        assert report["zero_shot"]["tasks"] == plain["zero_shot"]["tasks"]
+    # fewer held-out tokens: other windows, so the dense model is scored again
+    momcompress.validate(frozen_dir, output=tmp_path / "b", dense_cache=cache, **{**kw, "heldout_tokens": HELDOUT // 2})
+    assert len(calls["ppl"]) == 5 + 2
+
+
 # ----------------------------------------------------------------------------- plots
 
 

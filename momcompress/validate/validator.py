@@ -19,6 +19,7 @@ speed.py, the plots in plots.py and the report files in report.py. Run it with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -220,14 +221,31 @@ def average_retention(per_task: dict, metric: str) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _zero_shot(dense, sparse, tokenizer, names: list[str], docs: dict, batch_size: int, progress: bool) -> dict:
+def _memo(cache: dict | None, key: tuple, compute):
+    """compute(), or its earlier result for the same key when a cache dict is given (see validate's dense_cache)."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def _zero_shot(dense, sparse, tokenizer, names: list[str], docs: dict, batch_size: int, progress: bool,
+               dense_cache: dict | None = None, dense_key: tuple = ()) -> dict:
     per_task = {}
     for name in names:
         results = {}
         for label, model in (("dense", dense), ("sparse", sparse)):
-            if progress:
-                print(f"zero-shot {name} ({len(docs[name])} docs): {label}", file=sys.stderr)
-            results[label] = tasks.score_docs(model, tokenizer, docs[name], batch_size=batch_size, progress=progress)
+            def score(model=model, label=label):
+                if progress:
+                    print(f"zero-shot {name} ({len(docs[name])} docs): {label}", file=sys.stderr)
+                return tasks.score_docs(model, tokenizer, docs[name], batch_size=batch_size, progress=progress)
+
+            if label == "dense":
+                doc_key = hashlib.sha256(repr(docs[name]).encode()).hexdigest()
+                results[label] = _memo(dense_cache, (*dense_key, "zero-shot", name, doc_key), score)
+            else:
+                results[label] = score()
         acc = {label: tasks.task_accuracy(r) for label, r in results.items()}
         retention = {}
         for metric in tasks.METRICS:
@@ -314,6 +332,7 @@ def validate(
     threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    dense_cache: dict | None = None,
 ) -> dict:
     """Validate FROZEN_DIR against its dense MODEL and write the report; return the report dict.
 
@@ -342,6 +361,9 @@ def validate(
         threads: intra-op threads pinned for every timing, both runtimes (default: torch's count).
         overwrite: replace this method's earlier report in the same folder.
         progress: tqdm bars and progress lines on stderr.
+        dense_cache: a dict shared by several validate calls (benchmarks/experiment.py passes one): the dense
+            model's perplexity and zero-shot scores are computed once per dense model, dtype, device, batch
+            size, held-out windows and documents, and reused by the next call instead of recomputed.
 
     Raises:
         ModelLoadError: FROZEN_DIR is not frozen, or MODEL's architecture or tokenizer differs.
@@ -417,7 +439,13 @@ def validate(
     dtype = sparse.get_input_embeddings().weight.dtype
     dense_model, _ = load_model(dense_dir, dtype=dtype, device=dev)
     shape = cost.ModelShape.from_model(dense_model)
-    ppl_dense = _perplexity(dense_model, seqs, batch_size, "perplexity dense", progress)
+    # everything the dense results depend on besides the windows and documents (keyed below)
+    dense_key, seqs_key = (), ""
+    if dense_cache is not None:
+        dense_key = (str(dense_dir.resolve()), model_fingerprint(dense_dir), str(dtype), str(dev), batch_size)
+        seqs_key = hashlib.sha256(seqs.numpy().tobytes()).hexdigest() + str(tuple(seqs.shape))
+    ppl_dense = _memo(dense_cache, (*dense_key, "perplexity", seqs_key),
+                      lambda: _perplexity(dense_model, seqs, batch_size, "perplexity dense", progress))
     with _FFNRecorder(sparse) as rec:
         ppl_sparse = _perplexity(sparse, seqs, batch_size, "perplexity sparse", progress)
     if rec.tokens == 0:
@@ -429,7 +457,7 @@ def validate(
     blocks_read = None if teal else [r * section["num_blocks"] for r in ratio_per_layer]
 
     # 3. zero-shot
-    zero_shot = _zero_shot(dense_model, sparse, tokenizer, names, docs, batch_size, progress)
+    zero_shot = _zero_shot(dense_model, sparse, tokenizer, names, docs, batch_size, progress, dense_cache, dense_key)
 
     # 4. cost and speed
     dense_cost = cost.dense_cost(shape, context)
