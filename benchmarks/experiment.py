@@ -10,8 +10,9 @@ and perplexity are measured on held-out tokens no method fitted on.
 
     python benchmarks/experiment.py --targets 0.5 --limit 100 -o runs/experiment --json runs/experiment.json
 
-Builds are cached: a method folder that already exists under OUTPUT is reused (pass --rebuild to
-build again), so an interrupted experiment resumes where it stopped. --mom-run RUN_DIR reuses a
+Builds and validations are cached: a method folder that already exists under OUTPUT is reused, and so is
+its validation when the settings are the same (pass --rebuild to build and validate again), so an
+interrupted experiment resumes where it stopped. --mom-run RUN_DIR reuses a
 finished `momcompress learn` run for MoM at its own target; repeat it to give one run per target. The
 dense model's perplexity and zero-shot scores are computed once and shared by every validation.
 """
@@ -208,17 +209,30 @@ def main(argv=None) -> int:
     for target in targets:
         for method in methods:
             out = root / f"{method}-t{target}"
-            stamp = out / "experiment_build.json"
+            stamp, saved = out / "experiment_build.json", out / "experiment_row.json"
             if args.rebuild or not stamp.is_file():
+                saved.unlink(missing_ok=True)
                 build = _build(method, target, out, args)
                 stamp.write_text(json.dumps(build))
             build = json.loads(stamp.read_text())
-            print(f"[{method} @ {target}] built from {build['tokens']} tokens in {build['seconds']:.0f} s; validating",
-                  file=sys.stderr, flush=True)
-            report = validate(out, dense=args.model, output=root / "validation", task_names=",".join(tasks),
-                              limit=args.limit or None, heldout_tokens=args.heldout_tokens, seq_len=args.seq_len,
-                              measure_speed=not args.no_speed, overwrite=True, dense_cache=dense_cache)
-            rows.append(_row(method, target, build, report, tasks))
+            # a validation with the same settings of the same build is reused, so the experiment resumes there too
+            key = {"build": build, "model": args.model, "tasks": tasks, "limit": args.limit, "seq_len": args.seq_len,
+                   "heldout_tokens": args.heldout_tokens, "speed": not args.no_speed}
+            earlier = json.loads(saved.read_text()) if saved.is_file() else {}
+            if earlier.get("key") == key:
+                print(f"[{method} @ {target}] reusing its validation ({saved})", file=sys.stderr, flush=True)
+                row = earlier["row"]
+            else:
+                print(f"[{method} @ {target}] built from {build['tokens']} tokens in {build['seconds']:.0f} s; validating",
+                      file=sys.stderr, flush=True)
+                report = validate(out, dense=args.model, output=root / "validation", task_names=",".join(tasks),
+                                  limit=args.limit or None, heldout_tokens=args.heldout_tokens, seq_len=args.seq_len,
+                                  measure_speed=not args.no_speed, overwrite=True, dense_cache=dense_cache)
+                row = _row(method, target, build, report, tasks)
+                tmp = saved.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"key": key, "row": row}))
+                tmp.replace(saved)
+            rows.append(row)
             print(format_table(rows, tasks), flush=True)
             (root / "experiment.md").write_text(format_table(rows, tasks) + "\n")
             plot_frontier(rows, root / "frontier.png")

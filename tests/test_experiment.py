@@ -32,7 +32,7 @@ def _heldout_and_dense_perplexity(model_dir):
     return seqs, perplexity(AutoModelForCausalLM.from_pretrained(model_dir), seqs, 8)
 
 
-def test_experiment_builds_validates_and_tables_every_method(tmp_path, text_data, capsys):
+def test_experiment_builds_validates_and_tables_every_method(tmp_path, text_data, capsys, monkeypatch):
     model = make_tiny_model_dir(tmp_path / "tiny", "llama")
     out, js = tmp_path / "exp", tmp_path / "exp.json"
     argv = [
@@ -61,8 +61,16 @@ def test_experiment_builds_validates_and_tables_every_method(tmp_path, text_data
     assert "| dense |" in table and "| teal |" in table and "fit ratio" in table
     assert "Ratio rule (all methods): every method fits its threshold on calibration tokens and fails" in table
     assert (out / "validation" / "methods.json").is_file()
-    # a second run reuses the built folders (cached) and validates again
+    # a second run reuses the built folders and their validations; other validation settings validate again
+    from momcompress.validate import validator
+
+    calls = []
+    real = validator.validate
+    monkeypatch.setattr(validator, "validate", lambda *a, **k: calls.append(a) or real(*a, **k))
     assert exp.main(argv) == 0
+    assert calls == [] and json.loads(js.read_text())["rows"] == rows
+    assert exp.main([*argv, "--limit", "7"]) == 0
+    assert len(calls) == 4
     # the frontier: one table and one plot in the report folder; MoM's router counts in what it reads
     assert (out / "experiment.md").is_file() and (out / "frontier.png").stat().st_size > 0
     by = {r["method"]: r for r in rows}
