@@ -1,0 +1,83 @@
+"""Accuracy benchmarks that have no other test: learning_curve.py and routing_oracle.py on a tiny model."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import momcompress
+from conftest import make_tiny_model_dir
+from momcompress.config import LearnConfig
+
+TINY = dict(experts=4, top_k=1, block_size=8, batch_size=2, seq_len=32, eval_tokens=256, init_tokens=256, log_every=100)
+
+
+def _bench(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, text_data):
+    work = tmp_path_factory.mktemp("bench")
+    model = make_tiny_model_dir(work / "model", "llama")
+    momcompress.learn(str(model), work / "run", LearnConfig(target=0.5, steps=4, data=str(text_data), **TINY))
+    return model, work / "run"
+
+
+def test_learning_curve_snapshots_and_evaluates_like_learn(tmp_path, text_data, tiny_run, capsys):
+    model, _ = tiny_run
+    curve, js = _bench("learning_curve"), tmp_path / "curve.json"
+    options = [f"--learn-option={k}={json.dumps(v)}" for k, v in {**TINY, "data": str(text_data), "target": 0.5}.items()]
+    assert curve.main(["--model", str(model), "--steps", "4", "--at", "2", *options, "-o", str(tmp_path / "c"), "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["step"] for r in rows] == [2, 4] and [r["tokens"] for r in rows] == [2 * 64, 4 * 64]
+    manifest = json.loads((tmp_path / "c" / "run" / "manifest.json").read_text())["metrics"]
+    assert rows[-1]["ppl"] == manifest["perplexity_target_matched"]
+    # the same seed and data as the fixture's 4-step run: its final figure is reproduced
+    fixture = json.loads((tiny_run[1] / "manifest.json").read_text())["metrics"]
+    assert rows[-1]["ppl"] == pytest.approx(fixture["perplexity_target_matched"], rel=1e-4)
+    assert all(abs(r["ratio"] - 0.5) < 0.05 and r["ppl"] > 1 for r in rows)
+    assert "| 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        curve.main(["--model", str(model), "--steps", "4", "--at", "4", "-o", str(tmp_path / "bad")])
+
+
+def test_oracle_choice_is_the_closest_expert(tiny_run):
+    from momcompress.freeze.freezer import load_learned, read_run, resolve_source
+    from momcompress.learn.mom import gate_mode, mom_layers
+
+    run = read_run(tiny_run[1])
+    model, _, _ = load_learned(run, resolve_source(run), torch.device("cpu"))
+    oracle = _bench("routing_oracle")
+    layer = mom_layers(model)[0]
+    x = torch.randn(3, 5, layer.mlp.gate_proj.in_features)
+    with torch.no_grad(), gate_mode(model, "deterministic"):
+        pick = oracle.oracle_choice(layer, x)
+        z = layer.gate_values().repeat_interleave(layer.block_size, dim=-1)
+        h = layer.mlp.act_fn(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)
+        ref = layer.reference_mlp(x)
+        errs = torch.stack([(layer.mlp.down_proj(h * z[e]) - ref).pow(2).sum(-1) for e in range(layer.num_experts)], -1)
+    assert torch.equal(pick, errs.argmin(-1))
+    # inside routing("oracle") the layer sends each token to that expert
+    with torch.no_grad(), gate_mode(model, "deterministic"), oracle.routing(model, "oracle"):
+        _, top_w, top_i = layer.route(x)
+    assert torch.equal(top_i.squeeze(-1), pick) and torch.all(top_w == 1)
+    assert "route" not in vars(layer)  # restored
+
+
+def test_routing_oracle_table(tiny_run, tmp_path, capsys):
+    oracle, js = _bench("routing_oracle"), tmp_path / "o.json"
+    assert oracle.main([str(tiny_run[1]), "--tokens", "128", "--json", str(js)]) == 0
+    result = json.loads(js.read_text())
+    assert [r["routing"] for r in result["rows"]] == ["learned", "oracle", "random"]
+    for r in result["rows"]:
+        assert abs(r["ratio"] - 0.5) < 0.05 and r["ppl"] > 1
+    assert "| oracle |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        oracle.main([str(tiny_run[1]), "--routings", "learned,psychic"])
