@@ -6,8 +6,8 @@ run's target ratio the way learn's final evaluation matches them:
 
 - learned: the run's router (what freeze ships);
 - oracle: in every layer, each token takes the expert whose masked FFN output is closest (L2) to the
-  original dense FFN's output on the same input: the best any router could do with these masks,
-  layer by layer (greedy: a layer's choice does not look at later layers);
+  original dense FFN's output on the same input. It is greedy (a layer's choice does not look at later
+  layers or at the final loss), so a router could still beat it, by an amount this does not measure;
 - random: a uniformly random expert per token and layer (what the masks give without any routing).
 
 If the oracle is far from dense too, the masks (the E fixed neuron sets) cap quality, not the router.
