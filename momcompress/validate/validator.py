@@ -234,18 +234,14 @@ def _zero_shot(dense, sparse, tokenizer, names: list[str], docs: dict, batch_siz
                dense_cache: dict | None = None, dense_key: tuple = ()) -> dict:
     per_task = {}
     for name in names:
-        results = {}
-        for label, model in (("dense", dense), ("sparse", sparse)):
-            def score(model=model, label=label):
-                if progress:
-                    print(f"zero-shot {name} ({len(docs[name])} docs): {label}", file=sys.stderr)
-                return tasks.score_docs(model, tokenizer, docs[name], batch_size=batch_size, progress=progress)
+        def score(model, label):
+            if progress:
+                print(f"zero-shot {name} ({len(docs[name])} docs): {label}", file=sys.stderr)
+            return tasks.score_docs(model, tokenizer, docs[name], batch_size=batch_size, progress=progress)
 
-            if label == "dense":
-                doc_key = hashlib.sha256(repr(docs[name]).encode()).hexdigest()
-                results[label] = _memo(dense_cache, (*dense_key, "zero-shot", name, doc_key), score)
-            else:
-                results[label] = score()
+        doc_key = hashlib.sha256(repr(docs[name]).encode()).hexdigest() if dense_cache is not None else ""
+        results = {"dense": _memo(dense_cache, (*dense_key, "zero-shot", name, doc_key), lambda: score(dense, "dense")),
+                   "sparse": score(sparse, "sparse")}
         acc = {label: tasks.task_accuracy(r) for label, r in results.items()}
         retention = {}
         for metric in tasks.METRICS:
@@ -424,7 +420,9 @@ def validate(
     if limit:
         notes.append(f"zero-shot accuracy on the first {limit} documents of each task (default {DEFAULT_LIMIT}, to keep "
                      "a CPU run short; --limit 0 scores the full sets); confidence intervals widen as n shrinks")
-    if manifest.get("source_model_hash") and model_fingerprint(dense_dir) != manifest["source_model_hash"]:
+    # sha256 of the dense weights, read once: for the note below and the dense_cache key
+    dense_hash = model_fingerprint(dense_dir) if manifest.get("source_model_hash") or dense_cache is not None else None
+    if manifest.get("source_model_hash") and dense_hash != manifest["source_model_hash"]:
         notes.append(f"the dense model {dense_dir} has the frozen model's architecture and tokenizer but not the weights "
                      "it was frozen from (sha256 differs from the frozen manifest)")
     learn_data = ((learn_manifest or {}).get("config") or {}).get("data")
@@ -442,7 +440,7 @@ def validate(
     # everything the dense results depend on besides the windows and documents (keyed below)
     dense_key, seqs_key = (), ""
     if dense_cache is not None:
-        dense_key = (str(dense_dir.resolve()), model_fingerprint(dense_dir), str(dtype), str(dev), batch_size)
+        dense_key = (str(dense_dir.resolve()), dense_hash, str(dtype), str(dev), batch_size)
         seqs_key = hashlib.sha256(seqs.numpy().tobytes()).hexdigest() + str(tuple(seqs.shape))
     ppl_dense = _memo(dense_cache, (*dense_key, "perplexity", seqs_key),
                       lambda: _perplexity(dense_model, seqs, batch_size, "perplexity dense", progress))
