@@ -76,6 +76,13 @@ def check_graph(path: Path, num_layers: int, is_mom: bool) -> Check:
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if not is_mom:
         return Check("onnx checker", True, f"opset {opset}, dense")
+    from momcompress.export import select_op
+
+    selects = select_op.select_nodes(model)
+    if selects:
+        bodies = [f for f in model.functions if f.domain == op.DOMAIN and f.name == select_op.OP_TYPE]
+        ok = len(selects) == num_layers and len(bodies) == 1
+        return Check("onnx checker", ok, f"opset {opset}, {len(selects)} {select_op.OP_TYPE} nodes for {num_layers} layers, {len(bodies)} function body")
     nodes = op.mom_nodes(model)
     bodies = [f for f in model.functions if f.domain == op.DOMAIN and f.name == op.OP_TYPE]
     ok = len(nodes) == num_layers and len(bodies) == 1 and all(len(n.input) == 8 for n in nodes)

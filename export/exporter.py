@@ -30,7 +30,7 @@ from momcompress import __version__
 from momcompress.errors import ExportError, ModelLoadError, RunDirError
 from momcompress.fsutil import atomic_dir_write
 
-from momcompress.export import op
+from momcompress.export import op, select_op
 from momcompress.export.causal_lm import INPUT_NAMES, FlatCacheLM, kv_shape, past_names, present_names
 
 log = logging.getLogger(__name__)
@@ -159,11 +159,14 @@ def to_onnx(model, opset: int = DEFAULT_OPSET, body: str = op.DEFAULT_BODY):
             dynamic_shapes=dynamic_shapes,
             input_names=[*INPUT_NAMES, *past_names(L)],
             output_names=["logits", *present_names(L)],
-            custom_translation_table=op.translation_table(),
+            custom_translation_table={**op.translation_table(), **select_op.translation_table()},
             verbose=False,
         )
     proto = program.model_proto
     layers = len(op.mom_nodes(proto))
+    selects = len(select_op.select_nodes(proto))
+    if selects:
+        select_op.attach_function(proto, model.config.momcompress["activation"])
     if layers:
         fused = op.fuse_accumulate(proto)
         if fused != layers:
@@ -171,7 +174,8 @@ def to_onnx(model, opset: int = DEFAULT_OPSET, body: str = op.DEFAULT_BODY):
         activation = model.config.momcompress["activation"]
         op.attach_function(proto, body, activation)
     _name_axes(proto)
-    proto.doc_string = f"momcompress {__version__} export ({'MoM, ' + body + ' body' if layers else 'dense'})"
+    kind = "MoM, " + body + " body" if layers else "per-token selector, masked-dense body" if selects else "dense"
+    proto.doc_string = f"momcompress {__version__} export ({kind})"
     return proto
 
 

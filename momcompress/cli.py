@@ -30,6 +30,12 @@ def main(verbose: bool):
               help="YAML file of options; flags given on the command line override it.")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Fraction of FFN parameters read per token to reach (default 0.5).")
+@click.option("--selector", type=click.Choice(["activations", "experts"]),
+              help="How each token's FFN neurons are chosen: activations (default: per-token thresholds on the token's "
+                   "own WINA-scored activations, learned per layer with the weights) or experts (the paper's form: one "
+                   "learned mask per expert plus a router; the options --experts to --permute apply to it).")
+@click.option("--threshold-lr", type=click.FloatRange(min=0),
+              help="--selector activations: step of the per-layer log-thresholds (default 0.02; 0 keeps the initial split).")
 @click.option("--experts", type=click.IntRange(min=1), help="Experts (masks) per layer (default 64).")
 @click.option("--top-k", type=click.IntRange(min=1), help="Experts each token uses (default 1); at most --experts.")
 @click.option("--block-size", type=click.IntRange(min=1),
@@ -46,7 +52,7 @@ def main(verbose: bool):
 @click.option("--control", type=click.Choice(["projection", "lagrangian"]),
               help="Ratio control: projection (exact schedule, default) or lagrangian (multipliers only).")
 @click.option("--warmup", type=click.FloatRange(0, 1),
-              help="Fraction of all steps over which the target falls from 1 to --target (default 0.3).")
+              help="Fraction of all steps over which the target falls from 1 to --target (default 0.3 with --selector experts, 0 with activations).")
 @click.option("--layerwise-steps", type=click.IntRange(min=0),
               help="Steps of a layer-wise phase before the end-to-end steps: each FFN's gates and router matched to the "
                    "dense FFN on cached inputs (default 0).")
@@ -79,11 +85,14 @@ def main(verbose: bool):
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUTPUT.partial from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT folder.")
 def learn(model, output, config_file, tokens, resume, overwrite, **flags):
-    """Learn per-expert FFN block masks and routers for MODEL on calibration text.
+    """Learn which FFN neurons each token of MODEL reads, on calibration text.
 
-    MODEL is a Hugging Face model folder, a .gguf file, or `default` (the embedded SmolLM2-135M).
-    Writes OUTPUT/ with masks.safetensors, trainer_state.pt, manifest.json and log.jsonl, and prints
-    the manifest's metrics as JSON on stdout.
+    By default (--selector activations) each token keeps the FFN input channels and neurons whose
+    WINA score clears its layer's threshold; learn trains the thresholds (how the budget is spread over
+    layers) and the FFN weights, distilled from the original model. --selector experts learns the
+    paper's per-expert masks and routers instead. MODEL is a Hugging Face model folder, a .gguf file,
+    or `default` (the embedded SmolLM2-135M). Writes OUTPUT/ with masks.safetensors, trainer_state.pt,
+    manifest.json and log.jsonl, and prints the manifest's metrics as JSON on stdout.
     """
     from momcompress.config import LearnConfig, read_config_file
     from momcompress.learn.trainer import learn as run_learn
@@ -152,7 +161,7 @@ def freeze(run_dir, output, target, tolerance, tokens, data, uniform_experts, mo
     if m.get("ratio_note"):
         click.echo(f"note: {m['ratio_note']}")
     click.echo(f"threshold: {m['threshold']['rule']}")
-    if m["uniform_experts"]:
+    if m.get("uniform_experts"):
         click.echo(f"uniform experts: padding adds {m['padding_overhead']:.1%} to the routed expert entries")
     click.echo(
         f"parameters on disk: {p['dense_total']:,} dense -> {p['frozen_total']:,} frozen "
@@ -160,7 +169,7 @@ def freeze(run_dir, output, target, tolerance, tokens, data, uniform_experts, mo
     )
     click.echo(
         f"active per token: FFN {p['ffn_active_per_token']:,} of {p['dense_ffn_active_per_token']:,} "
-        f"({p['ffn_active_per_token'] / p['dense_ffn_active_per_token']:.3f}, incl. router); whole model "
+        f"({p['ffn_active_per_token'] / p['dense_ffn_active_per_token']:.3f}, incl. router or selector); whole model "
         f"{p['model_active_per_token']:,} of {p['dense_model_active_per_token']:,} "
         f"({p['model_active_per_token'] / p['dense_model_active_per_token']:.3f}, incl. attention, embedding row, lm_head)"
     )

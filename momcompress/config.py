@@ -10,6 +10,12 @@ from pathlib import Path
 from momcompress.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+SELECTORS = ("activations", "experts")
+# LearnConfig fields that only the expert masks use (an error with --selector activations when changed).
+EXPERT_OPTIONS = (
+    "experts", "top_k", "block_size", "lr", "router_lr", "lambda_lr", "control", "layerwise_steps", "layerwise_tokens",
+    "balance_weight", "ratio_grad_temperature", "log_alpha_init", "init", "permute",
+)
 LEARN_DTYPES = ("auto",) + DTYPES
 
 
@@ -25,6 +31,12 @@ class LearnConfig:
 
     Attributes:
         target: activation ratio to reach, the fraction of FFN parameters read per token, in (0, 1).
+        selector: how each token's FFN neurons are chosen: "activations" (per-token thresholds on the
+            token's own WINA-scored activations, learned per layer; learn/selector.py; the default) or
+            "experts" (the paper's form: one learned mask per expert plus a router; learn/mom.py). The
+            options from `experts` to `permute` below (but `init_tokens`) apply to "experts" only.
+        threshold_lr: selector "activations": step of the per-layer log-thresholds (normalised over
+            all layers; see learn/selector.py).
         experts: experts (masks) per layer.
         top_k: experts each token uses.
         block_size: neurons per gate block (default 1: single neurons, the best quality measured on the
@@ -39,7 +51,8 @@ class LearnConfig:
         control: "projection" (shift all log_alpha each step so the expected ratio follows the
             schedule exactly; default) or "lagrangian" (multipliers only); see learn/lagrangian.py.
         warmup: fraction of all steps (layer-wise phase included) over which the target falls linearly
-            from 1 to `target`.
+            from 1 to `target` (None: 0.3 for "experts", 0 for "activations", whose init already reads
+            the target).
         layerwise_steps: steps of the layer-wise phase run before the end-to-end steps: each FFN's
             gates and router matched to the dense FFN on cached inputs (learn/layerwise.py).
         layerwise_tokens: calibration tokens whose FFN inputs and outputs the layer-wise phase caches.
@@ -51,7 +64,8 @@ class LearnConfig:
         log_alpha_init: initial log_alpha (>= 2.4 keeps every gate on: the model starts dense).
         init: "importance" (routers from k-means of FFN inputs, gates ordered by block energy per
             cluster, every gate still on) or "uniform" (random routers, equal gates).
-        init_tokens: calibration tokens used by the importance init.
+        init_tokens: calibration tokens used by the importance init (experts) or to place the initial
+            thresholds (activations).
         permute: with the importance init, first reorder each FFN's neurons so that every block
             groups neurons that are active together (function-preserving; kept in the run).
         data: calibration data (None = the default novels); see momcompress.calibration.data.
@@ -67,6 +81,8 @@ class LearnConfig:
     """
 
     target: float = 0.5
+    selector: str = "activations"
+    threshold_lr: float = 0.02
     experts: int = 64
     top_k: int = 1
     block_size: int | None = 1
@@ -78,7 +94,7 @@ class LearnConfig:
     weight_lr: float = 3e-4
     lambda_lr: float = 2.0
     control: str = "projection"
-    warmup: float = 0.3
+    warmup: float | None = None
     layerwise_steps: int = 0
     layerwise_tokens: int = 32768
     distill: bool = True
@@ -110,13 +126,26 @@ class LearnConfig:
         need(self.batch_size >= 1 and self.seq_len >= 2, "--batch-size must be >= 1 and --seq-len >= 2")
         for name in ("lr", "router_lr", "weight_lr", "lambda_lr"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
-        need(0.0 <= self.warmup <= 1.0, f"warmup must be a fraction of the steps in [0, 1], got {self.warmup}")
+        need(self.warmup is None or 0.0 <= self.warmup <= 1.0, f"warmup must be a fraction of the steps in [0, 1], got {self.warmup}")
+        need(self.selector in SELECTORS, f"--selector must be one of {SELECTORS}, got {self.selector!r}")
+        need(self.threshold_lr >= 0, "--threshold-lr must be >= 0")
+        if self.selector != "experts":
+            changed = [f.name for f in fields(self) if f.name in EXPERT_OPTIONS and getattr(self, f.name) != f.default]
+            need(not changed, f"{', '.join('--' + n.replace('_', '-') for n in changed)}: only the expert masks use this: "
+                              "pass --selector experts to learn expert masks, or drop them")
         need(self.ratio_grad_temperature >= 1.0, "ratio_grad_temperature must be >= 1")
         need(self.control in ("projection", "lagrangian"), f"control must be 'projection' or 'lagrangian', got {self.control!r}")
         need(self.init in ("importance", "uniform"), f"init must be 'importance' or 'uniform', got {self.init!r}")
         need(self.dtype in LEARN_DTYPES, f"--dtype must be one of {LEARN_DTYPES}, got {self.dtype!r}")
         need(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
         need(self.init_tokens >= 1 and self.eval_tokens >= 0, "init_tokens must be >= 1 and eval_tokens >= 0")
+
+    @property
+    def warmup_fraction(self) -> float:
+        """The warm-up as a fraction of all steps (`warmup`, or the selector's default)."""
+        if self.warmup is not None:
+            return self.warmup
+        return 0.3 if self.selector == "experts" else 0.0
 
     @property
     def total_steps(self) -> int:
@@ -134,6 +163,13 @@ class LearnConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
+    def from_saved(cls, d: dict) -> "LearnConfig":
+        """The config of a saved run (manifest or checkpoint); runs saved before selectors existed learned expert masks."""
+        if "selector" not in d:
+            d = {**d, "selector": "experts"}
+        return cls.from_dict(d)
+
+    @classmethod
     def from_dict(cls, d: dict) -> "LearnConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
@@ -146,7 +182,7 @@ class LearnConfig:
 
     @classmethod
     def from_json(cls, s: str) -> "LearnConfig":
-        return cls.from_dict(json.loads(s))
+        return cls.from_saved(json.loads(s))
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -11,7 +11,7 @@ import momcompress
 from conftest import make_tiny_model_dir
 from momcompress.config import LearnConfig
 
-TINY = dict(experts=4, top_k=1, block_size=8, batch_size=2, seq_len=32, eval_tokens=256, init_tokens=256, log_every=100)
+TINY = dict(selector="experts", experts=4, top_k=1, block_size=8, batch_size=2, seq_len=32, eval_tokens=256, init_tokens=256, log_every=100)
 
 
 def _bench(name: str):

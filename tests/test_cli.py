@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from momcompress.cli import main
 
-FAST = ["--steps", "6", "--batch-size", "2", "--seq-len", "32", "--experts", "4", "--eval-tokens", "128"]
+FAST = ["--selector", "experts", "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--experts", "4", "--eval-tokens", "128"]
 
 
 def run(args):
@@ -29,7 +29,7 @@ def test_learn_runs_and_prints_metrics(tiny_llama_dir, text_data, tmp_path):
 
 def test_config_file_with_flag_override(tiny_llama_dir, text_data, tmp_path):
     cfg = tmp_path / "learn.yaml"
-    cfg.write_text("target: 0.6\nexperts: 2\ntop-k: 1\nsteps: 4\nbatch_size: 2\nseq_len: 32\neval_tokens: 0\n")
+    cfg.write_text("target: 0.6\nselector: experts\nexperts: 2\ntop-k: 1\nsteps: 4\nbatch_size: 2\nseq_len: 32\neval_tokens: 0\n")
     out = tmp_path / "run"
     res = run(["learn", str(tiny_llama_dir), "-o", str(out), "--data", str(text_data), "--config", str(cfg), "--target", "0.7"])
     assert res.exit_code == 0, res.output

@@ -29,7 +29,7 @@ def test_default_model_converts_loads_and_learns_a_few_steps(tmp_path):
     from momcompress.metrics import perplexity
     from momcompress.models import model_fingerprint, resolve_model_dir
 
-    cfg = LearnConfig(steps=3, batch_size=1, seq_len=64, eval_tokens=256, init_tokens=256, experts=4, top_k=1)
+    cfg = LearnConfig(steps=3, batch_size=1, seq_len=64, eval_tokens=256, init_tokens=256, selector="experts", experts=4, top_k=1)
     manifest = learn("default", tmp_path / "run", cfg)
     assert manifest["architecture"] == "llama" and manifest["num_layers"] == 30 and manifest["block_size"] == 16
     model_dir = resolve_model_dir("default")

@@ -86,7 +86,7 @@ def test_mom_runs_are_matched_to_their_targets(tmp_path, text_data):
     runs = {}
     for target in (0.4, 0.6):
         runs[target] = tmp_path / f"run{target}"
-        momcompress.learn(str(model), runs[target], LearnConfig(target=target, experts=4, block_size=8, steps=3, batch_size=2,
+        momcompress.learn(str(model), runs[target], LearnConfig(target=target, selector="experts", experts=4, block_size=8, steps=3, batch_size=2,
                                                              seq_len=32, data=str(text_data), eval_tokens=256,
                                                              init_tokens=256, log_every=100))
     out, js = tmp_path / "exp", tmp_path / "exp.json"

@@ -44,7 +44,7 @@ def frozen_dir(workdir, data_file, arch: str):
     if arch not in _FROZEN:
         model_dir = make_tiny_model_dir(workdir / f"model-{arch}", arch)
         run = workdir / f"run-{arch}"
-        cfg = LearnConfig(target=0.5, experts=4, top_k=2, block_size=8, steps=4, batch_size=4, seq_len=32, data=str(data_file), eval_tokens=256, init_tokens=512, log_every=100)
+        cfg = LearnConfig(target=0.5, selector="experts", experts=4, top_k=2, block_size=8, steps=4, batch_size=4, seq_len=32, data=str(data_file), eval_tokens=256, init_tokens=512, log_every=100)
         momcompress.learn(str(model_dir), run, cfg)
         momcompress.freeze(run, workdir / f"frozen-{arch}", tolerance=0.05)
         _FROZEN[arch] = workdir / f"frozen-{arch}"

@@ -35,7 +35,7 @@ def fine(request, workdir, data_file):
     b = request.param
     model_dir = make_tiny_model_dir(workdir / f"model-b{b}", "llama")
     run = workdir / f"run-b{b}"
-    cfg = LearnConfig(target=0.5, experts=4, top_k=2, block_size=b, steps=4, batch_size=2, seq_len=32, data=str(data_file),
+    cfg = LearnConfig(target=0.5, selector="experts", experts=4, top_k=2, block_size=b, steps=4, batch_size=2, seq_len=32, data=str(data_file),
                       eval_tokens=256, init_tokens=256, log_every=100, tune_weights=True)
     momcompress.learn(str(model_dir), run, cfg)
     manifest = momcompress.freeze(run, workdir / f"frozen-b{b}")  # the default ±0.01: fine blocks meet it

@@ -162,7 +162,7 @@ def test_pruned_blocks_are_not_stored():
 def _learn_cfg(data, **kw):
     # float32: the few gates of a tiny run land the same on every machine (auto would pick bf16 only
     # where the CPU has it), so the ratios freeze can reach below do not depend on the CI machine
-    base = dict(target=0.5, experts=4, top_k=2, block_size=8, steps=6, batch_size=4, seq_len=32, data=str(data), eval_tokens=256,
+    base = dict(target=0.5, selector="experts", experts=4, top_k=2, block_size=8, steps=6, batch_size=4, seq_len=32, data=str(data), eval_tokens=256,
                 init_tokens=512, log_every=100, dtype="float32")
     base.update(kw)
     return LearnConfig(**base)

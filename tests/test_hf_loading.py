@@ -62,7 +62,7 @@ def _plain_transformers(folder, tmp_path) -> dict:
 @pytest.mark.parametrize("arch,block_size,cls", [("llama", 1, "MoMLlamaForCausalLM"), ("gemma2", 4, "MoMGemma2ForCausalLM")])
 def test_frozen_folder_loads_with_plain_transformers(arch, block_size, cls, workdir, data_file, tmp_path):
     model_dir = make_tiny_model_dir(workdir / f"model-{arch}", arch)
-    cfg = LearnConfig(target=0.5, experts=4, top_k=2, block_size=block_size, steps=3, batch_size=2, seq_len=32, data=str(data_file),
+    cfg = LearnConfig(target=0.5, selector="experts", experts=4, top_k=2, block_size=block_size, steps=3, batch_size=2, seq_len=32, data=str(data_file),
                       eval_tokens=256, init_tokens=256, log_every=100, tune_weights=True)
     momcompress.learn(str(model_dir), workdir / f"run-{arch}", cfg)
     frozen = workdir / f"frozen-{arch}"

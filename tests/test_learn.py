@@ -14,7 +14,7 @@ from momcompress.learn.trainer import learn
 
 def _cfg(data, **kw):
     base = dict(
-        target=0.5, experts=4, top_k=2, block_size=16, steps=30, batch_size=4, seq_len=32, data=str(data),
+        target=0.5, selector="experts", experts=4, top_k=2, block_size=16, steps=30, batch_size=4, seq_len=32, data=str(data),
         eval_tokens=256, init_tokens=512, checkpoint_every=10, log_every=10,
     )
     base.update(kw)

@@ -296,7 +296,7 @@ def frozen(tmp_path_factory):
     work = tmp_path_factory.mktemp("validate")
     model_dir = make_tiny_model_dir(work / "model", "llama")
     calib = write_text_data(work / "calib.txt")
-    config = LearnConfig(target=0.5, experts=4, top_k=2, block_size=8, steps=6, batch_size=4, seq_len=32,
+    config = LearnConfig(target=0.5, selector="experts", experts=4, top_k=2, block_size=8, steps=6, batch_size=4, seq_len=32,
                          data=str(calib), eval_tokens=256, init_tokens=512, log_every=100)
     momcompress.learn(str(model_dir), work / "run", config)
     manifest = momcompress.freeze(work / "run", work / "frozen", tolerance=0.05)

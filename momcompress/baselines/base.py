@@ -210,8 +210,9 @@ def sparse_layers(model) -> list:
     """The FFN modules that report a per-token read fraction (`track_stats` / `last_ratio`), in order."""
     from momcompress.baselines.teal import TealFFN
     from momcompress.runtime.mom_ffn import FrozenMoMFFN
+    from momcompress.runtime.select_ffn import FrozenSelectFFN
 
-    return [m for m in model.modules() if isinstance(m, (FrozenMoMFFN, TealFFN))]
+    return [m for m in model.modules() if isinstance(m, (FrozenMoMFFN, FrozenSelectFFN, TealFFN))]
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from momcompress.errors import ConfigError
 from momcompress.fsutil import atomic_dir_write
 
 # LearnConfig fields the prune baseline sets itself.
-FIXED = ("experts", "top_k", "target")
+FIXED = ("selector", "experts", "top_k", "target")
 
 
 def learn_config(config):
@@ -33,6 +33,7 @@ def learn_config(config):
     options = {
         **config.learn_options,
         "target": config.target,
+        "selector": "experts",
         "experts": 1,
         "top_k": 1,
         "seq_len": config.seq_len,

@@ -57,10 +57,15 @@ class LearnedRun:
     path: Path
     manifest: dict
     config: LearnConfig
-    log_alpha: torch.Tensor  # (L, E, N)
-    router: torch.Tensor  # (L, E, d)
+    log_alpha: torch.Tensor | None  # (L, E, N) expert masks (selector "experts")
+    router: torch.Tensor | None  # (L, E, d)
     weights: dict[str, torch.Tensor]  # tuned model weights (empty when weights were frozen)
     neuron_perm: torch.Tensor | None = None  # (L, F) order of the FFN neurons the blocks are cut from
+    thresholds: torch.Tensor | None = None  # (L, 2) log-thresholds (x, h) of selector "activations"
+
+    @property
+    def experts(self) -> bool:
+        return self.config.selector == "experts"
 
 
 def read_run(run_dir: str | os.PathLike) -> LearnedRun:
@@ -75,7 +80,7 @@ def read_run(run_dir: str | os.PathLike) -> LearnedRun:
             raise RunDirError(f"{path} is not a complete learn run: {name} is missing (re-run `momcompress learn`)")
     try:
         manifest = json.loads((path / "manifest.json").read_text())
-        config = LearnConfig.from_dict(manifest["config"])
+        config = LearnConfig.from_saved(manifest["config"])
         if manifest.get("stage") != "learn":
             raise ValueError(f"stage is {manifest.get('stage')!r}, not 'learn'")
         manifest["source_model"], manifest["source_model_hash"]  # noqa: B018 - presence check
@@ -83,6 +88,34 @@ def read_run(run_dir: str | os.PathLike) -> LearnedRun:
         raise RunDirError(f"{path / 'manifest.json'} is corrupt or not a learn manifest ({exc}); re-run `momcompress learn`") from None
     try:
         masks = load_file(path / "masks.safetensors")
+    except Exception as exc:  # noqa: BLE001
+        raise RunDirError(f"{path / 'masks.safetensors'} is corrupt ({exc}); re-run `momcompress learn`") from None
+    log_alpha = router = perm = thresholds = None
+    if config.selector == "experts":
+        log_alpha, router, perm = _expert_masks(path, manifest, config, masks)
+    else:
+        thresholds = masks.get("thresholds")
+        L = manifest.get("num_layers")
+        if thresholds is None or tuple(thresholds.shape) != (L, 2):
+            raise RunDirError(f"{path / 'masks.safetensors'} holds no ({L}, 2) selector thresholds; re-run `momcompress learn`")
+        thresholds = thresholds.float()
+        if not torch.isfinite(thresholds).all():
+            raise RunDirError(f"{path / 'masks.safetensors'} holds NaN or infinite thresholds; re-run learn")
+    weights: dict[str, torch.Tensor] = {}
+    if config.tune_weights:
+        wfile = path / "weights.safetensors"
+        if not wfile.is_file():
+            raise RunDirError(f"{path} was learned with tuned weights but weights.safetensors is missing; re-run learn")
+        try:
+            weights = load_file(wfile)
+        except Exception as exc:  # noqa: BLE001
+            raise RunDirError(f"{wfile} is corrupt ({exc}); re-run `momcompress learn`") from None
+    return LearnedRun(path, manifest, config, log_alpha, router, weights, perm, thresholds)
+
+
+def _expert_masks(path: Path, manifest: dict, config: LearnConfig, masks: dict):
+    """(log_alpha (L, E, N), router (L, E, d), neuron_perm (L, F) or None) of an expert-mask run, checked."""
+    try:
         log_alpha, router = masks["log_alpha"].float(), masks["router"].float()
         perm = masks.get("neuron_perm")
     except Exception as exc:  # noqa: BLE001
@@ -96,16 +129,7 @@ def read_run(run_dir: str | os.PathLike) -> LearnedRun:
         ok = perm.dim() == 2 and perm.shape[0] == L and perm.shape[1] % N == 0
         if not ok or not torch.equal(perm.sort(dim=1).values, torch.arange(perm.shape[1]).expand_as(perm)):
             raise RunDirError(f"{path / 'masks.safetensors'} holds a neuron_perm that is not a permutation per layer; re-run learn")
-    weights: dict[str, torch.Tensor] = {}
-    if config.tune_weights:
-        wfile = path / "weights.safetensors"
-        if not wfile.is_file():
-            raise RunDirError(f"{path} was learned with tuned weights but weights.safetensors is missing; re-run learn")
-        try:
-            weights = load_file(wfile)
-        except Exception as exc:  # noqa: BLE001
-            raise RunDirError(f"{wfile} is corrupt ({exc}); re-run `momcompress learn`") from None
-    return LearnedRun(path, manifest, config, log_alpha, router, weights, perm)
+    return log_alpha, router, perm
 
 
 def resolve_source(run: LearnedRun, model: str | os.PathLike | None = None) -> Path:
@@ -269,6 +293,10 @@ def freeze(
         raise ConfigError(f"tolerance must be in (0, 0.5), got {tolerance}")
     model_dir = resolve_source(run, model)
     dev = local_device(device)
+    if not run.experts:
+        if uniform_experts:
+            raise ConfigError("--uniform-experts applies to expert-mask runs only; this run learned the per-token selector")
+        return _freeze_selector(run, run_dir, out, target, tokens, data, tolerance, model_dir, dev, batch_size, t_start)
     learned, tokenizer, dense_parts = load_learned(run, model_dir, dev)
     learned.eval()
     fit, seqs = fit_and_heldout_tokens(run, tokenizer, tokens, data)
@@ -382,8 +410,197 @@ def freeze(
     return manifest
 
 
+def load_learned_selector(run: LearnedRun, model_dir: Path, device: torch.device):
+    """(learned selector model, tokenizer, dense parameter breakdown) in fp32: the source model wrapped with
+    the run's thresholds and tuned weights; "dense" gate mode still gives the original model."""
+    from momcompress.learn.selector import wrap_with_select
+
+    model, tokenizer = load_model(model_dir, dtype=torch.float32, device=device)
+    dense_parts = param_breakdown(model)
+    layers = wrap_with_select(model)
+    if len(layers) != len(run.thresholds):
+        raise RunDirError(f"the run has thresholds for {len(run.thresholds)} layers but {model_dir} has {len(layers)}")
+    with torch.no_grad():
+        for m, (tx, th) in zip(layers, run.thresholds):
+            m.theta_x.fill_(float(tx))
+            m.theta_h.fill_(float(th))
+            if run.weights:
+                m.freeze_reference()
+        named = dict(model.named_parameters())
+        for name, tensor in run.weights.items():
+            if name not in named or named[name].shape != tensor.shape:
+                raise RunDirError(f"{run.path / 'weights.safetensors'} holds {name} {tuple(tensor.shape)}, which this model lacks")
+            named[name].copy_(tensor)
+    model.requires_grad_(False)
+    return model, tokenizer, dense_parts
+
+
+@torch.no_grad()
+def _keep_counts(model, seqs: torch.Tensor, batch_size: int) -> list[list]:
+    """Per selector layer [(d,) channel keep counts, (F,) neuron keep counts, tokens] over seqs."""
+    from momcompress.learn.mom import gate_mode, tracking
+    from momcompress.learn.selector import select_layers
+
+    layers = select_layers(model)
+    device = next(model.parameters()).device
+    counts = [[torch.zeros(m.hidden, device=device), torch.zeros(m.width, device=device), 0] for m in layers]
+    for m, c in zip(layers, counts):
+        m.keep_counts = c
+    try:
+        with gate_mode(model, "deterministic"), tracking(model):
+            for start in range(0, len(seqs), batch_size):
+                model(input_ids=seqs[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for m in layers:
+            m.keep_counts = None
+    return counts
+
+
+def _freeze_selector(run: LearnedRun, run_dir, out: Path, target: float, tokens, data, tolerance: float, model_dir: Path,
+                     dev, batch_size: int, t_start: float) -> dict:
+    """freeze() for a per-token selector run: fit one threshold offset, classify, repack, check, write."""
+    from momcompress.freeze.select_plan import plan_select_layer, repack_select_layer
+    from momcompress.learn.selector import match_select_target, select_layers, set_offset
+    from momcompress.runtime.select_ffn import select_layers as frozen_select_layers
+
+    learned, tokenizer, dense_parts = load_learned_selector(run, model_dir, dev)
+    learned.eval()
+    fit, seqs = fit_and_heldout_tokens(run, tokenizer, tokens, data)
+    n_tokens = int(seqs.numel())
+    log.info("fitting the threshold offset to target %.3f on %d calibration tokens", target, fit.numel())
+    offset, matched = match_select_target(learned, fit, target, batch_size, tol=min(0.005, tolerance / 2))
+    ratio_rule.check_fit(
+        "the learned thresholds", target, matched, tolerance,
+        f"(threshold offset {offset:+.3f}); freeze with --target {matched:.3f}, raise --tolerance, or pass more --tokens",
+    )
+    with gate_mode(learned, "dense"):
+        ppl_dense = perplexity(learned, seqs, batch_size)
+    counts = _keep_counts(learned, fit, batch_size)  # offset still set
+    check = fit[: min(2, len(fit))]  # the plan is exact on fit tokens: shared and pruned are what they did there
+    ref_logits = _logits(learned, check, dev)
+    layers = select_layers(learned)
+    plans = []
+    activation = detect_activation(layers[0].mlp.act_fn)
+    for layer, m, (cx, cn, n) in zip(decoder_layers(learned), layers, counts):
+        tx, th = m.thresholds()
+        plan = plan_select_layer(cx, cn, n, float(tx.detach()), float(th.detach()))
+        x_thr, h_thr = m.threshold_vectors()
+        layer.mlp = repack_select_layer(m.mlp, x_thr, h_thr, plan, activation)
+        plans.append(plan)
+    set_offset(learned, 0.0)
+    frozen = learned
+    del learned, layers
+
+    logits = _logits(frozen, check, dev)
+    rel_diff = float((logits - ref_logits).abs().max() / ref_logits.abs().max().clamp_min(1e-12))
+    dtype = next(frozen.parameters()).dtype
+    rtol = LOGITS_RTOL.get(dtype, LOGITS_RTOL[torch.float32])
+    if not rel_diff <= rtol:
+        raise FreezeCheckError(
+            f"the frozen model's logits differ from the learned model's by {rel_diff:.2e} (relative to the largest logit), "
+            f"more than the {rtol:.1e} allowed for {str(dtype).removeprefix('torch.')}: nothing was written. This is a freeze bug "
+            "unless the run's weights are damaged; please report it with the run folder"
+        )
+    ratio, ratio_per_layer, selector_reads = measure_frozen_select_ratio(frozen, seqs, batch_size)
+    ppl_frozen = perplexity(frozen, seqs, batch_size)
+    note = ratio_rule.heldout_note(target, matched, ratio, tolerance)
+    if note:
+        log.warning("%s", note)
+    frozen_parts = param_breakdown(frozen)
+    ffn_active = int(round(ratio * dense_parts["ffn"])) + selector_reads
+    counts_json = [p.counts() for p in plans]
+    totals = {key: sum(c[key] for c in counts_json) for key in counts_json[0]}
+    section = {
+        "format_version": FORMAT_VERSION,
+        "selector": "activations",
+        "activation": activation,
+        "target": target,
+        "measured_ratio": ratio,
+        "fit_ratio": matched,
+        "threshold_offset": offset,
+        "layers": [p.to_json() for p in plans],
+    }
+    manifest = {
+        "stage": "freeze",
+        "selector": "activations",
+        "momcompress_version": __version__,
+        "versions": library_versions(),
+        "run_dir": str(Path(run_dir).resolve()),
+        "source_model": str(model_dir.resolve()),
+        "source_model_hash": run.manifest["source_model_hash"],
+        "architecture": frozen.config.model_type,
+        "num_layers": len(plans),
+        "threshold": {
+            "offset": offset,
+            "rule": f"per layer, input channel j is read when |x_j| * ||[W_gate; W_up][:, j]|| > exp(theta_x {offset:+.4f}) and "
+            f"neuron i when |h_i| * ||W_down[:, i]|| > exp(theta_h {offset:+.4f}); the offset was bisected so that the ratio "
+            "measured on the fit (calibration) tokens meets the target",
+        },
+        "ratio_rule": ratio_rule.describe(tolerance),
+        "target": target,
+        "fit_tokens": int(fit.numel()),
+        "fit_ratio": matched,
+        "heldout_tokens": n_tokens,
+        "measured_ratio": ratio,
+        "ratio_note": note,
+        "measured_ratio_per_layer": ratio_per_layer,
+        "neurons": {"per_layer": counts_json, "total": totals},
+        "parameters": {
+            "dense_total": dense_parts["total"],
+            "frozen_total": frozen_parts["total"],
+            "dense_ffn": dense_parts["ffn"],
+            "frozen_ffn_stored": frozen_parts["ffn"],
+            "ffn_active_per_token": ffn_active,
+            "selector_per_token": selector_reads,
+            "dense_ffn_active_per_token": dense_parts["ffn"],
+            "model_active_per_token": active_params_per_token(frozen, ffn_active),
+            "dense_model_active_per_token": active_params_per_token(frozen, dense_parts["ffn"]),
+        },
+        "checks": {"logits_max_rel_diff": rel_diff, "logits_rtol": rtol, "checked_on": "fit windows"},
+        "perplexity": {"dense": ppl_dense, "frozen": ppl_frozen, "tokens": n_tokens},
+    }
+    log.info("frozen: measured ratio %.4f, perplexity dense %.2f vs frozen %.2f", ratio, ppl_dense, ppl_frozen)
+    write_model_folder(out, frozen, tokenizer, section, model_dir, manifest, "frozen", t_start, plans)
+    return manifest
+
+
+@torch.no_grad()
+def measure_frozen_select_ratio(model, seqs: torch.Tensor, batch_size: int) -> tuple[float, list[float], int]:
+    """Measured read fraction of a frozen selector model over seqs: (mean, per layer, selector reads per token)."""
+    from momcompress.runtime.select_ffn import select_layers as frozen_select_layers
+
+    layers = frozen_select_layers(model)
+    device = next(model.parameters()).device
+    ratio = torch.zeros(len(layers), dtype=torch.float64)
+    n = 0
+    for m in layers:
+        m.track_stats = True
+    try:
+        for start in range(0, len(seqs), batch_size):
+            batch = seqs[start : start + batch_size].to(device)
+            model(input_ids=batch, use_cache=False)
+            ratio += torch.stack([m.last_ratio.double().sum().cpu() for m in layers])
+            n += batch.numel()
+    finally:
+        for m in layers:
+            m.track_stats, m.last_ratio = False, None
+    ratio = ratio / max(n, 1)
+    return float(ratio.mean()), ratio.tolist(), sum(m.selector_params() for m in layers)
+
+
 def format_block_table(manifest: dict) -> str:
-    """Per-layer shared / routed / pruned block counts with totals, as a text table."""
+    """Per-layer shared / routed / pruned block counts with totals (or, for a selector model, shared /
+    per-token / pruned neurons and shared / pruned input channels), as a text table."""
+    if "neurons" in manifest:
+        rows = manifest["neurons"]["per_layer"]
+        head = f"{'layer':>5} {'shared':>7} {'per-token':>9} {'pruned':>7} {'sh. ch.':>7} {'pr. ch.':>7} {'ratio':>7}"
+        lines = [head]
+        for i, (c, r) in enumerate(zip(rows, manifest["measured_ratio_per_layer"])):
+            lines.append(f"{i:>5} {c['shared']:>7} {c['per_token']:>9} {c['pruned']:>7} {c['shared_channels']:>7} {c['pruned_channels']:>7} {r:>7.3f}")
+        t = manifest["neurons"]["total"]
+        lines.append(f"{'total':>5} {t['shared']:>7} {t['per_token']:>9} {t['pruned']:>7} {t['shared_channels']:>7} {t['pruned_channels']:>7} "
+                     f"{manifest['measured_ratio']:>7.3f}")
+        return "\n".join(lines)
     rows = manifest["blocks"]["per_layer"]
     lines = [f"{'layer':>5} {'shared':>7} {'routed':>7} {'pruned':>7} {'ratio':>7}"]
     for i, (c, r) in enumerate(zip(rows, manifest["measured_ratio_per_layer"])):

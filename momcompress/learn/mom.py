@@ -196,12 +196,19 @@ def mom_layers(model: nn.Module) -> list[MoMFFN]:
     return [m for m in model.modules() if isinstance(m, MoMFFN)]
 
 
+def learned_layers(model: nn.Module) -> list[nn.Module]:
+    """Every FFN learn wraps (MoM layers or per-token selector layers), in module order."""
+    from momcompress.learn.selector import SelectFFN
+
+    return [m for m in model.modules() if isinstance(m, (MoMFFN, SelectFFN))]
+
+
 @contextlib.contextmanager
 def gate_mode(model: nn.Module, mode: str):
-    """Temporarily set every MoM layer's gate mode ("sample", "deterministic" or "dense")."""
+    """Temporarily set every learned layer's gate mode ("sample", "deterministic" or "dense")."""
     if mode not in GATE_MODES:
         raise ValueError(f"gate mode must be one of {GATE_MODES}, got {mode!r}")
-    layers = mom_layers(model)
+    layers = learned_layers(model)
     before = [m.gate_mode for m in layers]
     for m in layers:
         m.gate_mode = mode
@@ -214,8 +221,8 @@ def gate_mode(model: nn.Module, mode: str):
 
 @contextlib.contextmanager
 def tracking(model: nn.Module, on: bool = True):
-    """Make every MoM layer record LayerStats on its forward passes."""
-    layers = mom_layers(model)
+    """Make every learned layer record its stats (LayerStats, SelectStats) on its forward passes."""
+    layers = learned_layers(model)
     for m in layers:
         m.track_stats, m.last_stats = on, None
     try:

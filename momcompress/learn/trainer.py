@@ -10,6 +10,7 @@ with --resume) and renamed to RUN_DIR once complete, so RUN_DIR never holds a ha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,6 +36,14 @@ from momcompress.learn.layerwise import collect_pool, layerwise_loss, pool_batch
 from momcompress.learn.losses import IGNORE_INDEX, head_logits, head_losses
 from momcompress.learn.mom import gate_mode, tracking, wrap_with_mom
 from momcompress.learn.select import expected_ratio, match_target, matched_gates, measure_ratio
+from momcompress.learn.selector import (
+    check_selector_target,
+    init_thresholds,
+    shift_thresholds,
+    step_offset,
+    threshold_step,
+    wrap_with_select,
+)
 from momcompress.metrics import perplexity
 from momcompress.models import (
     default_block_size,
@@ -108,7 +117,9 @@ def target_at(step: int, config: LearnConfig) -> float:
     The schedule spans every step of the run, the layer-wise phase's first: with a long enough
     layer-wise phase the whole warm-up happens there, where steps are cheap.
     """
-    warm = max(1, round(config.warmup * config.total_steps))
+    if config.warmup_fraction <= 0:
+        return config.target
+    warm = max(1, round(config.warmup_fraction * config.total_steps))
     return 1.0 - (1.0 - config.target) * min(1.0, step / warm)
 
 
@@ -153,12 +164,20 @@ class Learner:
     def __init__(self, model, config: LearnConfig, block_size: int, device: torch.device):
         self.model, self.config, self.device = model, config, device
         self.compute_dtype = compute_dtype(config.dtype, device)
-        self.layers = wrap_with_mom(model, config.experts, config.top_k, block_size, config.log_alpha_init)
-        for m in self.layers:
-            m.ratio_grad_temperature = config.ratio_grad_temperature
-            m.ratio_grad = config.control == "lagrangian"  # projection control needs no gradient of the ratio
-        self.gate_params = [m.log_alpha for m in self.layers]
-        self.router_params = [m.router.weight for m in self.layers]
+        self.experts = config.selector == "experts"
+        self.gate_params, self.router_params, self.threshold_params = [], [], []
+        if self.experts:
+            self.layers = wrap_with_mom(model, config.experts, config.top_k, block_size, config.log_alpha_init)
+            for m in self.layers:
+                m.ratio_grad_temperature = config.ratio_grad_temperature
+                m.ratio_grad = config.control == "lagrangian"  # projection control needs no gradient of the ratio
+            self.gate_params = [m.log_alpha for m in self.layers]
+            self.router_params = [m.router.weight for m in self.layers]
+        else:
+            self.layers = wrap_with_select(model)
+            self.threshold_params = [p for m in self.layers for p in (m.theta_x, m.theta_h)]
+            for p in self.threshold_params:
+                p.requires_grad_(config.threshold_lr > 0)
         self.weight_params = []
         if config.tune_weights:
             for m in self.layers:
@@ -169,10 +188,11 @@ class Learner:
         groups = [
             {"params": self.gate_params, "lr": config.lr, "name": "log_alpha"},
             {"params": self.router_params, "lr": config.router_lr, "name": "router"},
+            {"params": self.weight_params, "lr": config.weight_lr, "name": "weights"},
         ]
-        if self.weight_params:
-            groups.append({"params": self.weight_params, "lr": config.weight_lr, "name": "weights"})
-        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999))
+        groups = [g for g in groups if g["params"]]
+        # The thresholds take normalised gradient steps of their own (selector.threshold_step), not Adam's.
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999)) if groups else None
         self.controller = RatioController(config.target, config.lambda_lr, config.control)
         self.step = 0
         self.head = model.get_output_embeddings()
@@ -190,7 +210,7 @@ class Learner:
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
-        return self.gate_params + self.router_params + self.weight_params
+        return self.gate_params + self.router_params + self.threshold_params + self.weight_params
 
     def autocast(self):
         """The context every forward pass of the run goes through (a no-op in float32)."""
@@ -221,10 +241,11 @@ class Learner:
             if cfg.distill:
                 with torch.no_grad(), gate_mode(self.model, "dense"):
                     teacher = head_logits(self._hidden(batch), self.head.weight, self.softcap)  # (T, V)
-            with gate_mode(self.model, "sample"), tracking(self.model) as layers:
+            with gate_mode(self.model, "sample"), tracking(self.model) as layers, self._keep_scores():
                 hidden = self._hidden(batch)  # (T, d)
                 ratio = torch.stack([m.last_stats.ratio for m in layers]).mean()
-                balance = torch.stack([m.last_stats.balance for m in layers]).mean()
+                balance = (torch.stack([m.last_stats.balance for m in layers]).mean() if self.experts
+                           else ratio.new_zeros(()))
         labels = None
         lm_weight = cfg.lm_weight if cfg.distill else 1.0
         if lm_weight:  # no cross-entropy at all when its weight is 0
@@ -235,6 +256,18 @@ class Learner:
             hidden, self.head.weight, teacher, labels, kd_weight=1.0 if cfg.distill else 0.0, lm_weight=lm_weight, softcap=self.softcap
         )
         return self._update(main, ratio, balance, layers, target, {"kd": kd, "lm": lm})
+
+    @contextlib.contextmanager
+    def _keep_scores(self):
+        """Selector layers keep a sample of their log-scores for the step's projection."""
+        keep = not self.experts
+        for m in self.layers if keep else ():
+            m.keep_scores = True
+        try:
+            yield
+        finally:
+            for m in self.layers if keep else ():
+                m.keep_scores = False
 
     def layerwise_step(self, rank: int) -> dict:
         """One step of the layer-wise phase on a batch of the activation pool (see learn/layerwise.py)."""
@@ -271,11 +304,21 @@ class Learner:
                 + (" or --weight-lr" if cfg.tune_weights else "")
                 + " (or use --dtype float32) and resume from the last checkpoint with --resume"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        ddp.average_gradients(self.trainable)
-        self.optimizer.step()
-        if self.controller.mode == "projection":
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        for p in self.threshold_params:
+            p.grad = None
+        if loss.requires_grad:
+            loss.backward()
+        ddp.average_gradients([p for p in self.trainable if p.requires_grad])
+        if self.optimizer is not None:
+            self.optimizer.step()
+        if not self.experts:
+            threshold_step(self.layers, cfg.threshold_lr)
+            (offset,) = ddp.average_scalars([step_offset(self.layers, target_at(self.step + 1, cfg))], self.device)
+            shift_thresholds(self.layers, offset)
+            self.controller.last_offset = offset
+        elif self.controller.mode == "projection":
             self._project(layers, target_at(self.step + 1, cfg))
         names = list(parts)
         values = ddp.average_scalars(
@@ -308,6 +351,8 @@ class Learner:
 
     # -- state ------------------------------------------------------------------------------------
     def mask_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.experts:  # per-layer log-thresholds (x, h) of the selector
+            return {"thresholds": torch.stack([torch.stack([m.theta_x, m.theta_h]).detach().float().cpu() for m in self.layers]).contiguous()}  # (L, 2)
         out = {
             "log_alpha": torch.stack([p.detach().float().cpu() for p in self.gate_params]).contiguous(),  # (L, E, N)
             "router": torch.stack([p.detach().float().cpu() for p in self.router_params]).contiguous(),  # (L, E, d)
@@ -329,7 +374,7 @@ class Learner:
             save_file(self.weight_tensors(), folder / WEIGHTS_FILE)
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
             "controller": self.controller.state_dict(),
             "config": self.config.to_json(),
             **extra,
@@ -347,19 +392,28 @@ class Learner:
         if saved_cfg != self.config:
             diff = {k: (v, getattr(self.config, k)) for k, v in saved_cfg.to_dict().items() if getattr(self.config, k) != v}
             raise RunDirError(f"--resume with different options than the checkpoint: {diff} (saved, now); use the same options")
-        la, router = masks["log_alpha"], masks["router"]
-        if la.shape[0] != len(self.layers) or la.shape[1:] != self.gate_params[0].shape:
-            raise RunDirError(f"checkpoint gates have shape {tuple(la.shape)}, not this model's; wrong run folder?")
         with torch.no_grad():
-            for i, m in enumerate(self.layers):
-                m.log_alpha.copy_(la[i])
-                m.router.weight.copy_(router[i])
-                if "neuron_perm" in masks:
-                    m.permute_neurons(masks["neuron_perm"][i])
+            if self.experts:
+                la, router = masks["log_alpha"], masks["router"]
+                if la.shape[0] != len(self.layers) or la.shape[1:] != self.gate_params[0].shape:
+                    raise RunDirError(f"checkpoint gates have shape {tuple(la.shape)}, not this model's; wrong run folder?")
+                for i, m in enumerate(self.layers):
+                    m.log_alpha.copy_(la[i])
+                    m.router.weight.copy_(router[i])
+                    if "neuron_perm" in masks:
+                        m.permute_neurons(masks["neuron_perm"][i])
+            else:
+                th = masks.get("thresholds")
+                if th is None or th.shape != (len(self.layers), 2):
+                    raise RunDirError(f"checkpoint in {folder} holds no (layers, 2) selector thresholds; wrong run folder?")
+                for m, (tx, th_h) in zip(self.layers, th):
+                    m.theta_x.fill_(float(tx))
+                    m.theta_h.fill_(float(th_h))
             named = dict(self.model.named_parameters())
             for name, t in weights.items():
                 named[name].copy_(t)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.controller.load_state_dict(state["controller"])
         self.step = int(state["step"])
         return state
@@ -403,6 +457,8 @@ def learn(
         train, heldout = learning_data(config, tokenizer, world)
         if config.eval_tokens and len(heldout) == 0:
             raise DataError("no held-out tokens for evaluation: add data or pass eval_tokens 0")
+        if config.selector == "activations":
+            check_selector_target(dense, config.target)
         learner = Learner(dense, config, block_size, device)
         source_hash = model_fingerprint(model_dir)
         if main_rank:
@@ -416,8 +472,11 @@ def learn(
                 raise RunDirError(f"the source model {model_dir} changed since the checkpoint was written; resume needs the same model")
             log.info("resuming from step %d of %d", learner.step, config.total_steps)
         else:
-            if config.init == "importance":
-                init_seqs = train[: max(1, math.ceil(config.init_tokens / config.seq_len))]
+            init_seqs = train[: max(1, math.ceil(config.init_tokens / config.seq_len))]
+            if not learner.experts:
+                with learner.autocast():
+                    init_thresholds(dense, learner.layers, init_seqs, config.target)
+            elif config.init == "importance":
                 from momcompress.learn.init import importance_init
 
                 with learner.autocast():
@@ -569,6 +628,35 @@ def heldout_metrics(model, eval_seqs: torch.Tensor, target: float, batch_size: i
     }
 
 
+@torch.no_grad()
+def selector_heldout_metrics(model, fit_seqs: torch.Tensor, eval_seqs: torch.Tensor, target: float, batch_size: int) -> dict:
+    """Ratio and perplexities of a selector model: one threshold offset fitted to TARGET on calibration
+    windows (the ratio rule, as freeze does), then read fraction and perplexity on held-out windows."""
+    from momcompress.learn.selector import match_select_target, measure_select_ratio, set_offset
+
+    learned_ratio, _ = measure_select_ratio(model, eval_seqs, batch_size)
+    offset, fit_ratio = match_select_target(model, fit_seqs, target, batch_size)
+    try:
+        ratio, per_layer = measure_select_ratio(model, eval_seqs, batch_size)
+        ppl_matched = perplexity(model, eval_seqs, batch_size)
+    finally:
+        set_offset(model, 0.0)
+    with gate_mode(model, "dense"):
+        ppl_dense = perplexity(model, eval_seqs, batch_size)
+    log.info("held-out perplexity: dense %.2f, learned %.2f at measured ratio %.3f", ppl_dense, ppl_matched, ratio)
+    return {
+        "eval_tokens": int(eval_seqs.numel()),
+        "fit_tokens": int(fit_seqs.numel()),
+        "learned_ratio": learned_ratio,  # the thresholds as trained, on the held-out windows
+        "target_matched_offset": offset,
+        "fit_ratio": fit_ratio,
+        "target_matched_ratio": ratio,  # the fitted thresholds, on the held-out windows
+        "deterministic_ratio_per_layer": per_layer,
+        "perplexity_dense": ppl_dense,
+        "perplexity_target_matched": ppl_matched,
+    }
+
+
 def _finish(learner, model, heldout, train, model_dir, source_hash, block_size, world, checks, records, t_start) -> dict:
     """Final measurements (rank 0): ratios, held-out perplexity dense vs learned; the manifest."""
     cfg = learner.config
@@ -582,7 +670,12 @@ def _finish(learner, model, heldout, train, model_dir, source_hash, block_size, 
         "final_target": final.get("target"),
     }
     if cfg.eval_tokens and len(heldout):
-        result.update(heldout_metrics(model, eval_seqs, cfg.target, max(1, min(8, cfg.batch_size))))
+        batch = max(1, min(8, cfg.batch_size))
+        if learner.experts:
+            result.update(heldout_metrics(model, eval_seqs, cfg.target, batch))
+        else:
+            fit_seqs = train[: max(1, math.ceil(cfg.eval_tokens / cfg.seq_len))]
+            result.update(selector_heldout_metrics(model, fit_seqs, eval_seqs, cfg.target, batch))
     import transformers
 
     last = records[-1] if records else {}
@@ -595,9 +688,10 @@ def _finish(learner, model, heldout, train, model_dir, source_hash, block_size, 
         "source_model_hash": source_hash,
         "architecture": model.config.model_type,
         "num_layers": len(learner.layers),
-        "ffn_width": learner.layers[0].num_blocks * block_size,
+        "selector": cfg.selector,
+        "ffn_width": learner.layers[0].mlp.gate_proj.out_features,
         "block_size": block_size,
-        "num_blocks": learner.layers[0].num_blocks,
+        "num_blocks": learner.layers[0].mlp.gate_proj.out_features // block_size,
         "world_size": world,
         "rank_checksums": checks,
         "steps": learner.step,

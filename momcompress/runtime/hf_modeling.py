@@ -19,6 +19,10 @@ Layer i's tensors in model.safetensors (`model.layers.{i}.mlp.*`), hidden size d
     expert_offsets (E+1,), expert_blocks (nnz,), expert_scales (nnz,): expert e's routed blocks and gates
 config.json's `momcompress` section holds E, k, b, the activation, the routing rule and per layer the
 counts (shared, routed_stored, entries) that fix these shapes.
+
+A folder frozen from the per-token selector (section "selector": "activations") holds instead, per layer
+with F' stored neurons: gate_up (d, 2F') (gate and up transposed, interleaved per neuron), down (F', d),
+x_threshold (d,) and h_threshold (F',) fp32; `SelectFFN` below computes it (section "layers" gives F').
 """
 
 from __future__ import annotations
@@ -124,6 +128,30 @@ class MoMFFN(nn.Module):
         return out.view(*lead, self.hidden_size)
 
 
+class SelectFFN(nn.Module):
+    """A frozen per-token selector FFN: a token reads the input channels and neurons whose |value| clears
+    their threshold: x_s = x * (|x| > x_threshold); (g, u) = x_s @ gate_up; h = act(g) * u;
+    y = (h * (|h| > h_threshold)) @ down."""
+
+    def __init__(self, hidden_size: int, section: dict, counts: dict):
+        super().__init__()
+        d, n = hidden_size, counts["neurons"]
+        self.hidden_size, self.activation = d, section["activation"]
+        self.gate_up = nn.Parameter(torch.zeros(d, 2 * n), requires_grad=False)
+        self.down = nn.Parameter(torch.zeros(n, d), requires_grad=False)
+        self.register_buffer("x_threshold", torch.zeros(d, dtype=torch.float32))
+        self.register_buffer("h_threshold", torch.zeros(n, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xf = x.reshape(-1, self.hidden_size)  # (T, d)
+        xs = xf * (xf.abs() > self.x_threshold).to(xf.dtype)
+        gu = (xs @ self.gate_up).view(xf.shape[0], -1, 2)  # (T, F', 2) interleaved gate, up
+        h = ACTIVATIONS[self.activation](gu[..., 0]) * gu[..., 1]
+        h = h * (h.abs() > self.h_threshold).to(h.dtype)
+        return (h @ self.down).view(*lead, self.hidden_size)
+
+
 def _mom_class(base: type) -> type:
     """`base` (a transformers *ForCausalLM) with every decoder layer's FFN replaced by MoMFFN."""
 
@@ -138,11 +166,13 @@ def _mom_class(base: type) -> type:
         layers = self.model.layers
         if len(layers) != len(section["layers"]):
             raise ValueError(f"config has {len(layers)} layers but its momcompress section lists {len(section['layers'])}")
+        ffn = SelectFFN if section.get("selector") == "activations" else MoMFFN
         for layer, counts in zip(layers, section["layers"]):
-            layer.mlp = MoMFFN(config.hidden_size, section, counts)
+            layer.mlp = ffn(config.hidden_size, section, counts)
 
     name = "MoM" + base.__name__
-    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name, "_keep_in_fp32_modules_strict": ["router_weight"]})
+    keep_fp32 = ["router_weight", "x_threshold", "h_threshold"]
+    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name, "_keep_in_fp32_modules_strict": keep_fp32})
 
 
 def model_class_name(model_type: str) -> str:

@@ -70,6 +70,8 @@ def load(frozen_dir: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     loader = folder_loader(section.get("method"))  # e.g. TEAL: dense FFN weights + per-layer thresholds
     if loader is not None:
         return loader(path, config, state, device, dtype)
+    if section.get("selector") == "activations":
+        return _load_selector(path, config, state, device, dtype)
     # Build the model with a one-block FFN so no dense FFN weights are allocated, then swap in the MoM layers.
     build_config = copy.deepcopy(config)
     build_config.intermediate_size = section["block_size"]
@@ -101,6 +103,34 @@ def load(frozen_dir: str | os.PathLike, device: str | torch.device = "cpu", dtyp
             dtype=stored,
             routing=section.get("routing", "renormalized"),
         )
+    return load_weights(model, state, path, config, device, dtype, remedy="freeze again")
+
+
+def _load_selector(path: Path, config, state: dict, device, dtype):
+    """A causal LM with FrozenSelectFFN layers from a selector folder."""
+    from transformers import AutoModelForCausalLM
+
+    from momcompress.runtime.select_ffn import FrozenSelectFFN
+
+    section = config.momcompress
+    build_config = copy.deepcopy(config)
+    build_config.intermediate_size = 1  # no dense FFN weights allocated; the selector layers replace them
+    del build_config.momcompress
+    if hasattr(build_config, "auto_map"):
+        del build_config.auto_map
+    stored = next((t.dtype for k, t in state.items() if k.endswith("mlp.gate_up") or k.endswith("embed_tokens.weight")), torch.float32)
+    model = AutoModelForCausalLM.from_config(build_config, dtype=stored)
+    model.config.intermediate_size = config.intermediate_size
+    model.config.momcompress = section
+    layers = decoder_layers(model)
+    if len(layers) != len(section["layers"]):
+        raise ModelLoadError(f"{path}: config has {len(layers)} layers but the momcompress section lists {len(section['layers'])}")
+    for i, (layer, plan) in enumerate(zip(layers, section["layers"])):
+        try:
+            n = int(plan["neurons"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{path}: layer {i} of the momcompress section lacks its neuron count; freeze again") from None
+        layer.mlp = FrozenSelectFFN(config.hidden_size, config.intermediate_size, n, section["activation"], dtype=stored)
     return load_weights(model, state, path, config, device, dtype, remedy="freeze again")
 
 

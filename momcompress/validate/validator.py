@@ -451,16 +451,20 @@ def validate(
     ratio_per_layer = (rec.ratio_sum / rec.tokens).tolist()
     usage = (rec.usage / rec.tokens).tolist()  # (L, E): each row sums to top_k
     section = frozen_config.momcompress
-    teal = section.get("method") == "teal"  # per-token thresholds, no blocks or router: cost = ratio x FFN
-    blocks_read = None if teal else [r * section["num_blocks"] for r in ratio_per_layer]
+    # TEAL / WINA and the per-token selector read a measured fraction of each FFN, no blocks: cost = ratio x FFN
+    by_ratio = section.get("method") == "teal" or section.get("selector") == "activations"
+    blocks_read = None if by_ratio else [r * section["num_blocks"] for r in ratio_per_layer]
 
     # 3. zero-shot
     zero_shot = _zero_shot(dense_model, sparse, tokenizer, names, docs, batch_size, progress, dense_cache, dense_key)
 
     # 4. cost and speed
     dense_cost = cost.dense_cost(shape, context)
-    if teal:
-        sparse_cost = cost.ratio_cost(shape, ratio_per_layer, context)
+    if by_ratio:
+        from momcompress.runtime.select_ffn import select_layers
+
+        selector = sum(m.selector_params() for m in select_layers(sparse))  # the selector's own reads (0 for TEAL)
+        sparse_cost = cost.ratio_cost(shape, ratio_per_layer, context, selector)
     else:
         sparse_cost = cost.mom_cost(shape, blocks_read, section["block_size"], section["num_experts"], context)
     speed_report: dict = {}
