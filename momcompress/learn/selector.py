@@ -35,6 +35,8 @@ from momcompress.models import decoder_layers
 SOFT_WIDTH = 0.5
 # Log-scores kept per layer and stage from each training step's tokens (for the projection's bisection).
 PROJECTION_TOKENS = 64
+# Smallest kept neuron fraction of the initial split (low targets).
+MIN_KEPT = 0.02
 # Keeps the log of a zero score finite.
 SCORE_EPS = 1e-12
 
@@ -63,12 +65,15 @@ def read_fraction(kept_x: torch.Tensor, kept_h: torch.Tensor, hidden: int, width
 def initial_split(target: float) -> tuple[float, float]:
     """(kept channel fraction fx, kept neuron fraction fh) with (2 fx + fh) / 3 = target, for the init.
 
-    fx = target + 0.05, fh = target - 0.1, clipped to [0.02, 1]: on the default model (untrained WINA
+    fx = target + 0.05, fh = target - 0.1 (fh at least MIN_KEPT, fx at most 1): on the default model (untrained WINA
     scores, per-layer thresholds) this split read 35.3 at 0.5 against 39.5 for fx = fh, and neighbouring
     splits were within 0.6 (benchmarks/selector_study.py). Learning moves it per layer afterwards.
     """
-    fx = min(1.0, max(0.02, target + 0.05))
-    fh = min(1.0, max(0.02, 3.0 * target - 2.0 * fx))
+    fx = min(1.0, target + 0.05)
+    fh = 3.0 * target - 2.0 * fx
+    if fh < MIN_KEPT:  # low targets: keep a few neurons, take the rest from the channels
+        fh = min(MIN_KEPT, target)
+        fx = (3.0 * target - fh) / 2.0
     return fx, fh
 
 
