@@ -308,9 +308,10 @@ def export(
     def write(folder: Path) -> None:
         manifest["onnx"] = save_onnx(proto, folder)
         _copy_model_files(Path(source), folder, tokenizer)
-        checks = run_checks(folder / ONNX_FILE, torch_model, tokenizer, atol=atol, rtol=rtol, new_tokens=new_tokens, provider=provider)
+        ran: dict = {}
+        checks = run_checks(folder / ONNX_FILE, torch_model, tokenizer, atol=atol, rtol=rtol, new_tokens=new_tokens, provider=provider, info=ran)
         manifest["checks"] = [c.to_json() for c in checks]
-        manifest["validation"] = {"atol": atol, "rtol": rtol, "new_tokens": new_tokens, "provider": provider}
+        manifest["validation"] = {"atol": atol, "rtol": rtol, "new_tokens": new_tokens, "provider": provider, **ran}
         if trt_build is not None:
             from momcompress.export import trt as trt_mod
 
