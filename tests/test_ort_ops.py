@@ -429,3 +429,28 @@ def test_bench_onnx_has_a_kernel_column(library, workdir, data_file, tmp_path):
     assert result["experts_paths"] == {"dense": None, "mom gather": "function body", "mom kernel": "kernel"}
     for row in result["rows"]:
         assert row["mom kernel ratio"] == pytest.approx(row["mom kernel ms"] / row["dense_ms"])
+
+
+def test_validate_onnx_rows_say_which_path_ran(library, workdir, data_file, tmp_path, monkeypatch):
+    frozen = workdir / "frozen-b4" if (workdir / "frozen-b4").is_dir() else _frozen(workdir, data_file, 4)
+    mom = workdir / "onnx-validate"
+    if not mom.is_dir():
+        momcompress.export(frozen, mom, new_tokens=2)
+    dense = momcompress.export(workdir / "model-b4", tmp_path / "dense", dense=True, new_tokens=2) and tmp_path / "dense"
+    from conftest import SAMPLE_TEXT
+
+    lines = SAMPLE_TEXT.split("\n")  # held-out text that is not the calibration text
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("\n\n".join(" ".join(lines[(5 * i + j) % len(lines)] for j in range(3)) for i in range(40)))
+    fast = dict(task_names="none", seq_len=32, heldout_tokens=64, progress=False, prefill_tokens=8, decode_tokens=2,
+                speed_repeats=1, threads=1, data=str(heldout))
+    for env, path in ((str(library), "kernel"), ("off", "function body")):
+        monkeypatch.setenv(ort_ops.ENV_LIBRARY, env)
+        report = momcompress.validate(frozen, dense=str(workdir / "model-b4"), output=tmp_path / path, onnx_sparse=mom,
+                                      onnx_dense=dense, **fast)
+        ort_cpu = report["speed"]["onnxruntime"]["cpu"]
+        assert ort_cpu["experts_path"] == {"dense": None, "sparse": path}
+        md = (tmp_path / path / report["key"] / "report.md").read_text()
+        assert f"onnxruntime cpu (MoMExperts: {path})" in md
+        assert ("ran the compiled momcompress kernel" in md) == (path == "kernel")
+        assert ("build it with `momcompress build-ops`" in md) == (path != "kernel")
