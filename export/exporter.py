@@ -211,7 +211,9 @@ def _copy_model_files(source: Path, folder: Path, tokenizer) -> None:
     for name in ("config.json", "generation_config.json"):
         if (source / name).is_file():
             shutil.copy(source / name, folder / name)
-    tokenizer.save_pretrained(folder)
+    from momcompress.models import save_tokenizer
+
+    save_tokenizer(tokenizer, folder)  # a tokenizer_config.json that transformers 4 (optimum) and 5 both load
 
 
 def export(
