@@ -325,9 +325,12 @@ def _range3(ctx, param, value):
 @click.option("--trt-batch", callback=_range3, default="1,1,4", show_default=True, help="Batch range MIN,OPT,MAX of the engine's profile.")
 @click.option("--trt-sequence", callback=_range3, default="1,128,1024", show_default=True, help="New-token range MIN,OPT,MAX per call.")
 @click.option("--trt-past", callback=_range3, default="0,128,1024", show_default=True, help="Cached-token range MIN,OPT,MAX.")
+@click.option("--trt-rtx-check", type=click.Choice(["SM80", "SM86", "SM89", "SM120"]), default=None,
+              help="Also check with TensorRT-RTX (no GPU needed; pip install 'momcompress[trt-rtx]') that the graph, "
+                   "functions inlined, parses and builds an engine for this compute capability; lists refused nodes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT folder.")
 def export(model, output, dense, experts_body, opset, atol, rtol, new_tokens, provider, trt, trt_precision, trt_batch,
-           trt_sequence, trt_past, overwrite):
+           trt_sequence, trt_past, trt_rtx_check, overwrite):
     """Export the frozen model folder MODEL to ONNX (onnxruntime; --trt: TensorRT), checked against PyTorch.
 
     The routed experts of each layer become one momcompress::MoMExperts node with an ONNX function
@@ -342,7 +345,7 @@ def export(model, output, dense, experts_body, opset, atol, rtol, new_tokens, pr
     try:
         m = run_export(
             model, output, dense=dense, body=experts_body or DEFAULT_BODY, opset=opset, overwrite=overwrite, atol=atol,
-            rtol=rtol, new_tokens=new_tokens, provider=provider, trt=trt, trt_options=trt_options,
+            rtol=rtol, new_tokens=new_tokens, provider=provider, trt=trt, trt_options=trt_options, trt_rtx_check=trt_rtx_check,
         )
     except MomcompressError as exc:
         _fail(exc)
