@@ -274,6 +274,7 @@ struct Job {
   bool split = false;
   std::vector<Tile>* tiles = nullptr;
   std::vector<int64_t> task_tile, task_i0, task_i1;
+  std::vector<size_t> task_offset;  // where task i's partial output (its tile's tokens x d) starts in partial
   std::vector<float>* partial = nullptr;
 };
 
@@ -291,7 +292,7 @@ void run_task(void* data, size_t task) {
     return;
   }
   const Tile& tile = (*job.tiles)[job.task_tile[task]];
-  float* partial = job.partial->data() + static_cast<int64_t>(task) * kTokenTile * job.d;
+  float* partial = job.partial->data() + job.task_offset[task];
   run_rows(tile, job.task_i0[task], job.task_i1[task], job.x, job.gate, job.up, job.down, job.d, job.act, partial);
 }
 
@@ -320,6 +321,7 @@ OrtStatus* selected_rows(const OrtKernelContext* ctx, const TokenLists& lists, i
   } else {
     job.split = true;
     const int64_t per_tile = (want + ntiles - 1) / ntiles;
+    size_t partial_size = 0;
     tiles.resize(static_cast<size_t>(ntiles));
     std::vector<int32_t> count;
     for (int64_t i = 0; i < ntiles; ++i) {
@@ -339,11 +341,13 @@ OrtStatus* selected_rows(const OrtKernelContext* ctx, const TokenLists& lists, i
         job.task_tile.push_back(i);
         job.task_i0.push_back(start);
         job.task_i1.push_back(stop);
+        job.task_offset.push_back(partial_size);
+        partial_size += static_cast<size_t>((tile.t1 - tile.t0) * d);
         start = stop;
       }
     }
     ntasks = job.task_tile.size();
-    partial.assign(ntasks * static_cast<size_t>(kTokenTile * d), 0.0f);
+    partial.assign(partial_size, 0.0f);  // decode: a few d-vectors, not whole tiles
     job.tiles = &tiles;
     job.partial = &partial;
   }
@@ -357,7 +361,7 @@ OrtStatus* selected_rows(const OrtKernelContext* ctx, const TokenLists& lists, i
   if (job.split) {
     for (size_t task = 0; task < ntasks; ++task) {
       const Tile& tile = tiles[job.task_tile[task]];
-      const float* part = partial.data() + task * static_cast<size_t>(kTokenTile * d);
+      const float* part = partial.data() + job.task_offset[task];
       float* o = out + tile.t0 * d;
       const int64_t n = (tile.t1 - tile.t0) * d;
       for (int64_t q = 0; q < n; ++q) o[q] += part[q];
