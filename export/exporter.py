@@ -211,8 +211,10 @@ def _copy_model_files(source: Path, folder: Path, tokenizer) -> None:
     for name in ("config.json", "generation_config.json"):
         if (source / name).is_file():
             shutil.copy(source / name, folder / name)
-    from momcompress.models import save_tokenizer
+    from momcompress.models import make_config_portable, save_tokenizer
 
+    if (folder / "config.json").is_file():
+        make_config_portable(folder)  # RoPE settings transformers 4 (optimum) reads too
     save_tokenizer(tokenizer, folder)  # a tokenizer_config.json that transformers 4 (optimum) and 5 both load
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from momcompress.errors import ModelLoadError
 from momcompress.fsutil import atomic_dir_write
-from momcompress.models import WEIGHT_SUFFIXES, save_tokenizer
+from momcompress.models import WEIGHT_SUFFIXES, make_config_portable, save_tokenizer
 from momcompress.runtime.mom_ffn import ACTIVATIONS
 
 FORMAT_VERSION = 2  # 2: per-expert lists in model.safetensors, counts in config.json (1: lists in config.json)
@@ -67,6 +67,7 @@ def write_model_folder(out: Path, model, tokenizer, section: dict, model_dir: Pa
             ids = {name: t for i, p in enumerate(plans) for name, t in p.block_ids(f"layers.{i}.").items()}
             save_file({k: v.to(torch.int64).clone() for k, v in ids.items()}, folder / BLOCKS_FILE)  # clone: plans may share tensors
         model.config.save_pretrained(folder)
+        make_config_portable(folder)  # RoPE settings transformers 4 reads too
         if (model_dir / "generation_config.json").is_file():
             shutil.copy(model_dir / "generation_config.json", folder / "generation_config.json")
         save_tokenizer(tokenizer, folder)  # loads in transformers 4 and 5

@@ -69,6 +69,42 @@ def portable_tokenizer_config(config: dict, model_input_names: list[str]) -> dic
     return out
 
 
+def make_config_portable(folder: str | os.PathLike) -> None:
+    """Rewrite folder/config.json (written by transformers 5) so that transformers 4 builds the same model;
+    see portable_model_config. Written under a temporary name, then renamed."""
+    import json
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    portable = portable_model_config(config)
+    if portable != config:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(portable, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+def portable_model_config(config: dict) -> dict:
+    """A transformers-5 config dict with the RoPE settings also under transformers 4's keys.
+
+    transformers 5 writes RoPE as `rope_parameters` ({"rope_theta", "rope_type", ...}, or one such dict per
+    attention type for Gemma 3); transformers 4 ignores that key and silently builds the model with its
+    default rope_theta (10000: SmolLM2's 100000 gave logits off by ~5 there). Adds `rope_theta`, `rope_scaling`
+    (non-default RoPE types) and Gemma 3's `rope_local_base_freq`; transformers 5 keeps reading rope_parameters."""
+    out = dict(config)
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return out
+    full = rope.get("full_attention", rope) if "rope_theta" not in rope else rope
+    if isinstance(full, dict) and "rope_theta" in full:
+        out.setdefault("rope_theta", full["rope_theta"])
+        if full.get("rope_type", "default") != "default":
+            out.setdefault("rope_scaling", {k: v for k, v in full.items() if k != "rope_theta"})
+    sliding = rope.get("sliding_attention")
+    if isinstance(sliding, dict) and "rope_theta" in sliding:
+        out.setdefault("rope_local_base_freq", sliding["rope_theta"])
+    return out
+
+
 def cache_dir() -> Path:
     """Where converted models are cached ($MOMCOMPRESS_CACHE, else ~/.cache/momcompress)."""
     return Path(os.environ.get("MOMCOMPRESS_CACHE", Path.home() / ".cache" / "momcompress"))

@@ -7,7 +7,8 @@
 
 It exports a tiny frozen model here and runs benchmarks/optimum_check.py there: the export's tokenizer
 loads with transformers 4 (AutoTokenizer), and optimum's logits and 16 greedy tokens equal
-momcompress.load's, through the function body and (when built) the compiled kernel.
+momcompress.load's (in transformers 4: the frozen config.json must carry its RoPE settings in 4.x's keys
+too), through the function body and (when built) the compiled kernel.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def test_optimum_runs_the_export_like_momcompress_load(tmp_path, data_file, work
     python = os.environ.get(PYTHON_ENV)
     if not python:
         pytest.skip(f"set {PYTHON_ENV} to a Python with transformers 4.57 and optimum-onnx 0.1.0 (see this file's docstring)")
-    model_dir = make_tiny_model_dir(workdir / "model", "llama")
+    # a non-default rope_theta (SmolLM2's): transformers 4 ignores transformers 5's rope_parameters unless the
+    # config also carries rope_theta (momcompress.models.make_config_portable)
+    model_dir = make_tiny_model_dir(workdir / "model", "llama", rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})
     cfg = LearnConfig(target=0.5, experts=4, top_k=2, block_size=4, steps=4, batch_size=4, seq_len=32, data=str(data_file),
                       eval_tokens=256, init_tokens=512, log_every=100, dtype="float32")
     momcompress.learn(str(model_dir), workdir / "run", cfg)
