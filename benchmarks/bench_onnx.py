@@ -11,7 +11,9 @@ alike; each cell is the median. Before each timed call the benchmark sleeps --se
 intra-op threads spin after a run, and without the pause the previous session's spinning threads slowed
 the next one (a gather-body decode step read 1.7x dense interleaved, 1.0x alone). A "floor" column
 times the MoM graph with its routed experts removed (--no-floor to skip): the best ratio any body could
-reach. Goal (issue 5): MoM decode step <= 0.8x dense at ratio 0.5.
+reach. A "mom kernel" column runs the default export with the compiled momcompress kernel registered
+(`momcompress build-ops`; left out, with a note, when it is not built); the body columns run without it.
+Goal (issue 5): MoM decode step <= 0.8x dense at ratio 0.5; issue 21: <= 0.7x with the kernel.
 
     python benchmarks/bench_onnx.py --frozen /tmp/f6 [--dense default] [--threads 2] [--json out.json]
     python benchmarks/bench_onnx.py --frozen F --workdir W   # reuse exports in W from an earlier run
@@ -37,6 +39,7 @@ from momcompress.export import op
 from momcompress.export.causal_lm import OrtCausalLM
 
 FLOOR = "floor: no routed"  # the variant without routed experts
+KERNEL = "mom kernel"  # the default export with the compiled momcompress kernel registered
 
 
 def export_once(source: str, folder: Path, dense: bool) -> Path:
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", help="Where the exports go (kept; reused when present). Default: a temporary folder.")
     ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                     help="Also time the MoM graph with its routed experts removed: the floor any body could reach.")
+    ap.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=True,
+                    help="Also time the default export with the compiled momcompress kernel (when `momcompress build-ops` built it).")
     ap.add_argument("--settle", type=float, default=0.2, help="Seconds to sleep before each timed call (lets the previous session's threads stop spinning).")
     ap.add_argument("--json", help="Also write the results as JSON here.")
     args = ap.parse_args(argv)
@@ -153,7 +158,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping the {b} body: {exc}", file=sys.stderr)
     if args.floor:
         variants[FLOOR] = without_routed(mom_dir, workdir)
-    sessions = {name: OrtCausalLM(folder / "model.onnx", threads=args.threads) for name, folder in variants.items()}
+    modes = {name: "body" for name in variants}
+    from momcompress.export import ort_ops
+
+    if args.kernel and ort_ops.find_library() is not None:
+        variants[KERNEL], modes[KERNEL] = mom_dir, "kernel"
+    elif args.kernel:
+        print(f"no kernel column: {ort_ops.missing_message()}", file=sys.stderr)
+    sessions = {name: OrtCausalLM(folder / "model.onnx", threads=args.threads, experts=modes[name]) for name, folder in variants.items()}
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(mom_dir)
@@ -202,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "repeats": args.repeats, "frozen": str(args.frozen), "dense": args.dense,
             "measured_ratio": frozen_manifest.get("measured_ratio"), "block_size": block_size,
             "experts": mom_config.get("num_experts"), "top_k": mom_config.get("top_k"), "rows": rows, "raw_seconds": times, "decode_goal_met": goal,
+            "experts_paths": {name: lm.experts_path for name, lm in sessions.items()},
         }
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -96,6 +96,18 @@ ORT_DTYPES = {
 }
 
 
+EXPERTS_MODES = ("auto", "kernel", "body")
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    import logging
+
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger(__name__).warning(message)
+
+
 class OrtCausalLM:
     """An exported model.onnx in an onnxruntime session, with the interface of FlatCacheLM.run.
 
@@ -110,10 +122,15 @@ class OrtCausalLM:
             them; a foreign graph may not).
         spinning: let idle worker threads spin (onnxruntime's default); timings that alternate two sessions
             turn it off so one session's spinning threads do not slow the other.
+        experts: how MoMExperts nodes run on the CPU provider: "auto" (the compiled momcompress kernel when
+            `momcompress build-ops` has built it, else the node's ONNX function body, with a warning),
+            "kernel" (the kernel or an OrtOpsError) or "body" (always the function body).
+
+    ``experts_path`` says which ran: "kernel", "function body", or None for a graph without MoMExperts.
     """
 
     def __init__(self, path: str | Path, provider: str = "CPUExecutionProvider", threads: int | None = None,
-                 kv_shape: tuple[int, int] | None = None, spinning: bool = True):
+                 kv_shape: tuple[int, int] | None = None, spinning: bool = True, experts: str = "auto"):
         path = Path(path)
         self.path = path / ONNX_FILE if path.is_dir() else path
         if not self.path.is_file():
@@ -139,6 +156,8 @@ class OrtCausalLM:
             options.intra_op_num_threads = threads
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.ops_library = None  # the momcompress ops library registered in this session, if any
+        self.experts_path = self._register_ops(options, provider, experts)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=[provider])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
@@ -157,6 +176,36 @@ class OrtCausalLM:
                                  "key/value out, for every layer): re-export with `momcompress export`")
         self.output_names = ["logits", *present_names(self.num_layers)]
         self._kv_shape = kv_shape
+
+    def _has_mom_nodes(self) -> bool:
+        if self.manifest is not None and "kind" in self.manifest:
+            return self.manifest["kind"] == "mom"
+        import onnx
+
+        from momcompress.export import op
+
+        model = onnx.load(str(self.path), load_external_data=False)
+        return any(o.domain == op.DOMAIN for o in model.opset_import)
+
+    def _register_ops(self, options, provider: str, experts: str) -> str | None:
+        """Register the momcompress ops library as `experts` asks; return the path MoMExperts will take."""
+        from momcompress.export import ort_ops
+
+        if experts not in EXPERTS_MODES:
+            raise ExportError(f"experts must be one of {', '.join(EXPERTS_MODES)}, got {experts!r}")
+        if not self._has_mom_nodes():
+            return None
+        if experts == "body":
+            return ort_ops.FUNCTION_BODY
+        if provider != "CPUExecutionProvider":  # the library has CPU kernels only; other providers run the body
+            if experts == "kernel":
+                raise ExportError(f"the momcompress kernel runs on CPUExecutionProvider only, not {provider}")
+            return ort_ops.FUNCTION_BODY
+        self.ops_library = ort_ops.register(options, required=experts == "kernel")
+        if self.ops_library is None:
+            _warn_once(ort_ops.missing_message())
+            return ort_ops.FUNCTION_BODY
+        return ort_ops.KERNEL
 
     @property
     def has_cache(self) -> bool:

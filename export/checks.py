@@ -6,6 +6,9 @@
 3. logits and present key/values with past key/values (a 3-token continuation after the prefill);
 4. greedy generation of new_tokens tokens through onnxruntime with the KV cache, identical to
    transformers' `generate` in PyTorch.
+MoMExperts runs with the compiled momcompress kernel when `momcompress build-ops` has built it (the
+logits checks say which path ran); the function body every file carries is then checked too (prefill
+logits in a session without the kernel), so both paths of the file are verified.
 Every check runs; if any fails, ExportCheckError carries the whole checklist and names the failures.
 """
 
@@ -90,25 +93,38 @@ def check_graph(path: Path, num_layers: int, is_mom: bool) -> Check:
 
 
 def run_checks(
-    path: Path, model, tokenizer, atol: float = 1e-4, rtol: float = 1e-5, new_tokens: int = 32, provider: str = "CPUExecutionProvider"
+    path: Path, model, tokenizer, atol: float = 1e-4, rtol: float = 1e-5, new_tokens: int = 32, provider: str = "CPUExecutionProvider",
+    experts: str = "auto", info: dict | None = None,
 ) -> list[Check]:
     """Run every check of the exported file at path against model; raise ExportCheckError if one fails.
 
-    Values pass when |onnxruntime - PyTorch| <= atol + rtol * max|PyTorch value|."""
+    Values pass when |onnxruntime - PyTorch| <= atol + rtol * max|PyTorch value|. experts: how MoMExperts
+    runs (OrtCausalLM's experts). info, if given, receives "experts_path" (kernel / function body / None)
+    and "ops_library"."""
+    from momcompress.export import ort_ops
+
     is_mom = hasattr(model.config, "momcompress")
     checks = [check_graph(path, model.config.num_hidden_layers, is_mom)]
     if not checks[0].ok:
         raise ExportCheckError(_failure(checks))
-    ort_lm = OrtCausalLM(path, provider)
+    ort_lm = OrtCausalLM(path, provider, experts=experts)
+    if info is not None:
+        info["experts_path"] = ort_lm.experts_path
+        info["ops_library"] = str(ort_lm.ops_library) if ort_lm.ops_library else None
     torch_lm = FlatCacheLM(model).eval()
     ids, mask = prompt_batch(tokenizer)
     pos = prefill_positions(mask)
     B = ids.shape[0]
+    ran = f", MoMExperts: {ort_lm.experts_path}" if ort_lm.experts_path else ""
 
     # 2. prefill, no past: compare at real (unpadded) positions
     got, got_present = ort_lm.run(ids, mask, pos, ort_lm.first_past(B))
     want, want_present = torch_lm.run(ids, mask, pos, torch_lm.first_past(B))
-    checks.append(_close("logits close without past (batch 2, left padding)", got, want, atol, rtol, mask.astype(bool)))
+    checks.append(_close(f"logits close without past (batch 2, left padding{ran})", got, want, atol, rtol, mask.astype(bool)))
+    if ort_lm.experts_path == ort_ops.KERNEL:  # the file's function body, for onnxruntime without the kernel
+        body_lm = OrtCausalLM(path, provider, experts="body")
+        body, _ = body_lm.run(ids, mask, pos, body_lm.first_past(B))
+        checks.append(_close("function body logits close without past (onnxruntime without the kernel)", body, want, atol, rtol, mask.astype(bool)))
 
     # 3. continuation with past key/values, each runtime on its own cache
     nxt = (3 + np.arange(B * CONTINUATION).reshape(B, CONTINUATION) % max(model.config.vocab_size - 3, 1)).astype(np.int64)
@@ -116,7 +132,7 @@ def run_checks(
     pos2 = pos[:, -1:] + 1 + np.arange(CONTINUATION)[None]
     got2, got_present2 = ort_lm.run(nxt, mask2, pos2, got_present)
     want2, want_present2 = torch_lm.run(nxt, mask2, pos2, want_present)
-    checks.append(_close(f"logits close with past key/values ({ids.shape[1]} cached, {CONTINUATION} new)", got2, want2, atol, rtol))
+    checks.append(_close(f"logits close with past key/values ({ids.shape[1]} cached, {CONTINUATION} new{ran})", got2, want2, atol, rtol))
     # keys/values at padded positions are never attended to: compare real positions only
     real = mask2.astype(bool)[:, None, :, None]
     where = np.broadcast_to(real, got_present2[0].shape)

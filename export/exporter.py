@@ -215,7 +215,11 @@ def _copy_model_files(source: Path, folder: Path, tokenizer) -> None:
     for name in ("config.json", "generation_config.json"):
         if (source / name).is_file():
             shutil.copy(source / name, folder / name)
-    tokenizer.save_pretrained(folder)
+    from momcompress.models import make_config_portable, save_tokenizer
+
+    if (folder / "config.json").is_file():
+        make_config_portable(folder)  # RoPE settings transformers 4 (optimum) reads too
+    save_tokenizer(tokenizer, folder)  # a tokenizer_config.json that transformers 4 (optimum) and 5 both load
 
 
 def export(
@@ -231,6 +235,7 @@ def export(
     provider: str = "CPUExecutionProvider",
     trt: bool = False,
     trt_options: dict | None = None,
+    trt_rtx_check: str | None = None,
 ) -> dict:
     """Export MODEL (a frozen folder, or with dense a dense model) to OUTPUT and return its manifest.
 
@@ -249,6 +254,9 @@ def export(
         provider: onnxruntime execution provider for the checks (CUDAExecutionProvider needs onnxruntime-gpu).
         trt: also build a TensorRT engine with the momcompress plugin (needs tensorrt and a GPU).
         trt_options: TensorRT build options (see momcompress.export.trt.TrtOptions).
+        trt_rtx_check: a compute capability ("SM80", "SM86", "SM89", "SM120"): also check, with TensorRT-RTX and
+            no GPU, that the graph (functions inlined) parses and builds an engine for it; the checklist says
+            which nodes TensorRT-RTX refuses (needs `pip install 'momcompress[trt-rtx]'`).
     Returns:
         The manifest (also written as OUTPUT/manifest.json), with "checks": a list of {name, ok, detail}.
     """
@@ -270,6 +278,14 @@ def export(
 
         trt_build = trt_mod.TrtOptions(**(trt_options or {}))
         trt_mod.require_tensorrt()  # before any work: says what is missing
+    if trt_rtx_check is not None:
+        from momcompress.export import trt as trt_mod
+
+        if trt_rtx_check not in trt_mod.RTX_TARGETS:
+            raise ExportError(f"--trt-rtx-check must be one of {', '.join(trt_mod.RTX_TARGETS)}, got {trt_rtx_check!r}")
+        why = trt_mod.rtx_missing()
+        if why:
+            raise ExportError(f"--trt-rtx-check needs TensorRT-RTX: {why}. Nothing was written")
 
     torch_model, tokenizer, source = load_for_export(model, dense)
     check_architecture(torch_model)
@@ -312,9 +328,20 @@ def export(
     def write(folder: Path) -> None:
         manifest["onnx"] = save_onnx(proto, folder)
         _copy_model_files(Path(source), folder, tokenizer)
-        checks = run_checks(folder / ONNX_FILE, torch_model, tokenizer, atol=atol, rtol=rtol, new_tokens=new_tokens, provider=provider)
+        ran: dict = {}
+        checks = run_checks(folder / ONNX_FILE, torch_model, tokenizer, atol=atol, rtol=rtol, new_tokens=new_tokens, provider=provider, info=ran)
         manifest["checks"] = [c.to_json() for c in checks]
-        manifest["validation"] = {"atol": atol, "rtol": rtol, "new_tokens": new_tokens, "provider": provider}
+        manifest["validation"] = {"atol": atol, "rtol": rtol, "new_tokens": new_tokens, "provider": provider, **ran}
+        if trt_rtx_check is not None:
+            from momcompress.export import trt as trt_mod
+
+            manifest["tensorrt_rtx"] = trt_mod.check_rtx(folder / ONNX_FILE, kv_shape(torch_model.config), trt_rtx_check)
+            manifest["checks"].append(trt_mod.rtx_check(manifest["tensorrt_rtx"], body if is_mom else None).to_json())
+            if not manifest["checks"][-1]["ok"]:
+                from momcompress.errors import ExportCheckError
+
+                lines = format_checklist(manifest["checks"])
+                raise ExportCheckError(f"the exported model failed the TensorRT-RTX check; nothing was written\n{lines}")
         if trt_build is not None:
             from momcompress.export import trt as trt_mod
 

@@ -24,7 +24,20 @@ On onnxruntime CPU the routed part costs more than the weights it reads: standar
 blocks (Gather) before multiplying, and MoE's CPU kernel multiplies the blocks one at a time (dated
 measurements: README, "ONNX bodies on onnxruntime CPU"; `benchmarks/bench_onnx.py` measures them again).
 The default stays gather: standard ops (TensorRT and onnxruntime's CUDA provider take it too) and reads
-only the selected blocks.
+only the selected blocks. On onnxruntime CPU, the compiled kernel of `momcompress build-ops`
+(export/ort_ops.py, export/csrc/) replaces the body when it is registered; the file stays the same.
+
+The second node, `momcompress::SelectedRowsFFN`, is the same computation with each token's rows given
+directly (the per-token selector models, DESIGN.md "Per-token selection"):
+
+    out = SelectedRowsFFN(x, rows, scale, gate_rows, up_rows, down_rows, accumulate)
+      x (T, d) float; rows (T, K) int64 row ids (< 0: padding, skipped); scale (T, K) float;
+      gate_rows, up_rows, down_rows (R, d) float / float16 / bfloat16 (down transposed: down_rows[r] = W_down[:, r]);
+      accumulate (T, d) float (optional); attribute activation ("silu" | "gelu_tanh" | "gelu")
+    out[t] = accumulate[t] + sum_k scale[t, k] act(gate_rows[rows[t, k]] . x[t]) (up_rows[rows[t, k]] . x[t]) down_rows[rows[t, k]]
+
+Its function body (selected_rows_function) gathers each token's K rows (T, K, d) and multiplies them
+with batched MatMuls; the compiled kernel reads them in place.
 """
 
 from __future__ import annotations
@@ -79,6 +92,107 @@ def register_schema() -> None:
         ],
     )
     defs.register_schema(schema)
+
+
+SELECTED_ROWS_OP = "SelectedRowsFFN"
+SELECTED_ROWS_INPUTS = ("x", "rows", "scale", "gate_rows", "up_rows", "down_rows", "accumulate")
+
+
+def register_selected_rows_schema() -> None:
+    """Register the SelectedRowsFFN schema with onnx (once), so the onnx checker and shape inference know it."""
+    from onnx import defs
+
+    if defs.has(SELECTED_ROWS_OP, DOMAIN):
+        return
+    Param = defs.OpSchema.FormalParameter
+    opt = defs.OpSchema.FormalParameterOption.Optional
+    Attr, A = defs.OpSchema.Attribute, defs.OpSchema.AttrType
+    schema = defs.OpSchema(
+        SELECTED_ROWS_OP,
+        DOMAIN,
+        DOMAIN_VERSION,
+        "Per-token selected FFN rows (momcompress): out = accumulate + sum_k scale act(gate.x) (up.x) down over each token's rows.",
+        inputs=[
+            Param("x", "tensor(float)", "(T, d) FFN input"),
+            Param("rows", "tensor(int64)", "(T, K) row ids per token; < 0 is padding (skipped)"),
+            Param("scale", "tensor(float)", "(T, K) scale of each selected row"),
+            Param("gate_rows", "W", "(R, d) gate rows"),
+            Param("up_rows", "W", "(R, d) up rows"),
+            Param("down_rows", "W", "(R, d) down projection, transposed: row r is W_down[:, r]"),
+            Param("accumulate", "tensor(float)", "(T, d) added to the output", param_option=opt),
+        ],
+        outputs=[Param("out", "tensor(float)", "(T, d)")],
+        type_constraints=[("W", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "weight dtype")],
+        attributes=[Attr("activation", A.STRING, "silu, gelu_tanh or gelu", required=False)],
+    )
+    defs.register_schema(schema)
+
+
+def selected_rows_function(activation: str, opset: int) -> onnx.FunctionProto:
+    """The model-local function ("momcompress", "SelectedRowsFFN") in standard ops (Gather + batched MatMul).
+
+    Needs the accumulate input on every node (attach_selected_rows_function gives nodes without one zeros)."""
+    n = helper.make_node
+    nodes = [
+        _const("axis_last", [-1]),
+        n("Constant", [], ["i_zero"], value_int=0),
+        n("GreaterOrEqual", ["rows", "i_zero"], ["valid"]),  # (T, K) padding is < 0
+        n("Max", ["rows", "i_zero"], ["safe_rows"]),  # padding reads row 0, weighted 0 below
+        n("Constant", [], ["f_zero"], value_float=0.0),
+        n("Where", ["valid", "scale", "f_zero"], ["s"]),  # (T, K)
+        n("Gather", ["gate_rows", "safe_rows"], ["g_rows_w"], axis=0),  # (T, K, d): the selected rows, copied
+        n("Gather", ["up_rows", "safe_rows"], ["u_rows_w"], axis=0),
+        n("Gather", ["down_rows", "safe_rows"], ["d_rows_w"], axis=0),
+        n("CastLike", ["g_rows_w", "x"], ["g_rows"]),
+        n("CastLike", ["u_rows_w", "x"], ["u_rows"]),
+        n("CastLike", ["d_rows_w", "x"], ["d_rows"]),
+        n("Unsqueeze", ["x", "axis_last"], ["x3"]),  # (T, d, 1)
+        n("MatMul", ["g_rows", "x3"], ["g3"]),  # (T, K, 1)
+        n("MatMul", ["u_rows", "x3"], ["u3"]),
+        n("Squeeze", ["g3", "axis_last"], ["hg"]),  # (T, K)
+        n("Squeeze", ["u3", "axis_last"], ["hu"]),
+        *_activation_nodes(activation, "hg", "ha", opset),
+        n("Mul", ["ha", "hu"], ["h"]),
+        n("Mul", ["h", "s"], ["hs"]),  # (T, K)
+        _const("axis_1", [1]),
+        n("Unsqueeze", ["hs", "axis_1"], ["hs3"]),  # (T, 1, K)
+        n("MatMul", ["hs3", "d_rows"], ["o3"]),  # (T, 1, d)
+        n("Squeeze", ["o3", "axis_1"], ["routed"]),  # (T, d)
+        n("Add", ["routed", "accumulate"], ["out"]),
+    ]
+    return helper.make_function(
+        DOMAIN, SELECTED_ROWS_OP, inputs=list(SELECTED_ROWS_INPUTS), outputs=["out"], nodes=nodes,
+        opset_imports=[helper.make_opsetid("", opset)], attributes=["activation"],
+        doc_string=f"SelectedRowsFFN, gather body ({activation}); see momcompress/export/op.py",
+    )
+
+
+def selected_rows_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The SelectedRowsFFN nodes of the main graph, in graph order."""
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == SELECTED_ROWS_OP]
+
+
+def attach_selected_rows_function(model: onnx.ModelProto, activation: str) -> None:
+    """Add the SelectedRowsFFN function body to model (in place, replacing an earlier one); nodes without an
+    accumulate input get zeros of x's shape (the body adds accumulate unconditionally)."""
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    for i, node in enumerate(list(selected_rows_nodes(model))):
+        if len(node.input) < 7 or not node.input[6]:
+            prefix = f"{node.name or 'selected_rows'}_{i}_acc"
+            shape = helper.make_node("Shape", [node.input[0]], [prefix + "_shape"])
+            zeros = helper.make_node("ConstantOfShape", [prefix + "_shape"], [prefix],
+                                     value=helper.make_tensor(prefix + "_zero", TensorProto.FLOAT, [1], [0.0]))
+            at = list(model.graph.node).index(node)
+            model.graph.node.insert(at, zeros)
+            model.graph.node.insert(at, shape)
+            del node.input[6:]
+            node.input.append(prefix)
+    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name == SELECTED_ROWS_OP)]
+    del model.functions[:]
+    model.functions.extend(keep)
+    model.functions.append(selected_rows_function(activation, opset))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
 
 
 def translation_table() -> dict:
@@ -331,7 +445,9 @@ def attach_function(model: onnx.ModelProto, body: str, activation: str) -> None:
         _drop_attribute(node, "max_blocks")
         if body == "moe":
             node.attribute.append(helper.make_attribute("max_blocks", _node_max_blocks(node, initializers)))
-    del model.functions[:]  # only ours: the torch exporter inlines everything else
+    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]  # e.g. SelectedRowsFFN's
+    del model.functions[:]
+    model.functions.extend(keep)
     model.functions.append(function_body(body, activation, opset))
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))

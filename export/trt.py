@@ -58,11 +58,22 @@ def missing_requirements() -> list[str]:
     if importlib.util.find_spec("tensorrt") is None:
         missing.append("the tensorrt package (pip install 'momcompress[trt]')")
     else:
-        import tensorrt
-
-        version = tuple(int(p) for p in tensorrt.__version__.split(".")[:2])
-        if version < MIN_TENSORRT:
-            missing.append(f"TensorRT >= {'.'.join(map(str, MIN_TENSORRT))} (found {tensorrt.__version__}; pip install -U 'momcompress[trt]')")
+        # PyPI's tensorrt / tensorrt-cu12 wrappers install without TensorRT's libraries when NVIDIA's index is out of
+        # reach: the package is there, its import fails (ImportError, or OSError from the shared libraries).
+        try:
+            import tensorrt
+        except (ImportError, OSError) as exc:
+            tensorrt = None
+            missing.append(f"TensorRT's libraries (the tensorrt package is installed but `import tensorrt` fails: "
+                           f"{str(exc).splitlines()[0][:200]}; install TensorRT itself, e.g. tensorrt-cu12 from NVIDIA's index)")
+        version_string = getattr(tensorrt, "__version__", None) if tensorrt is not None else None
+        if tensorrt is not None:
+            try:
+                version = tuple(int(p) for p in str(version_string).split(".")[:2])
+            except ValueError:
+                version = (0, 0)
+            if version < MIN_TENSORRT:
+                missing.append(f"TensorRT >= {'.'.join(map(str, MIN_TENSORRT))} (found {version_string}; pip install -U 'momcompress[trt]')")
     import torch
 
     if not torch.cuda.is_available():
@@ -117,7 +128,20 @@ def build_engine(folder: Path, model, tokenizer, options: TrtOptions, atol: floa
         config.set_flag(trt.BuilderFlag.FP16)
     elif options.precision == "bf16":
         config.set_flag(trt.BuilderFlag.BF16)
-    heads, head_dim = kv_shape(model.config)
+    config.add_optimization_profile(_profile(builder, network, kv_shape(model.config), options))
+    log.info("building the TensorRT engine (%s)", options.precision)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError("TensorRT failed to build the engine (see its log above); try --trt-precision fp32 or smaller ranges")
+    (folder / ENGINE_FILE).write_bytes(bytes(serialized))
+    (folder / RUNNER_FILE).write_text(RUNNER_SCRIPT)
+    checks = check_engine(folder / ENGINE_FILE, model, tokenizer, atol if options.precision == "fp32" else max(atol, 5e-2))
+    return {"engine": ENGINE_FILE, "runner": RUNNER_FILE, "options": asdict(options), "tensorrt": trt.__version__, "checks": checks}
+
+
+def _profile(builder, network, kv: tuple[int, int], options: TrtOptions):
+    """One optimisation profile over the batch / sequence / past ranges of options (kv: key/value heads, head dim)."""
+    heads, head_dim = kv
     (b0, b1, b2), (s0, s1, s2), (p0, p1, p2) = options.batch, options.sequence, options.past
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
@@ -128,15 +152,112 @@ def build_engine(folder: Path, model, tokenizer, options: TrtOptions, atol: floa
             profile.set_shape(name, (b0, p0 + s0), (b1, p1 + s1), (b2, p2 + s2))
         else:  # input_ids, position_ids
             profile.set_shape(name, (b0, s0), (b1, s1), (b2, s2))
-    config.add_optimization_profile(profile)
-    log.info("building the TensorRT engine (%s)", options.precision)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError("TensorRT failed to build the engine (see its log above); try --trt-precision fp32 or smaller ranges")
-    (folder / ENGINE_FILE).write_bytes(bytes(serialized))
-    (folder / RUNNER_FILE).write_text(RUNNER_SCRIPT)
-    checks = check_engine(folder / ENGINE_FILE, model, tokenizer, atol if options.precision == "fp32" else max(atol, 5e-2))
-    return {"engine": ENGINE_FILE, "runner": RUNNER_FILE, "options": asdict(options), "tensorrt": trt.__version__, "checks": checks}
+    return profile
+
+
+# -- TensorRT-RTX: parse and build without a GPU ----------------------------------------------------------
+RTX_TARGETS = ("SM80", "SM86", "SM89", "SM120")  # compute capabilities TensorRT-RTX builds for without a GPU
+RTX_DEFAULT_TARGET = "SM89"
+INLINED_FILE = "model.inlined.onnx"  # temporary, beside model.onnx (so external data resolves)
+
+
+def rtx_missing() -> str | None:
+    """Why the TensorRT-RTX check cannot run here (None when tensorrt_rtx imports)."""
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        return "TensorRT-RTX is not installed (pip install 'momcompress[trt-rtx]', i.e. tensorrt-rtx-cu12)"
+    try:
+        import tensorrt_rtx  # noqa: F401
+    except (ImportError, OSError) as exc:
+        return f"tensorrt_rtx does not import: {str(exc).splitlines()[0][:200]}"
+    return None
+
+
+def check_rtx(onnx_path: Path, kv: tuple[int, int], target: str = RTX_DEFAULT_TARGET, options: TrtOptions | None = None) -> dict:
+    """Parse the exported graph with TensorRT-RTX (its MoMExperts functions inlined: the gather body's standard
+    ops) and build an engine for one compute capability; no GPU is needed. TensorRT-RTX has no Python plugin
+    API, so this checks the function-body path, not the momcompress plugin.
+
+    Returns:
+        {"tensorrt_rtx": version, "target", "nodes": node count after inlining, "supported": the parser's verdict
+        on the whole model, "refused": [{"index", "name", "op_type"}] (nodes outside every subgraph the parser
+        splits the model into, and the node a full parse stops at; later nodes of a refused kind are not
+        listed one by one), "parse_errors": [{"node_name", "node_operator", "desc"}], "parsed", "built",
+        "engine_bytes", "seconds"}.
+    """
+    import time
+
+    import onnx
+    import onnx.inliner
+    import tensorrt_rtx as trt
+
+    if target not in RTX_TARGETS:
+        raise ExportError(f"TensorRT-RTX target must be one of {', '.join(RTX_TARGETS)}, got {target!r}")
+    options = options or TrtOptions(precision="fp16", batch=(1, 1, 2), sequence=(1, 16, 64), past=(0, 16, 64))
+    t0 = time.time()
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inlined = onnx.inliner.inline_local_functions(model)
+    tmp = Path(onnx_path).with_name(INLINED_FILE)
+    onnx.save_model(inlined, tmp)
+    report: dict = {"tensorrt_rtx": trt.__version__, "target": target, "nodes": len(inlined.graph.node)}
+    try:
+        logger = trt.Logger(trt.Logger.ERROR)
+        builder = trt.Builder(logger)
+        # Refused nodes: those the parser leaves out of every subgraph it splits the model into (it splits at
+        # each node it cannot import). The parser objects keep their networks alive: a parser whose network
+        # was collected crashes.
+        probe_network = builder.create_network(0)
+        probe = trt.OnnxParser(probe_network, logger)
+        report["supported"] = bool(probe.supports_model_v2(tmp.read_bytes(), str(tmp)))
+        covered = set()
+        for i in range(probe.num_subgraphs):
+            covered.update(probe.get_subgraph_nodes(i))
+        report["refused"] = [{"index": i, "name": n.name, "op_type": n.op_type}
+                             for i, n in enumerate(inlined.graph.node) if i not in covered]
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        report["parsed"] = bool(parser.parse_from_file(str(tmp)))
+        report["parse_errors"] = [{"node_name": e.node_name(), "node_operator": e.node_operator(), "desc": e.desc()}
+                                  for e in (parser.get_error(i) for i in range(parser.num_errors))]
+        for e in report["parse_errors"]:  # the node the full parse stopped at is refused too
+            if e["node_operator"] and not any(r["op_type"] == e["node_operator"] for r in report["refused"]):
+                report["refused"].append({"index": None, "name": e["node_name"], "op_type": e["node_operator"]})
+        report["built"], report["engine_bytes"] = False, None
+        if report["parsed"]:
+            config = builder.create_builder_config()
+            config.num_compute_capabilities = 1
+            if not config.set_compute_capability(getattr(trt.ComputeCapability, target), 0):
+                raise ExportError(f"TensorRT-RTX {trt.__version__} refused compute capability {target}")
+            config.add_optimization_profile(_profile(builder, network, kv, options))
+            serialized = builder.build_serialized_network(network, config)
+            report["built"] = serialized is not None
+            report["engine_bytes"] = serialized.nbytes if serialized is not None else None
+    finally:
+        tmp.unlink(missing_ok=True)
+    report["seconds"] = time.time() - t0
+    return report
+
+
+def rtx_check(report: dict, body: str | None):
+    """The export checklist line of a check_rtx report (body: the MoMExperts body of the file, None for dense)."""
+    from momcompress.export.checks import Check
+
+    ok, detail = rtx_check_line(report)
+    if not ok and body == "gather" and any(n["op_type"] == "NonZero" for n in report["refused"]):
+        detail += " (the gather body's NonZero: export with --experts-body masked-dense for TensorRT-RTX)"
+    return Check(f"TensorRT-RTX parses the graph and builds an {report['target']} engine (no GPU)", ok, detail)
+
+
+def rtx_check_line(report: dict) -> tuple[bool, str]:
+    """(ok, detail) of a check_rtx report for the export checklist."""
+    refused = sorted({n["op_type"] for n in report["refused"]})
+    ok = report["parsed"] and report["built"] and not refused
+    parts = [f"TensorRT-RTX {report['tensorrt_rtx']}, {report['nodes']} nodes, functions inlined"]
+    parts.append(f"refused: {', '.join(refused)}" if refused else "no node refused")
+    if report["parse_errors"]:
+        e = report["parse_errors"][0]
+        parts.append(f"parse error at {e['node_name']} ({e['node_operator']}): {e['desc'][:200]}")
+    parts.append(f"{report['target']} engine {report['engine_bytes']} bytes" if report["built"] else f"no {report['target']} engine")
+    return ok, "; ".join(parts)
 
 
 def check_engine(engine_path: Path, model, tokenizer, atol: float) -> list[dict]:

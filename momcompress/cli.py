@@ -334,9 +334,12 @@ def _range3(ctx, param, value):
 @click.option("--trt-batch", callback=_range3, default="1,1,4", show_default=True, help="Batch range MIN,OPT,MAX of the engine's profile.")
 @click.option("--trt-sequence", callback=_range3, default="1,128,1024", show_default=True, help="New-token range MIN,OPT,MAX per call.")
 @click.option("--trt-past", callback=_range3, default="0,128,1024", show_default=True, help="Cached-token range MIN,OPT,MAX.")
+@click.option("--trt-rtx-check", type=click.Choice(["SM80", "SM86", "SM89", "SM120"]), default=None,
+              help="Also check with TensorRT-RTX (no GPU needed; pip install 'momcompress[trt-rtx]') that the graph, "
+                   "functions inlined, parses and builds an engine for this compute capability; lists refused nodes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT folder.")
 def export(model, output, dense, experts_body, opset, atol, rtol, new_tokens, provider, trt, trt_precision, trt_batch,
-           trt_sequence, trt_past, overwrite):
+           trt_sequence, trt_past, trt_rtx_check, overwrite):
     """Export the frozen model folder MODEL to ONNX (onnxruntime; --trt: TensorRT), checked against PyTorch.
 
     The routed experts of each layer become one momcompress::MoMExperts node with an ONNX function
@@ -351,14 +354,53 @@ def export(model, output, dense, experts_body, opset, atol, rtol, new_tokens, pr
     try:
         m = run_export(
             model, output, dense=dense, body=experts_body or DEFAULT_BODY, opset=opset, overwrite=overwrite, atol=atol,
-            rtol=rtol, new_tokens=new_tokens, provider=provider, trt=trt, trt_options=trt_options,
+            rtol=rtol, new_tokens=new_tokens, provider=provider, trt=trt, trt_options=trt_options, trt_rtx_check=trt_rtx_check,
         )
     except MomcompressError as exc:
         _fail(exc)
     click.echo(format_checklist(m["checks"]))
+    path = m["validation"].get("experts_path")
+    if path == "kernel":
+        click.echo(f"MoMExperts ran the compiled momcompress kernel ({m['validation']['ops_library']}); the function body was checked too")
+    elif path and m["validation"]["provider"] != "CPUExecutionProvider":
+        click.echo(f"MoMExperts ran its function body on {m['validation']['provider']} (the momcompress kernel is CPU-only)")
+    elif path:
+        from momcompress.export.ort_ops import missing_message
+
+        click.echo(f"MoMExperts ran its function body: {missing_message()}")
     kind = f"MoM, {m['experts_body']} body" if m["kind"] == "mom" else "dense"
     files = ", ".join(m["onnx"]["files"] + ([m["tensorrt"]["engine"], m["tensorrt"]["runner"]] if "tensorrt" in m else []))
     click.echo(f"wrote {output}: {files} ({kind}, opset {m['opset']}, {m['onnx']['bytes'] / 1e6:.1f} MB)")
+
+
+@main.command("build-ops")
+@click.option("--force", is_flag=True, help="Rebuild even when a library for this source is cached.")
+@click.option("--require", is_flag=True, help="Exit 1 when the library cannot be built here (default: say why and exit 0).")
+@click.option("--status", "show_status", is_flag=True, help="Only print which library would be used; build nothing.")
+def build_ops(force, require, show_status):
+    """Build the compiled onnxruntime kernels of the momcompress ops (MoMExperts, SelectedRowsFFN).
+
+    Fetches onnxruntime's C API headers (Debian's libonnxruntime-dev via apt-get download + dpkg -x, no
+    root; or $ORT_INCLUDE_DIR), compiles export/csrc/momcompress_ort_ops.cc with g++ ($CXX) and caches the
+    library under the momcompress cache. Exports and `validate --onnx` then register it in onnxruntime.
+    Without a compiler or the headers it says why and exits 0 (exports run the ONNX function body);
+    a failed compilation exits 1.
+    """
+    from momcompress.export import ort_ops
+
+    try:
+        if show_status:
+            click.echo(json.dumps(ort_ops.status(), indent=2))
+            return
+        path = ort_ops.build(force=force)
+    except ort_ops.OrtOpsUnavailableError as exc:
+        if require:
+            _fail(exc)
+        click.echo(f"momcompress ops not built: {exc}. Exports still run (the ONNX function body, slower).", err=True)
+        return
+    except MomcompressError as exc:
+        _fail(exc)
+    click.echo(f"momcompress onnxruntime ops: {path} (onnxruntime C API {ort_ops.library_api_version(path)})")
 
 
 if __name__ == "__main__":

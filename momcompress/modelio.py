@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from momcompress.errors import ModelLoadError
 from momcompress.fsutil import atomic_dir_write
-from momcompress.models import WEIGHT_SUFFIXES
+from momcompress.models import WEIGHT_SUFFIXES, make_config_portable, save_tokenizer
 from momcompress.runtime.mom_ffn import ACTIVATIONS
 
 FORMAT_VERSION = 2  # 2: per-expert lists in model.safetensors, counts in config.json (1: lists in config.json)
@@ -67,9 +67,10 @@ def write_model_folder(out: Path, model, tokenizer, section: dict, model_dir: Pa
             ids = {name: t for i, p in enumerate(plans) for name, t in p.block_ids(f"layers.{i}.").items()}
             save_file({k: v.to(torch.int64).clone() for k, v in ids.items()}, folder / BLOCKS_FILE)  # clone: plans may share tensors
         model.config.save_pretrained(folder)
+        make_config_portable(folder)  # RoPE settings transformers 4 reads too
         if (model_dir / "generation_config.json").is_file():
             shutil.copy(model_dir / "generation_config.json", folder / "generation_config.json")
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)  # loads in transformers 4 and 5
         save_file(state_dict_for_disk(model), folder / WEIGHTS_FILE,
                   metadata={"format": "pt", "momcompress_format": str(FORMAT_VERSION)})
         manifest["disk_bytes"] = {"dense": source_bytes, kind: (folder / WEIGHTS_FILE).stat().st_size}

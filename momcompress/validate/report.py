@@ -65,15 +65,18 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _speed_rows(speed: dict) -> list[tuple[str, dict, str]]:
-    """(runtime label, phase result, phase) for every timed phase."""
+    """(runtime label, phase result, phase) for every timed phase. An onnxruntime label names the path that ran
+    the MoM export's MoMExperts nodes: "onnxruntime cpu (MoMExperts: kernel)" or "(MoMExperts: function body)"."""
     rows = []
     for runtime in ("torch", "onnxruntime"):
         for dev, result in (speed.get(runtime) or {}).items():
             if not isinstance(result, dict):
                 continue
+            path = (result.get("experts_path") or {}).get("sparse")
+            label = f"{runtime} {dev}" + (f" (MoMExperts: {path})" if path else "")
             for phase in ("prefill", "decode"):
                 if phase in result:
-                    rows.append((f"{runtime} {dev}", result, phase))
+                    rows.append((label, result, phase))
     return rows
 
 
@@ -190,6 +193,12 @@ def format_markdown(report: dict, plot_files: list[str]) -> str:
             out += [f"onnxruntime vs PyTorch, max |logit difference|: dense {d['dense']:.2e}, sparse {d['sparse']:.2e}."]
         if ort and "note" in ort:
             out += [ort["note"]]
+        sparse_path = ((ort or {}).get("experts_path") or {}).get("sparse")
+        if sparse_path == "kernel":
+            out += [f"The MoM export's MoMExperts nodes ran the compiled momcompress kernel (`{ort['ops_library']}`)."]
+        elif sparse_path:
+            out += ["The MoM export's MoMExperts nodes ran their ONNX function body: the compiled kernel was not "
+                    "registered (build it with `momcompress build-ops`)."]
     for runtime in ("torch", "onnxruntime"):
         if isinstance(speed.get(runtime), dict) and "skipped" in speed[runtime]:
             out += [f"{runtime}: skipped, {speed[runtime]['skipped']}."]

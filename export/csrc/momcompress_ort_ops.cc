@@ -1,0 +1,802 @@
+// momcompress custom ops for onnxruntime's CPU execution provider (built by `momcompress build-ops`).
+//
+// Two ops in the domain "momcompress", both on one core routine, "per-token selected rows":
+//   given x (T, d) and, for each token t, a list of (row, scale) pairs into three row tables
+//   gate, up, down (R_rows, d) (down transposed: down[r] is column r of W_down),
+//     out[t] += sum over the list of scale * act(gate[row] . x[t]) * (up[row] . x[t]) * down[row].
+// The rows are multiplied where they lie in the initializers (never copied), on onnxruntime's
+// intra-op thread pool (KernelContext_ParallelFor), in fp32 arithmetic; the row tables may be
+// float, float16 or bfloat16 (16-bit tables halve the bytes read).
+//
+// - MoMExperts (x, top_w, top_i, routed_gate, routed_up, routed_down, expert_block_scale[, accumulate]):
+//   the routed experts of a frozen mixture-of-masks FFN (export/op.py). Token t weighs routed block r by
+//   w[t, r] = sum_j top_w[t, j] * expert_block_scale[top_i[t, j], r]; block r is rows r*b .. r*b+b-1 of the
+//   (R, b, d) tables seen as (R*b, d); its list is those rows with scale w[t, r] (blocks with w = 0 skipped).
+// - SelectedRowsFFN (x, rows, scale, gate_rows, up_rows, down_rows[, accumulate]): the lists given directly,
+//   rows (T, K) int64 (< 0: padding, skipped), scale (T, K) float.
+//
+// Work split: tokens in tiles of kTokenTile; a tile's entries are bucketed by row (counting sort) so each
+// row is read once per tile and multiplied against every token of the tile that selected it (up to 4
+// tokens per pass over the row). Many tiles: one task per tile, writing its tokens' outputs directly.
+// Few tiles (decode): each tile's rows are split into ranges, one task per range with its own partial
+// output, summed at the end (no atomics).
+//
+// Built against onnxruntime's C API headers of version ORT_API_VERSION (21: onnxruntime 1.21); it loads in
+// that release and newer ones. In an older runtime, RegisterCustomOps fails with a message saying so.
+
+#include <onnxruntime_c_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <new>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
+// One build, the best code path for each CPU: AVX-512, AVX2+FMA+F16C, or baseline x86-64 (chosen at load).
+#define MOM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MOM_MULTIVERSION
+#endif
+#define MOM_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+const OrtApi* g_api = nullptr;
+constexpr const char* kDomain = "momcompress";
+constexpr int64_t kTokenTile = 16;  // tokens per tile (the x and output rows of a tile stay in L1/L2)
+constexpr int kLanes = 16;          // independent accumulators per dot product (vectorisable without reassociation)
+
+// ---------------------------------------------------------------------------------------- numbers
+struct bf16 { uint16_t bits; };
+struct f16 { uint16_t bits; };
+
+MOM_INLINE float bits_to_f32(uint32_t w) { float f; std::memcpy(&f, &w, 4); return f; }
+MOM_INLINE uint32_t f32_to_bits(float f) { uint32_t w; std::memcpy(&w, &f, 4); return w; }
+
+MOM_INLINE float to_f32(float v) { return v; }
+MOM_INLINE float to_f32(bf16 v) { return bits_to_f32(static_cast<uint32_t>(v.bits) << 16); }
+// IEEE half -> float without branches (vectorises), after Marat Dukhan's FP16 library (MIT).
+MOM_INLINE float to_f32(f16 v) {
+  const uint32_t w = static_cast<uint32_t>(v.bits) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_to_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_f32((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t result = sign | (two_w < (1u << 27) ? f32_to_bits(denormalized) : f32_to_bits(normalized));
+  return bits_to_f32(result);
+}
+
+MOM_INLINE void from_f32(float v, float* out) { *out = v; }
+MOM_INLINE void from_f32(float v, bf16* out) {  // round to nearest even
+  uint32_t w = f32_to_bits(v);
+  if ((w & 0x7FFFFFFFu) > 0x7F800000u) { out->bits = 0x7FC0; return; }
+  w += 0x7FFFu + ((w >> 16) & 1u);
+  out->bits = static_cast<uint16_t>(w >> 16);
+}
+MOM_INLINE void from_f32(float f, f16* out) {  // IEEE round to nearest even (FP16 library)
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = f32_to_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = bits_to_f32((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  out->bits = static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+enum class Act { Silu = 0, GeluTanh = 1, Gelu = 2 };
+
+MOM_INLINE float activate(float g, Act act) {
+  switch (act) {
+    case Act::Silu: return g / (1.0f + std::exp(-g));
+    case Act::GeluTanh: return 0.5f * g * (1.0f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    default: return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
+  }
+}
+
+// ---------------------------------------------------------------------------------------- the core
+// For one row and N tokens: g[i] = gate . x_i, u[i] = up . x_i (each row element read once for all N).
+template <typename W, int N>
+MOM_INLINE void row_dots(const W* __restrict gate, const W* __restrict up, const float* const* xs, int64_t d,
+                         float* g, float* u) {
+  float ag[N][kLanes] = {};
+  float au[N][kLanes] = {};
+  int64_t q = 0;
+  for (; q + kLanes <= d; q += kLanes) {
+    float gv[kLanes], uv[kLanes];
+    for (int l = 0; l < kLanes; ++l) { gv[l] = to_f32(gate[q + l]); uv[l] = to_f32(up[q + l]); }
+    for (int i = 0; i < N; ++i) {
+      const float* __restrict x = xs[i] + q;
+      for (int l = 0; l < kLanes; ++l) { ag[i][l] += gv[l] * x[l]; au[i][l] += uv[l] * x[l]; }
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    float sg = 0.0f, su = 0.0f;
+    for (int l = 0; l < kLanes; ++l) { sg += ag[i][l]; su += au[i][l]; }
+    for (int64_t r = q; r < d; ++r) {
+      const float xv = xs[i][r];
+      sg += to_f32(gate[r]) * xv;
+      su += to_f32(up[r]) * xv;
+    }
+    g[i] = sg;
+    u[i] = su;
+  }
+}
+
+// outs[i] += h[i] * down for N tokens (the down row read once).
+template <typename W, int N>
+MOM_INLINE void row_axpy(const W* __restrict down, float* const* outs, const float* h, int64_t d) {
+  float* o[N];
+  for (int i = 0; i < N; ++i) o[i] = outs[i];
+#pragma GCC ivdep
+  for (int64_t q = 0; q < d; ++q) {
+    const float dv = to_f32(down[q]);
+    for (int i = 0; i < N; ++i) o[i][q] += h[i] * dv;
+  }
+}
+
+template <typename W, int N>
+MOM_INLINE void row_tokens(const W* gate, const W* up, const W* down, const float* const* xs, const float* scales,
+                           float* const* outs, int64_t d, Act act) {
+  float g[N], u[N], h[N];
+  row_dots<W, N>(gate, up, xs, d, g, u);
+  for (int i = 0; i < N; ++i) h[i] = activate(g[i], act) * u[i] * scales[i];
+  row_axpy<W, N>(down, outs, h, d);
+}
+
+// A tile of tokens with its entries bucketed by row: row_ids[i] with entries [row_ptr[i], row_ptr[i+1]) of
+// (tile-local token, scale).
+struct Tile {
+  int64_t t0 = 0, t1 = 0;
+  std::vector<int32_t> row_ids;
+  std::vector<int64_t> row_ptr;
+  std::vector<int32_t> tok;
+  std::vector<float> scale;
+};
+
+// The per-token lists in CSR form: token t owns entries [ptr[t], ptr[t+1]) of (row, scale).
+struct TokenLists {
+  std::vector<int64_t> ptr;
+  std::vector<int32_t> row;
+  std::vector<float> scale;
+};
+
+// Bucket the entries of tokens [t0, t1) by row (counting sort over the row ids: O(entries + rows)).
+void build_tile(const TokenLists& lists, int64_t nrows, int64_t t0, int64_t t1, std::vector<int32_t>& count,
+                Tile& tile) {
+  tile.t0 = t0;
+  tile.t1 = t1;
+  count.assign(static_cast<size_t>(nrows), 0);
+  const int64_t begin = lists.ptr[t0], end = lists.ptr[t1];
+  for (int64_t p = begin; p < end; ++p) ++count[lists.row[p]];
+  tile.row_ids.clear();
+  tile.row_ptr.assign(1, 0);
+  for (int64_t r = 0; r < nrows; ++r) {
+    if (count[r]) {
+      tile.row_ids.push_back(static_cast<int32_t>(r));
+      const int64_t at = tile.row_ptr.back();
+      tile.row_ptr.push_back(at + count[r]);
+      count[r] = static_cast<int32_t>(tile.row_ids.size() - 1);  // now: the slot of row r
+    }
+  }
+  std::vector<int64_t> fill(tile.row_ptr.begin(), tile.row_ptr.end() - 1);
+  tile.tok.resize(static_cast<size_t>(end - begin));
+  tile.scale.resize(static_cast<size_t>(end - begin));
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t p = lists.ptr[t]; p < lists.ptr[t + 1]; ++p) {
+      const int64_t at = fill[count[lists.row[p]]]++;
+      tile.tok[at] = static_cast<int32_t>(t - t0);
+      tile.scale[at] = lists.scale[p];
+    }
+  }
+}
+
+// Rows [i0, i1) of a tile against its tokens; outputs at out + local_token * d.
+template <typename W>
+MOM_INLINE void run_rows_impl(const Tile& tile, int64_t i0, int64_t i1, const float* x, const W* gate, const W* up,
+                              const W* down, int64_t d, Act act, float* out) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t r = tile.row_ids[i];
+    const W* g = gate + r * d;
+    const W* u = up + r * d;
+    const W* dn = down + r * d;
+    if (i + 1 < i1) {  // scattered rows (single neurons): start fetching the next row's lines early
+      const int64_t rn = tile.row_ids[i + 1];
+      __builtin_prefetch(gate + rn * d);
+      __builtin_prefetch(up + rn * d);
+      __builtin_prefetch(down + rn * d);
+    }
+    int64_t p = tile.row_ptr[i];
+    const int64_t end = tile.row_ptr[i + 1];
+    const float* xs[4];
+    float* outs[4];
+    float sc[4];
+    while (end - p >= 4) {
+      for (int k = 0; k < 4; ++k) {
+        const int64_t lt = tile.tok[p + k];
+        xs[k] = x + (tile.t0 + lt) * d;
+        outs[k] = out + lt * d;
+        sc[k] = tile.scale[p + k];
+      }
+      row_tokens<W, 4>(g, u, dn, xs, sc, outs, d, act);
+      p += 4;
+    }
+    if (end - p >= 2) {
+      for (int k = 0; k < 2; ++k) {
+        const int64_t lt = tile.tok[p + k];
+        xs[k] = x + (tile.t0 + lt) * d;
+        outs[k] = out + lt * d;
+        sc[k] = tile.scale[p + k];
+      }
+      row_tokens<W, 2>(g, u, dn, xs, sc, outs, d, act);
+      p += 2;
+    }
+    if (end - p == 1) {
+      const int64_t lt = tile.tok[p];
+      xs[0] = x + (tile.t0 + lt) * d;
+      outs[0] = out + lt * d;
+      sc[0] = tile.scale[p];
+      row_tokens<W, 1>(g, u, dn, xs, sc, outs, d, act);
+    }
+  }
+}
+
+MOM_MULTIVERSION void run_rows(const Tile& tile, int64_t i0, int64_t i1, const float* x, const float* gate,
+                               const float* up, const float* down, int64_t d, Act act, float* out) {
+  run_rows_impl<float>(tile, i0, i1, x, gate, up, down, d, act, out);
+}
+MOM_MULTIVERSION void run_rows(const Tile& tile, int64_t i0, int64_t i1, const float* x, const bf16* gate,
+                               const bf16* up, const bf16* down, int64_t d, Act act, float* out) {
+  run_rows_impl<bf16>(tile, i0, i1, x, gate, up, down, d, act, out);
+}
+MOM_MULTIVERSION void run_rows(const Tile& tile, int64_t i0, int64_t i1, const float* x, const f16* gate,
+                               const f16* up, const f16* down, int64_t d, Act act, float* out) {
+  run_rows_impl<f16>(tile, i0, i1, x, gate, up, down, d, act, out);
+}
+
+template <typename W>
+struct Job {
+  const TokenLists* lists;
+  int64_t T, d, nrows;
+  const float* x;
+  const W *gate, *up, *down;
+  Act act;
+  float* out;  // (T, d) f32, accumulated into
+  // many tiles: task i is tile i, built inside the task
+  // few tiles: task i is range i of tile tile_of[i], partial output partial[i] (kTokenTile, d)
+  bool split = false;
+  std::vector<Tile>* tiles = nullptr;
+  std::vector<int64_t> task_tile, task_i0, task_i1;
+  std::vector<size_t> task_offset;  // where task i's partial output (its tile's tokens x d) starts in partial
+  std::vector<float>* partial = nullptr;
+};
+
+template <typename W>
+void run_task(void* data, size_t task) {
+  Job<W>& job = *static_cast<Job<W>*>(data);
+  if (!job.split) {
+    const int64_t t0 = static_cast<int64_t>(task) * kTokenTile;
+    const int64_t t1 = std::min(job.T, t0 + kTokenTile);
+    Tile tile;
+    std::vector<int32_t> count;
+    build_tile(*job.lists, job.nrows, t0, t1, count, tile);
+    run_rows(tile, 0, static_cast<int64_t>(tile.row_ids.size()), job.x, job.gate, job.up, job.down, job.d, job.act,
+             job.out + t0 * job.d);
+    return;
+  }
+  const Tile& tile = (*job.tiles)[job.task_tile[task]];
+  float* partial = job.partial->data() + job.task_offset[task];
+  run_rows(tile, job.task_i0[task], job.task_i1[task], job.x, job.gate, job.up, job.down, job.d, job.act, partial);
+}
+
+int64_t target_tasks() {
+  static const int64_t n = std::max<int64_t>(1, 2 * static_cast<int64_t>(std::thread::hardware_concurrency()));
+  return n;
+}
+
+// out (T, d) f32 += the selected rows of every token (see the file's header).
+template <typename W>
+OrtStatus* selected_rows(const OrtKernelContext* ctx, const TokenLists& lists, int64_t T, int64_t d, int64_t nrows,
+                         const float* x, const W* gate, const W* up, const W* down, Act act, float* out) {
+  if (T == 0 || d == 0 || lists.row.empty()) return nullptr;
+  Job<W> job;
+  job.lists = &lists;
+  job.T = T; job.d = d; job.nrows = nrows;
+  job.x = x; job.gate = gate; job.up = up; job.down = down;
+  job.act = act; job.out = out;
+  const int64_t ntiles = (T + kTokenTile - 1) / kTokenTile;
+  const int64_t want = target_tasks();
+  std::vector<Tile> tiles;
+  std::vector<float> partial;
+  size_t ntasks;
+  if (ntiles >= want) {
+    ntasks = static_cast<size_t>(ntiles);
+  } else {
+    job.split = true;
+    const int64_t per_tile = (want + ntiles - 1) / ntiles;
+    size_t partial_size = 0;
+    tiles.resize(static_cast<size_t>(ntiles));
+    std::vector<int32_t> count;
+    for (int64_t i = 0; i < ntiles; ++i) {
+      Tile& tile = tiles[i];
+      build_tile(lists, nrows, i * kTokenTile, std::min(T, (i + 1) * kTokenTile), count, tile);
+      // ranges of rows with about the same number of (row, token) entries each
+      const int64_t nr = static_cast<int64_t>(tile.row_ids.size());
+      const int64_t entries = tile.row_ptr.back();
+      int64_t start = 0;
+      for (int64_t s = 0; s < per_tile && start < nr; ++s) {
+        int64_t stop = nr;
+        if (s + 1 < per_tile) {
+          const int64_t goal = entries * (s + 1) / per_tile;
+          stop = std::upper_bound(tile.row_ptr.begin() + start + 1, tile.row_ptr.end(), goal) - tile.row_ptr.begin() - 1;
+          stop = std::max(stop, start + 1);
+        }
+        job.task_tile.push_back(i);
+        job.task_i0.push_back(start);
+        job.task_i1.push_back(stop);
+        job.task_offset.push_back(partial_size);
+        partial_size += static_cast<size_t>((tile.t1 - tile.t0) * d);
+        start = stop;
+      }
+    }
+    ntasks = job.task_tile.size();
+    partial.assign(partial_size, 0.0f);  // decode: a few d-vectors, not whole tiles
+    job.tiles = &tiles;
+    job.partial = &partial;
+  }
+  OrtStatus* status = nullptr;
+  if (ntasks == 1) {
+    run_task<W>(&job, 0);
+  } else {
+    status = g_api->KernelContext_ParallelFor(ctx, run_task<W>, ntasks, 0, &job);
+  }
+  if (status) return status;
+  if (job.split) {
+    for (size_t task = 0; task < ntasks; ++task) {
+      const Tile& tile = tiles[job.task_tile[task]];
+      const float* part = partial.data() + job.task_offset[task];
+      float* o = out + tile.t0 * d;
+      const int64_t n = (tile.t1 - tile.t0) * d;
+      for (int64_t q = 0; q < n; ++q) o[q] += part[q];
+    }
+  }
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------- ONNX plumbing
+struct Tensor {
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  bool present = false;
+  int64_t dim(size_t i) const { return shape[i]; }
+};
+
+#define MOM_RETURN_IF(status_expr)          \
+  do {                                      \
+    OrtStatus* _mom_status = (status_expr); \
+    if (_mom_status) return _mom_status;    \
+  } while (0)
+
+OrtStatus* fail(const std::string& msg) { return g_api->CreateStatus(ORT_INVALID_ARGUMENT, msg.c_str()); }
+
+const char* type_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "double";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED: return "undefined";
+    default: return "another type";
+  }
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
+OrtStatus* read_info(const OrtTensorTypeAndShapeInfo* info, Tensor* t) {
+  MOM_RETURN_IF(g_api->GetTensorElementType(info, &t->type));
+  size_t rank = 0;
+  MOM_RETURN_IF(g_api->GetDimensionsCount(info, &rank));
+  t->shape.resize(rank);
+  if (rank) MOM_RETURN_IF(g_api->GetDimensions(info, t->shape.data(), rank));
+  return nullptr;
+}
+
+OrtStatus* get_input(const OrtKernelContext* ctx, size_t i, Tensor* t) {
+  size_t count = 0;
+  MOM_RETURN_IF(g_api->KernelContext_GetInputCount(ctx, &count));
+  const OrtValue* value = nullptr;
+  if (i < count) MOM_RETURN_IF(g_api->KernelContext_GetInput(ctx, i, &value));
+  t->present = value != nullptr;
+  if (!value) return nullptr;
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  MOM_RETURN_IF(g_api->GetTensorTypeAndShape(value, &info));
+  OrtStatus* s = read_info(info, t);
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  MOM_RETURN_IF(s);
+  void* data = nullptr;  // API 21 has no const accessor; the data is only read
+  MOM_RETURN_IF(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+  t->data = data;
+  return nullptr;
+}
+
+bool is_float_type(ONNXTensorElementDataType t) {
+  return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ||
+         t == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+}
+
+OrtStatus* expect(const std::string& op, const char* name, const Tensor& t, size_t rank, bool model_float,
+                  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED) {
+  if (model_float ? !is_float_type(t.type) : t.type != type)
+    return fail("momcompress::" + op + ": input " + name + " must be " +
+                (model_float ? std::string("float, float16 or bfloat16") : std::string(type_name(type))) + ", got " +
+                type_name(t.type));
+  if (t.shape.size() != rank)
+    return fail("momcompress::" + op + ": input " + name + " must have rank " + std::to_string(rank) + ", got shape " +
+                shape_str(t.shape));
+  return nullptr;
+}
+
+// x in any model float type -> f32 (T, d).
+void load_f32(const Tensor& t, int64_t n, float* dst) {
+  switch (t.type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: std::memcpy(dst, t.data, static_cast<size_t>(n) * 4); break;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: {
+      const bf16* s = static_cast<const bf16*>(t.data);
+      for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(s[i]);
+      break;
+    }
+    default: {
+      const f16* s = static_cast<const f16*>(t.data);
+      for (int64_t i = 0; i < n; ++i) dst[i] = to_f32(s[i]);
+    }
+  }
+}
+
+void store(const float* src, int64_t n, ONNXTensorElementDataType type, void* dst) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: std::memcpy(dst, src, static_cast<size_t>(n) * 4); break;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: {
+      bf16* o = static_cast<bf16*>(dst);
+      for (int64_t i = 0; i < n; ++i) from_f32(src[i], o + i);
+      break;
+    }
+    default: {
+      f16* o = static_cast<f16*>(dst);
+      for (int64_t i = 0; i < n; ++i) from_f32(src[i], o + i);
+    }
+  }
+}
+
+OrtStatus* dispatch_rows(const OrtKernelContext* ctx, const TokenLists& lists, int64_t T, int64_t d, int64_t nrows,
+                         const float* x, ONNXTensorElementDataType wtype, const void* g, const void* u, const void* dn,
+                         Act act, float* out) {
+  switch (wtype) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+      return selected_rows<float>(ctx, lists, T, d, nrows, x, static_cast<const float*>(g),
+                                  static_cast<const float*>(u), static_cast<const float*>(dn), act, out);
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16:
+      return selected_rows<bf16>(ctx, lists, T, d, nrows, x, static_cast<const bf16*>(g), static_cast<const bf16*>(u),
+                                 static_cast<const bf16*>(dn), act, out);
+    default:
+      return selected_rows<f16>(ctx, lists, T, d, nrows, x, static_cast<const f16*>(g), static_cast<const f16*>(u),
+                                static_cast<const f16*>(dn), act, out);
+  }
+}
+
+// Output (T, d) of x's type: f32 work buffer initialised with accumulate (or 0), filled, stored.
+OrtStatus* finish(OrtKernelContext* ctx, const Tensor& x, std::vector<float>& acc) {
+  OrtValue* out = nullptr;
+  MOM_RETURN_IF(g_api->KernelContext_GetOutput(ctx, 0, x.shape.data(), x.shape.size(), &out));
+  void* data = nullptr;
+  MOM_RETURN_IF(g_api->GetTensorMutableData(out, &data));
+  store(acc.data(), static_cast<int64_t>(acc.size()), x.type, data);
+  return nullptr;
+}
+
+OrtStatus* init_accumulate(const std::string& op, const Tensor& x, const Tensor& acc_in, std::vector<float>& acc) {
+  const int64_t n = x.dim(0) * x.dim(1);
+  acc.assign(static_cast<size_t>(n), 0.0f);
+  if (!acc_in.present) return nullptr;
+  if (acc_in.type != x.type || acc_in.shape != x.shape)
+    return fail("momcompress::" + op + ": accumulate must have x's type and shape " + shape_str(x.shape) + " (" +
+                type_name(x.type) + "), got " + shape_str(acc_in.shape) + " (" + type_name(acc_in.type) + ")");
+  load_f32(acc_in, n, acc.data());
+  return nullptr;
+}
+
+OrtStatus* read_activation(const OrtKernelInfo* info, const std::string& op, Act* act) {
+  size_t size = 0;
+  OrtStatus* s = g_api->KernelInfoGetAttribute_string(info, "activation", nullptr, &size);
+  if (s) {
+    g_api->ReleaseStatus(s);
+    return fail("momcompress::" + op + ": the node has no activation attribute (silu, gelu_tanh or gelu); re-export it");
+  }
+  std::string value(size, '\0');
+  MOM_RETURN_IF(g_api->KernelInfoGetAttribute_string(info, "activation", &value[0], &size));
+  value.resize(std::strlen(value.c_str()));
+  if (value == "silu") *act = Act::Silu;
+  else if (value == "gelu_tanh") *act = Act::GeluTanh;
+  else if (value == "gelu") *act = Act::Gelu;
+  else return fail("momcompress::" + op + ": activation must be silu, gelu_tanh or gelu, got '" + value + "'");
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------- MoMExperts
+struct MoMExpertsKernel {
+  Act act = Act::Silu;
+  int64_t top_k = -1;  // the attribute, when set: checked against top_i
+};
+
+OrtStatus* mom_experts_compute(void* kernel, OrtKernelContext* ctx) try {
+  const auto& k = *static_cast<MoMExpertsKernel*>(kernel);
+  const std::string op = "MoMExperts";
+  Tensor x, top_w, top_i, g, u, dn, scale, acc_in;
+  MOM_RETURN_IF(get_input(ctx, 0, &x));
+  MOM_RETURN_IF(get_input(ctx, 1, &top_w));
+  MOM_RETURN_IF(get_input(ctx, 2, &top_i));
+  MOM_RETURN_IF(get_input(ctx, 3, &g));
+  MOM_RETURN_IF(get_input(ctx, 4, &u));
+  MOM_RETURN_IF(get_input(ctx, 5, &dn));
+  MOM_RETURN_IF(get_input(ctx, 6, &scale));
+  MOM_RETURN_IF(get_input(ctx, 7, &acc_in));
+  MOM_RETURN_IF(expect(op, "x", x, 2, true));
+  MOM_RETURN_IF(expect(op, "top_w", top_w, 2, false, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
+  MOM_RETURN_IF(expect(op, "top_i", top_i, 2, false, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+  MOM_RETURN_IF(expect(op, "routed_gate", g, 3, true));
+  MOM_RETURN_IF(expect(op, "routed_up", u, 3, true));
+  MOM_RETURN_IF(expect(op, "routed_down", dn, 3, true));
+  MOM_RETURN_IF(expect(op, "expert_block_scale", scale, 2, false, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
+  const int64_t T = x.dim(0), d = x.dim(1), kk = top_i.dim(1);
+  const int64_t R = g.dim(0), b = g.dim(1), E = scale.dim(0);
+  if (top_w.shape != top_i.shape || top_i.dim(0) != T)
+    return fail("momcompress::MoMExperts: top_w and top_i must both be (T, k) with T = " + std::to_string(T) +
+                " (x's rows), got " + shape_str(top_w.shape) + " and " + shape_str(top_i.shape));
+  if (k.top_k >= 0 && k.top_k != kk)
+    return fail("momcompress::MoMExperts: the node's top_k is " + std::to_string(k.top_k) + " but top_i has " +
+                std::to_string(kk) + " columns");
+  if (u.shape != g.shape || dn.shape != g.shape || u.type != g.type || dn.type != g.type || g.dim(2) != d)
+    return fail("momcompress::MoMExperts: routed_gate, routed_up and routed_down must share one type and shape (R, b, d) "
+                "with d = " + std::to_string(d) + " (x's columns), got " + shape_str(g.shape) + " " + type_name(g.type) +
+                ", " + shape_str(u.shape) + " " + type_name(u.type) + ", " + shape_str(dn.shape) + " " + type_name(dn.type));
+  if (scale.dim(1) != R)
+    return fail("momcompress::MoMExperts: expert_block_scale must be (E, R) with R = " + std::to_string(R) +
+                " routed blocks, got " + shape_str(scale.shape));
+  if (R * b > INT32_MAX) return fail("momcompress::MoMExperts: more than 2^31 routed rows");
+  std::vector<float> acc;
+  MOM_RETURN_IF(init_accumulate(op, x, acc_in, acc));
+  const auto* tw = static_cast<const float*>(top_w.data);
+  const auto* ti = static_cast<const int64_t*>(top_i.data);
+  const auto* z = static_cast<const float*>(scale.data);
+  // w[t, r] = sum_j top_w[t, j] z[top_i[t, j], r], then each token's rows: the b rows of every block with w != 0
+  TokenLists lists;
+  lists.ptr.assign(1, 0);
+  std::vector<float> w(static_cast<size_t>(R));
+  for (int64_t t = 0; t < T; ++t) {
+    std::fill(w.begin(), w.end(), 0.0f);
+    for (int64_t j = 0; j < kk; ++j) {
+      const int64_t e = ti[t * kk + j];
+      if (e < 0 || e >= E)
+        return fail("momcompress::MoMExperts: top_i[" + std::to_string(t) + ", " + std::to_string(j) + "] = " +
+                    std::to_string(e) + " is not an expert id in [0, " + std::to_string(E) + ")");
+      const float wj = tw[t * kk + j];
+      const float* zr = z + e * R;
+      for (int64_t r = 0; r < R; ++r) w[r] += wj * zr[r];
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      if (w[r] != 0.0f) {
+        for (int64_t j = 0; j < b; ++j) {
+          lists.row.push_back(static_cast<int32_t>(r * b + j));
+          lists.scale.push_back(w[r]);
+        }
+      }
+    }
+    lists.ptr.push_back(static_cast<int64_t>(lists.row.size()));
+  }
+  std::vector<float> xf(static_cast<size_t>(T * d));
+  load_f32(x, T * d, xf.data());
+  MOM_RETURN_IF(dispatch_rows(ctx, lists, T, d, R * b, xf.data(), g.type, g.data, u.data, dn.data, k.act, acc.data()));
+  return finish(ctx, x, acc);
+} catch (const std::bad_alloc&) {
+  return g_api->CreateStatus(ORT_FAIL, "momcompress::MoMExperts: out of memory");
+} catch (const std::exception& e) {
+  return g_api->CreateStatus(ORT_FAIL, (std::string("momcompress::MoMExperts: ") + e.what()).c_str());
+}
+
+// ---------------------------------------------------------------------------------------- SelectedRowsFFN
+struct SelectedRowsKernel {
+  Act act = Act::Silu;
+};
+
+OrtStatus* selected_rows_compute(void* kernel, OrtKernelContext* ctx) try {
+  const auto& k = *static_cast<SelectedRowsKernel*>(kernel);
+  const std::string op = "SelectedRowsFFN";
+  Tensor x, rows, scale, g, u, dn, acc_in;
+  MOM_RETURN_IF(get_input(ctx, 0, &x));
+  MOM_RETURN_IF(get_input(ctx, 1, &rows));
+  MOM_RETURN_IF(get_input(ctx, 2, &scale));
+  MOM_RETURN_IF(get_input(ctx, 3, &g));
+  MOM_RETURN_IF(get_input(ctx, 4, &u));
+  MOM_RETURN_IF(get_input(ctx, 5, &dn));
+  MOM_RETURN_IF(get_input(ctx, 6, &acc_in));
+  MOM_RETURN_IF(expect(op, "x", x, 2, false, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
+  MOM_RETURN_IF(expect(op, "rows", rows, 2, false, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
+  MOM_RETURN_IF(expect(op, "scale", scale, 2, false, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
+  MOM_RETURN_IF(expect(op, "gate_rows", g, 2, true));
+  MOM_RETURN_IF(expect(op, "up_rows", u, 2, true));
+  MOM_RETURN_IF(expect(op, "down_rows", dn, 2, true));
+  const int64_t T = x.dim(0), d = x.dim(1), K = rows.dim(1), R = g.dim(0);
+  if (rows.dim(0) != T || scale.shape != rows.shape)
+    return fail("momcompress::SelectedRowsFFN: rows and scale must both be (T, K) with T = " + std::to_string(T) +
+                " (x's rows), got " + shape_str(rows.shape) + " and " + shape_str(scale.shape));
+  if (u.shape != g.shape || dn.shape != g.shape || u.type != g.type || dn.type != g.type || g.dim(1) != d)
+    return fail("momcompress::SelectedRowsFFN: gate_rows, up_rows and down_rows must share one type and shape (R, d) "
+                "with d = " + std::to_string(d) + " (x's columns), got " + shape_str(g.shape) + " " + type_name(g.type) +
+                ", " + shape_str(u.shape) + " " + type_name(u.type) + ", " + shape_str(dn.shape) + " " + type_name(dn.type));
+  if (R > INT32_MAX) return fail("momcompress::SelectedRowsFFN: more than 2^31 rows");
+  std::vector<float> acc;
+  MOM_RETURN_IF(init_accumulate(op, x, acc_in, acc));
+  const auto* ri = static_cast<const int64_t*>(rows.data);
+  const auto* sc = static_cast<const float*>(scale.data);
+  TokenLists lists;
+  lists.ptr.assign(1, 0);
+  lists.row.reserve(static_cast<size_t>(T * K));
+  lists.scale.reserve(static_cast<size_t>(T * K));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t r = ri[t * K + j];
+      if (r < 0) continue;  // padding
+      if (r >= R)
+        return fail("momcompress::SelectedRowsFFN: rows[" + std::to_string(t) + ", " + std::to_string(j) + "] = " +
+                    std::to_string(r) + " is not a row of the (" + std::to_string(R) + ", d) tables");
+      if (sc[t * K + j] == 0.0f) continue;
+      lists.row.push_back(static_cast<int32_t>(r));
+      lists.scale.push_back(sc[t * K + j]);
+    }
+    lists.ptr.push_back(static_cast<int64_t>(lists.row.size()));
+  }
+  MOM_RETURN_IF(dispatch_rows(ctx, lists, T, d, R, static_cast<const float*>(x.data), g.type, g.data, u.data, dn.data,
+                              k.act, acc.data()));
+  return finish(ctx, x, acc);
+} catch (const std::bad_alloc&) {
+  return g_api->CreateStatus(ORT_FAIL, "momcompress::SelectedRowsFFN: out of memory");
+} catch (const std::exception& e) {
+  return g_api->CreateStatus(ORT_FAIL, (std::string("momcompress::SelectedRowsFFN: ") + e.what()).c_str());
+}
+
+// ---------------------------------------------------------------------------------------- OrtCustomOp glue
+// Every input is declared "any type" so that a wrong type reaches our checks (a clear message) instead of
+// failing kernel matching; the output takes x's type and shape (InferOutputShapeFn).
+struct OpDef : OrtCustomOp {
+  const char* name;
+  size_t inputs;  // the last one (accumulate) is optional
+};
+
+OrtStatus* infer_output(const OrtCustomOp* base, OrtShapeInferContext* ctx) {
+  const auto* def = static_cast<const OpDef*>(base);
+  size_t count = 0;
+  MOM_RETURN_IF(g_api->ShapeInferContext_GetInputCount(ctx, &count));
+  if (count + 1 < def->inputs)
+    return fail(std::string("momcompress::") + def->name + " needs at least " + std::to_string(def->inputs - 1) +
+                " inputs, got " + std::to_string(count));
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  MOM_RETURN_IF(g_api->ShapeInferContext_GetInputTypeShape(ctx, 0, &info));
+  Tensor x;
+  OrtStatus* s = read_info(info, &x);
+  if (!s && x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED) {
+    const bool is_mom = std::strcmp(def->name, "MoMExperts") == 0;
+    if (is_mom ? !is_float_type(x.type) : x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      s = fail(std::string("momcompress::") + def->name + ": input x must be " +
+               (is_mom ? "float, float16 or bfloat16" : "float") + ", got " + type_name(x.type));
+    else if (!x.shape.empty() && x.shape.size() != 2)
+      s = fail(std::string("momcompress::") + def->name + ": input x must have rank 2 (T, d), got shape " +
+               shape_str(x.shape));
+  }
+  if (!s) s = g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, info);
+  return s;  // info belongs to the context (onnxruntime keeps it in a unique_ptr): not released here
+}
+
+template <typename K>
+void destroy_kernel(void* kernel) { delete static_cast<K*>(kernel); }
+
+OrtStatus* create_mom_experts(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) try {
+  auto k = new MoMExpertsKernel();
+  OrtStatus* s = read_activation(info, "MoMExperts", &k->act);
+  if (s) { delete k; return s; }
+  int64_t top_k = -1;
+  OrtStatus* missing = g_api->KernelInfoGetAttribute_int64(info, "top_k", &top_k);
+  if (missing) { g_api->ReleaseStatus(missing); top_k = -1; }
+  k->top_k = top_k;
+  *kernel = k;
+  return nullptr;
+} catch (const std::exception& e) {
+  return g_api->CreateStatus(ORT_FAIL, e.what());
+}
+
+OrtStatus* create_selected_rows(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) try {
+  auto k = new SelectedRowsKernel();
+  OrtStatus* s = read_activation(info, "SelectedRowsFFN", &k->act);
+  if (s) { delete k; return s; }
+  *kernel = k;
+  return nullptr;
+} catch (const std::exception& e) {
+  return g_api->CreateStatus(ORT_FAIL, e.what());
+}
+
+void define_op(OpDef& op, const char* name, size_t inputs, decltype(OrtCustomOp::CreateKernelV2) create,
+          decltype(OrtCustomOp::KernelComputeV2) compute, decltype(OrtCustomOp::KernelDestroy) destroy) {
+  std::memset(static_cast<OrtCustomOp*>(&op), 0, sizeof(OrtCustomOp));
+  op.name = name;
+  op.inputs = inputs;
+  op.version = ORT_API_VERSION;
+  op.GetName = [](const OrtCustomOp* o) { return static_cast<const OpDef*>(o)->name; };
+  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
+  op.GetInputTypeCount = [](const OrtCustomOp* o) { return static_cast<const OpDef*>(o)->inputs; };
+  op.GetInputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+  op.GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; };
+  op.GetInputCharacteristic = [](const OrtCustomOp* o, size_t i) {
+    return i + 1 == static_cast<const OpDef*>(o)->inputs ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.CreateKernelV2 = create;
+  op.KernelComputeV2 = compute;
+  op.KernelDestroy = destroy;
+  op.InferOutputShapeFn = infer_output;
+  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  op.GetEndVersion = [](const OrtCustomOp*) { return 1; };
+}
+
+OpDef g_mom_experts, g_selected_rows;
+
+}  // namespace
+
+extern "C" {
+
+// The C API version this library was compiled against (read by momcompress before registering it).
+__attribute__((visibility("default"))) int MomcompressOrtOpsApiVersion() { return ORT_API_VERSION; }
+
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                 const OrtApiBase* base) {
+  const OrtApi* api = base->GetApi(ORT_API_VERSION);
+  if (!api) {
+    // This runtime is older than the headers: say so with the oldest API, which every runtime serves.
+    const OrtApi* v1 = base->GetApi(1);
+    const std::string msg = std::string("the momcompress ops library was built against onnxruntime C API version ") +
+                            std::to_string(ORT_API_VERSION) + " (onnxruntime 1." + std::to_string(ORT_API_VERSION) +
+                            "), newer than this onnxruntime (" + base->GetVersionString() +
+                            "): upgrade onnxruntime, or rebuild it against older headers with "
+                            "`ORT_INCLUDE_DIR=... momcompress build-ops --force`";
+    return v1 ? v1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
+  }
+  g_api = api;
+  define_op(g_mom_experts, "MoMExperts", 8, create_mom_experts, mom_experts_compute, destroy_kernel<MoMExpertsKernel>);
+  define_op(g_selected_rows, "SelectedRowsFFN", 7, create_selected_rows, selected_rows_compute,
+       destroy_kernel<SelectedRowsKernel>);
+  OrtCustomOpDomain* domain = nullptr;
+  MOM_RETURN_IF(api->CreateCustomOpDomain(kDomain, &domain));
+  // The domain must outlive every session made with these options: it is kept for the life of the process.
+  MOM_RETURN_IF(api->CustomOpDomain_Add(domain, &g_mom_experts));
+  MOM_RETURN_IF(api->CustomOpDomain_Add(domain, &g_selected_rows));
+  return api->AddCustomOpDomain(options, domain);
+}
+
+}  // extern "C"
