@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     import torch
 
     from momcompress.config import LearnConfig
-    from momcompress.learn.trainer import LOG_FILE, MANIFEST_FILE, Learner, RunPaths, heldout_metrics, learn, learning_data, resolve_block_size
+    from momcompress.learn.trainer import LOG_FILE, MANIFEST_FILE, Learner, RunPaths, final_heldout_metrics, learn, learning_data, resolve_block_size
     from momcompress.models import ffn_width, load_model, resolve_model_dir
 
     options = {}
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         p.error(f"--at steps must lie strictly between 0 and --steps ({args.steps}); got {at}")
     every = math.gcd(*at, options.get("checkpoint_every", 25))
     config = LearnConfig(**{**options, "steps": args.steps, "checkpoint_every": every})
-    warm_end = round(config.warmup * config.total_steps)
+    warm_end = round(config.warmup_fraction * config.total_steps)
     early = [s for s in at if s + config.layerwise_steps < warm_end]
     if early:
         print(f"note: snapshots {early} fall inside the warm-up (ends at step {warm_end}); their ratio is above the target",
@@ -102,8 +102,8 @@ def main(argv=None) -> int:
         learner.load(folder)
         learner.full_precision()
         model.eval()
-        _, heldout = learning_data(config, tokenizer)
-        m = heldout_metrics(model, heldout, config.target, max(1, min(8, config.batch_size)))
+        train, heldout = learning_data(config, tokenizer)
+        m = final_heldout_metrics(model, config, train, heldout)
         rows.append({"step": step, "tokens": step * config.tokens_per_step, **log_at(step), "ratio": m["target_matched_ratio"],
                      "ppl": m["perplexity_target_matched"], "ppl_dense": m["perplexity_dense"]})
         print(_table(rows), file=sys.stderr, flush=True)

@@ -87,6 +87,8 @@ def evaluate(run_dir, tokens: int, batch_size: int, routings=ROUTINGS, seed: int
     from momcompress.metrics import perplexity
 
     run = read_run(run_dir)
+    if not run.experts:
+        raise SystemExit(f"{run_dir} learned the per-token selector (--selector activations): the routing oracle is for expert-mask runs")
     if run.config.top_k != 1:
         raise SystemExit(f"{run_dir} routes each token to {run.config.top_k} experts; the oracle is defined for top-1 runs")
     model, tokenizer, _ = load_learned(run, resolve_source(run), torch.device("cpu"))

@@ -549,17 +549,18 @@ def _train_loop(learner: Learner, train, batch_for_step, paths: RunPaths, rank: 
             if main_rank:
                 logf.write(json.dumps(metrics) + "\n")
                 logf.flush()
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.3f}", ratio=f"{metrics['ratio']:.3f}", target=f"{metrics['target']:.3f}",
-                    l1=f"{metrics['lambda1']:.2f}", l2=f"{metrics['lambda2']:.2f}", tok_s=f"{metrics['tok_per_s']:.0f}",
-                )
+                control = ({"l1": f"{metrics['lambda1']:.2f}", "l2": f"{metrics['lambda2']:.2f}"} if learner.experts
+                           else {"offset": f"{metrics['offset']:+.3f}"})
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", ratio=f"{metrics['ratio']:.3f}", target=f"{metrics['target']:.3f}",
+                                **control, tok_s=f"{metrics['tok_per_s']:.0f}")
                 bar.update(1)
                 if learner.step % cfg.log_every == 0 or learner.step == cfg.total_steps:
                     parts = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("mse", "kd", "lm") if k in metrics and (k != "lm" or cfg.lm_weight or not cfg.distill))
+                    control = (f"lambda {metrics['lambda1']:.2f}/{metrics['lambda2']:.2f}" if learner.experts
+                               else f"threshold offset {metrics['offset']:+.3f}")
                     tqdm.write(
                         f"step {learner.step}: loss {metrics['loss']:.3f} ({parts}), "
-                        f"ratio {metrics['ratio']:.3f}, target {metrics['target']:.3f}, lambda {metrics['lambda1']:.2f}/"
-                        f"{metrics['lambda2']:.2f}, {metrics['tok_per_s']:.0f} tok/s",
+                        f"ratio {metrics['ratio']:.3f}, target {metrics['target']:.3f}, {control}, {metrics['tok_per_s']:.0f} tok/s",
                         file=sys.stderr,
                     )
                 if learner.step % cfg.checkpoint_every == 0 and learner.step < cfg.total_steps:
@@ -628,6 +629,17 @@ def heldout_metrics(model, eval_seqs: torch.Tensor, target: float, batch_size: i
     }
 
 
+def final_heldout_metrics(model, config: LearnConfig, train: torch.Tensor, heldout: torch.Tensor) -> dict:
+    """learn's final measurement of a wrapped model (fp32): held-out ratio and perplexity, dense vs learned,
+    at the target (expert masks: gates matched as freeze matches them; selector: thresholds fitted on
+    calibration windows, the ratio rule)."""
+    batch = max(1, min(8, config.batch_size))
+    if config.selector == "experts":
+        return heldout_metrics(model, heldout, config.target, batch)
+    fit_seqs = train[: max(1, math.ceil(config.eval_tokens / config.seq_len))]
+    return selector_heldout_metrics(model, fit_seqs, heldout, config.target, batch)
+
+
 @torch.no_grad()
 def selector_heldout_metrics(model, fit_seqs: torch.Tensor, eval_seqs: torch.Tensor, target: float, batch_size: int) -> dict:
     """Ratio and perplexities of a selector model: one threshold offset fitted to TARGET on calibration
@@ -670,12 +682,7 @@ def _finish(learner, model, heldout, train, model_dir, source_hash, block_size, 
         "final_target": final.get("target"),
     }
     if cfg.eval_tokens and len(heldout):
-        batch = max(1, min(8, cfg.batch_size))
-        if learner.experts:
-            result.update(heldout_metrics(model, eval_seqs, cfg.target, batch))
-        else:
-            fit_seqs = train[: max(1, math.ceil(cfg.eval_tokens / cfg.seq_len))]
-            result.update(selector_heldout_metrics(model, fit_seqs, eval_seqs, cfg.target, batch))
+        result.update(final_heldout_metrics(model, cfg, train, eval_seqs))
     import transformers
 
     last = records[-1] if records else {}
