@@ -123,10 +123,11 @@ class SelectFFN(nn.Module):
     def thresholds(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.theta_x + self.offset, self.theta_h + self.offset
 
-    def threshold_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def threshold_vectors(self, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_threshold (d,), h_threshold (F,)) fp32: channel j is kept when |x_j| > x_threshold[j], neuron i
-        when |h_i| > h_threshold[i]; exp(theta) / column norm, the form freeze stores (inf for a zero column)."""
-        c, n = self.score_scales()
+        when |h_i| > h_threshold[i]; exp(theta) / column norm, the form freeze stores (inf for a zero column).
+        `scales` passes score_scales() when the caller has them already."""
+        c, n = scales if scales is not None else self.score_scales()
         theta_x, theta_h = self.thresholds()
         return torch.exp(theta_x.detach().float()) / c, torch.exp(theta_h.detach().float()) / n
 
@@ -149,7 +150,7 @@ class SelectFFN(nn.Module):
         x = x.reshape(-1, self.hidden)  # (T, d)
         c, n = self.score_scales()
         theta_x, theta_h = self.thresholds()
-        tx, th = self.threshold_vectors()
+        tx, th = self.threshold_vectors((c, n))
         mx, kx = self._mask(x, tx, c, theta_x)
         xs = x * mx
         h = m.act_fn(m.gate_proj(xs)) * m.up_proj(xs)  # (T, F)
@@ -247,25 +248,41 @@ def _fit_layer(layer: SelectFFN, x: torch.Tensor, fx: float, fh: float, records:
 
 def ratio_at(layers: list[SelectFFN], scores: list[tuple[torch.Tensor, torch.Tensor]], offset: float) -> float:
     """Mean read fraction over layers of the sampled log-scores if every threshold moved by offset."""
-    total = 0.0
-    for m, (lx, lh) in zip(layers, scores):
-        tx, th = (float(t.detach()) for t in m.thresholds())
-        fx = (lx > tx + offset).float().mean()
-        fh = (lh > th + offset).float().mean()
-        total += float((2.0 * fx + fh) / 3.0)
-    return total / max(len(layers), 1)
+    return _RatioCurve(layers, scores)(offset)
+
+
+class _RatioCurve:
+    """The read of sampled log-scores as a function of one offset on every threshold: the scores are
+    sorted once (per layer, in units of the layer's own threshold), then each evaluation is two binary
+    searches per layer."""
+
+    def __init__(self, layers: list[SelectFFN], scores: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.parts = []
+        for m, (lx, lh) in zip(layers, scores):
+            tx, th = (float(t.detach()) for t in m.thresholds())
+            self.parts.append(((lx.float().flatten() - tx).sort().values, (lh.float().flatten() - th).sort().values))
+
+    def __call__(self, offset: float) -> float:
+        total = 0.0
+        c = torch.tensor([offset])
+        for sx, sh in self.parts:
+            fx = 1.0 - float(torch.searchsorted(sx, c, right=True)) / max(len(sx), 1)  # share of scores > offset
+            fh = 1.0 - float(torch.searchsorted(sh, c, right=True)) / max(len(sh), 1)
+            total += (2.0 * fx + fh) / 3.0
+        return total / max(len(self.parts), 1)
 
 
 def solve_select_offset(layers: list[SelectFFN], scores: list[tuple[torch.Tensor, torch.Tensor]], target: float, iters: int = 48) -> float:
     """The offset c (added to every threshold) whose read of the sampled log-scores is `target` (bisection)."""
+    curve = _RatioCurve(layers, scores)
     lo, hi = -64.0, 64.0  # the read falls as c rises
     for _ in range(iters):
         mid = (lo + hi) / 2
-        if ratio_at(layers, scores, mid) > target:
+        if curve(mid) > target:
             lo = mid
         else:
             hi = mid
-    return (lo + hi) / 2 if math.isfinite(lo + hi) else 0.0
+    return (lo + hi) / 2
 
 
 def step_offset(layers: list[SelectFFN], target: float) -> float:
