@@ -187,7 +187,7 @@ def dense_cost(shape: ModelShape, context: int) -> TokenCost:
 
 def ratio_cost(shape: ModelShape, ratio_per_layer: list[float], context: int) -> TokenCost:
     """Per-token cost of a model whose FFNs read a measured fraction of their weights and have no router
-    (the TEAL baseline): layer l reads ratio[l] x 3 F d FFN parameters."""
+    (the TEAL and WINA baselines): layer l reads ratio[l] x 3 F d FFN parameters."""
     if len(ratio_per_layer) != shape.num_layers:
         raise ValueError(f"ratio_per_layer has {len(ratio_per_layer)} layers, the model {shape.num_layers}")
     ffn = sum(3 * shape.ffn_width * shape.hidden_size * r for r in ratio_per_layer)

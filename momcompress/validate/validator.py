@@ -166,7 +166,7 @@ class _FFNRecorder:
     def __init__(self, model):
         from momcompress.baselines.base import sparse_layers
 
-        self.layers = sparse_layers(model)  # FrozenMoMFFN, or TealFFN for the TEAL baseline (no router)
+        self.layers = sparse_layers(model)  # FrozenMoMFFN, or TealFFN for the TEAL and WINA baselines (no router)
         L = len(self.layers)
         E = getattr(self.layers[0], "num_experts", 0) if L else 0
         self.ratio_sum = torch.zeros(L, dtype=torch.float64)
@@ -451,7 +451,9 @@ def validate(
     ratio_per_layer = (rec.ratio_sum / rec.tokens).tolist()
     usage = (rec.usage / rec.tokens).tolist()  # (L, E): each row sums to top_k
     section = frozen_config.momcompress
-    teal = section.get("method") == "teal"  # per-token thresholds, no blocks or router: cost = ratio x FFN
+    from momcompress.baselines.base import THRESHOLD_METHODS
+
+    teal = section.get("method") in THRESHOLD_METHODS  # TEAL / WINA: per-token thresholds, no blocks or router: cost = ratio x FFN
     blocks_read = None if teal else [r * section["num_blocks"] for r in ratio_per_layer]
 
     # 3. zero-shot
