@@ -1,4 +1,4 @@
-"""MoM vs MoEfication, static pruning and TEAL vs the dense model, at the same activation ratio(s).
+"""MoM vs MoEfication, static pruning, TEAL and WINA vs the dense model, at the same activation ratio(s).
 
 For every target ratio this builds (or reuses) one frozen model folder per method, validates each
 into one report folder against the dense original with the same held-out text, tasks and documents,
@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("mom", "moefication", "prune", "teal")
+METHODS = ("mom", "moefication", "prune", "teal", "wina")
+THRESHOLD_METHODS = ("teal", "wina")  # training-free: --split applies to them
 
 
 def _build(method: str, target: float, out: Path, args) -> dict:
@@ -55,11 +56,22 @@ def _build(method: str, target: float, out: Path, args) -> dict:
     cfg = BaselineConfig(target=target, steps=args.steps if method == "prune" else None, seed=args.seed, data=args.data,
                          tokens=args.calibration_tokens if method != "prune" else None, seq_len=args.seq_len,
                          eval_tokens=args.eval_tokens, block_size=args.learn_options.get("block_size"),
-                         learn_options={k: v for k, v in args.learn_options.items() if k != "block_size"})
+                         learn_options={k: v for k, v in args.learn_options.items() if k != "block_size"},
+                         **(_split_options(args) if method in THRESHOLD_METHODS else {}))
     manifest = baseline(method, args.model, out, cfg, overwrite=True)
     cal = manifest["calibration"]
-    return {"tokens": cal["tokens"], "seconds": cal.get("wall_seconds", time.time() - t0), "fit_ratio": manifest["fit_ratio"],
-            "ratio_note": manifest["ratio_note"]}
+    build = {"tokens": cal["tokens"], "seconds": cal.get("wall_seconds", time.time() - t0), "fit_ratio": manifest["fit_ratio"],
+             "ratio_note": manifest["ratio_note"]}
+    if method in THRESHOLD_METHODS:
+        build["split"] = _split_options(args)
+    return build
+
+
+def _split_options(args) -> dict:
+    """TEAL / WINA's split options from the command line (BaselineConfig's defaults where not given)."""
+    from momcompress.baselines.base import BaselineConfig
+
+    return {"split": args.split or BaselineConfig.split, "x_kept": args.x_kept}
 
 
 def _row(method: str, target: float, build: dict, report: dict, tasks: list[str]) -> dict:
@@ -68,6 +80,7 @@ def _row(method: str, target: float, build: dict, report: dict, tasks: list[str]
     return {
         "method": method,
         "target": target,
+        "split": (build.get("split") or {}).get("split"),  # teal / wina only
         "calibration_tokens": build["tokens"],
         "build_seconds": build["seconds"],
         "fit_ratio": build.get("fit_ratio"),
@@ -157,7 +170,10 @@ def main(argv=None) -> int:
                    help="reuse this finished learn run for mom at its own target (repeat for several targets); "
                         "targets without one are learned")
     p.add_argument("--data", help="calibration text for every method (default: the embedded novels)")
-    p.add_argument("--calibration-tokens", type=int, default=None, help="moefication / teal calibration tokens (default theirs)")
+    p.add_argument("--calibration-tokens", type=int, default=None, help="moefication / teal / wina calibration tokens (default theirs)")
+    p.add_argument("--split", choices=("global", "search", "equal", "fixed"), default=None,
+                   help="teal / wina: split of the budget between the gate/up and down inputs (default: the baseline's)")
+    p.add_argument("--x-kept", type=float, default=None, help="teal / wina with --split fixed: kept fraction of the gate/up input")
     p.add_argument("--seq-len", type=int, default=256, help="window length for calibration and perplexity")
     p.add_argument("--eval-tokens", type=int, default=8192, help="tokens the builders fit the ratio on, and held-out tokens they report it on")
     p.add_argument("--learn-option", action="append", default=[], metavar="KEY=VALUE",
@@ -210,7 +226,9 @@ def main(argv=None) -> int:
         for method in methods:
             out = root / f"{method}-t{target}"
             stamp, saved = out / "experiment_build.json", out / "experiment_row.json"
-            if args.rebuild or not stamp.is_file():
+            stale = method in THRESHOLD_METHODS and stamp.is_file() and \
+                json.loads(stamp.read_text()).get("split") != _split_options(args)  # built with another split
+            if args.rebuild or stale or not stamp.is_file():
                 saved.unlink(missing_ok=True)
                 build = _build(method, target, out, args)
                 stamp.write_text(json.dumps(build))

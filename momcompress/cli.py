@@ -252,13 +252,13 @@ def validate(frozen_dir, dense, output, data, text_field, task_names, limit, hel
 
 
 @main.command()
-@click.argument("method", type=click.Choice(["moefication", "prune", "teal"]))
+@click.argument("method", type=click.Choice(["moefication", "prune", "teal", "wina"]))
 @click.argument("model", required=False, default="default")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Baseline model folder to create.")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
               help="Fraction of FFN parameters read per token.")
 @click.option("--tokens", type=click.IntRange(min=1),
-              help="Calibration tokens (moefication, teal: default 16384; prune: learn's training tokens, default "
+              help="Calibration tokens (moefication, teal, wina: default 16384; prune: learn's training tokens, default "
                    "its --steps).")
 @click.option("--steps", type=click.IntRange(min=1), help="prune: learn steps (default: learn's default, 100).")
 @click.option("--eval-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
@@ -269,14 +269,18 @@ def validate(frozen_dir, dense, output, data, text_field, task_names, limit, hel
 @click.option("--text-field", help="Field holding the text in .jsonl / .parquet / datasets data.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per window.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Windows per forward pass while collecting activations and measuring (teal calibrates in one "
-                   "pass).")
+              help="Windows per forward pass while collecting activations and measuring (teal and wina calibrate in "
+                   "one pass).")
 @click.option("--block-size", type=click.IntRange(min=1), help="moefication, prune: neurons per block (default as learn).")
 @click.option("--experts", type=click.IntRange(min=2),
               help="moefication: experts per layer (default: chosen so top-k / experts meets --target).")
-@click.option("--split", type=click.Choice(["search", "equal"]), default="search", show_default=True,
-              help="teal: per-layer split of the budget between the gate/up and down inputs (search: least FFN "
-                   "output error; equal: same kept fraction).")
+@click.option("--split", type=click.Choice(["global", "search", "equal", "fixed"]), default="global", show_default=True,
+              help="teal, wina: how the budget is split between the gate/up input (kept fraction fx) and the down "
+                   "input (fh), (2 fx + fh) / 3 = target. global: one split for all layers, the grid point with the "
+                   "least KL divergence to the dense model on calibration tokens; search: per layer, least FFN output "
+                   "error; equal: fx = fh = target; fixed: fx = --x-kept in every layer.")
+@click.option("--x-kept", type=click.FloatRange(0, 1, min_open=True),
+              help="teal, wina with --split fixed: kept fraction of the gate/up input in every layer.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data split, clustering, router training and learn.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Model dtype.")
@@ -285,7 +289,8 @@ def baseline(method, model, output, overwrite, **options):
     """Build the METHOD baseline of MODEL at the same activation ratio as a MoM model.
 
     METHOD: moefication (balanced neuron clustering + trained router), prune (learn with one expert,
-    then freeze: static block pruning) or teal (training-free magnitude thresholds on the FFN inputs).
+    then freeze: static block pruning), teal (training-free magnitude thresholds on the FFN inputs)
+    or wina (the same, each input entry scored by |x_j| times the norm of the weight column it multiplies).
     MODEL is a Hugging Face model folder, a .gguf file, or `default`. OUTPUT is a frozen model folder
     for `validate`; prints the measured ratio, calibration budget and held-out perplexity.
     """

@@ -1,4 +1,5 @@
-"""Accuracy benchmarks that have no other test: learning_curve.py and routing_oracle.py on a tiny model."""
+"""Accuracy benchmarks that have no other test: learning_curve.py, routing_oracle.py and activation_sparsity.py
+on a tiny model."""
 
 import importlib.util
 import json
@@ -81,3 +82,30 @@ def test_routing_oracle_table(tiny_run, tmp_path, capsys):
     assert "| oracle |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         oracle.main([str(tiny_run[1]), "--routings", "learned,psychic"])
+
+
+def test_activation_sparsity_rows_are_what_baseline_reports(tmp_path, text_data, capsys, monkeypatch):
+    """Each row's perplexity and held-out ratio are the `baseline` command's own for that method, split and target;
+    the dense FFNs are restored between rows; rows in --json are reused."""
+    from momcompress.baselines.base import BaselineConfig, baseline
+
+    model = make_tiny_model_dir(tmp_path / "model", "llama")
+    study, js = _bench("activation_sparsity"), tmp_path / "study.json"
+    argv = ["--model", str(model), "--data", str(text_data), "--tokens", "1024", "--eval-tokens", "256", "--seq-len", "32",
+            "--methods", "teal,wina", "--splits", "global,equal", "--targets", "0.4", "--json", str(js)]
+    assert study.main(argv) == 0
+    saved = json.loads(js.read_text())
+    rows = saved["rows"]
+    assert [(r["method"], r["split"]) for r in rows] == [("teal", "global"), ("teal", "equal"), ("wina", "global"), ("wina", "equal")]
+    for r in rows[1::2]:
+        assert r["x_kept_min"] == r["x_kept_max"] == 0.4
+    for r in rows[:3]:  # teal global (after nothing), teal equal (after teal global), wina global (after teal equal)
+        cfg = BaselineConfig(target=0.4, tokens=1024, eval_tokens=256, seq_len=32, data=str(text_data), split=r["split"])
+        manifest = baseline(r["method"], model, tmp_path / f"{r['method']}-{r['split']}", cfg)
+        assert r["ppl"] == pytest.approx(manifest["perplexity"]["baseline"], rel=1e-6)
+        assert r["ratio"] == pytest.approx(manifest["measured_ratio"], abs=1e-9)
+        assert saved["dense_ppl"] == pytest.approx(manifest["perplexity"]["dense"], rel=1e-6)
+    assert rows[0]["ppl"] != rows[2]["ppl"]  # teal and wina differ
+    assert "| wina | equal | 0.40 | 0.40 |" in capsys.readouterr().out
+    monkeypatch.setattr(study, "study_row", lambda *a, **k: pytest.fail("a saved row was computed again"))
+    assert study.main(argv) == 0

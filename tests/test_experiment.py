@@ -44,7 +44,8 @@ def test_experiment_builds_validates_and_tables_every_method(tmp_path, text_data
     exp = _experiment()
     assert exp.main(argv) == 0
     rows = json.loads(js.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["mom", "moefication", "prune", "teal"]
+    assert [r["method"] for r in rows] == ["mom", "moefication", "prune", "teal", "wina"]
+    assert [r["split"] for r in rows] == [None, None, None, "global", "global"]  # the baselines' default split
     # every row's ratio and perplexity, recomputed from its folder on validate's held-out windows
     seqs, dense_ppl = _heldout_and_dense_perplexity(model)
     for r in rows:
@@ -58,7 +59,7 @@ def test_experiment_builds_validates_and_tables_every_method(tmp_path, text_data
         assert abs(r["ratio"] - 0.5) <= 0.01 or "held-out ratio" in r["ratio_note"], r
         assert r["calibration_tokens"] > 0
     table = capsys.readouterr().out
-    assert "| dense |" in table and "| teal |" in table and "fit ratio" in table
+    assert "| dense |" in table and "| teal |" in table and "| wina |" in table and "fit ratio" in table
     assert "Ratio rule (all methods): every method fits its threshold on calibration tokens and fails" in table
     assert (out / "validation" / "methods.json").is_file()
     # a second run reuses the built folders and their validations; other validation settings validate again
@@ -70,12 +71,21 @@ def test_experiment_builds_validates_and_tables_every_method(tmp_path, text_data
     assert exp.main(argv) == 0
     assert calls == [] and json.loads(js.read_text())["rows"] == rows
     assert exp.main([*argv, "--limit", "7"]) == 0
-    assert len(calls) == 4
+    assert len(calls) == 5
+    # another split rebuilds (and validates) only the threshold baselines
+    calls.clear()
+    assert exp.main([*argv, "--limit", "7", "--split", "equal"]) == 0
+    assert len(calls) == 2
+    for method in ("teal", "wina"):
+        assert json.loads((out / f"{method}-t0.5" / "config.json").read_text())["momcompress"]["split"] == "equal"
     # the frontier: one table and one plot in the report folder; MoM's router counts in what it reads
     assert (out / "experiment.md").is_file() and (out / "frontier.png").stat().st_size > 0
     by = {r["method"]: r for r in rows}
     assert by["mom"]["read_incl_router"] > by["mom"]["ratio"] + 1e-6
-    assert by["teal"]["read_incl_router"] == pytest.approx(by["teal"]["ratio"], abs=1e-4)  # no router
+    # no router: TEAL reads two thresholds per layer besides, WINA its d + F per-entry scales (tiny model: d 64, F 128)
+    ffn = 3 * 64 * 128
+    assert by["teal"]["read_incl_router"] == pytest.approx(by["teal"]["ratio"] + 2 / ffn, abs=1e-5)
+    assert by["wina"]["read_incl_router"] == pytest.approx(by["wina"]["ratio"] + (64 + 128) / ffn, abs=1e-5)
 
 
 def test_mom_runs_are_matched_to_their_targets(tmp_path, text_data):

@@ -558,15 +558,16 @@ def test_real_task_files_score_with_a_limit(frozen, tmp_path):
     assert any("first 2 documents" in n for n in report["notes"])
 
 
-def test_teal_baseline_validates_with_its_measured_read_fraction(frozen, tmp_path):
-    """The TEAL baseline has no blocks and no router: its cost is the measured read fraction x the FFN."""
+@pytest.mark.parametrize("method", ["teal", "wina"])
+def test_threshold_baseline_validates_with_its_measured_read_fraction(frozen, tmp_path, method):
+    """The TEAL and WINA baselines have no blocks and no router: their cost is the measured read fraction x the FFN."""
     from momcompress.baselines.base import BaselineConfig
 
     model_dir, _, heldout, calib, _ = frozen
-    teal_dir = tmp_path / "teal"
-    momcompress.baseline("teal", str(model_dir), teal_dir,
+    folder = tmp_path / method
+    momcompress.baseline(method, str(model_dir), folder,
                          BaselineConfig(target=0.5, tokens=512, eval_tokens=64, seq_len=32, data=str(calib)))
-    report = momcompress.validate(teal_dir, dense=model_dir, output=tmp_path / "r", data=str(heldout), task_names="none",
+    report = momcompress.validate(folder, dense=model_dir, output=tmp_path / "r", data=str(heldout), task_names="none",
                                   measure_speed=False, **FAST)
     ratio = report["activation_ratio"]["measured"]
     assert 0.3 < ratio < 0.7

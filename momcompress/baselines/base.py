@@ -4,11 +4,12 @@ Orchestration only; the methods' math is in moefication.py, prune.py and teal.py
 `momcompress baseline METHOD MODEL --target 0.5 -o DIR`. Methods:
 - moefication: balanced co-activation clustering of neurons into E experts + a trained linear router;
 - prune: the learn machinery with one expert and no router, frozen (static structured block pruning);
-- teal: training-free magnitude thresholding of the FFN projections' inputs.
+- teal: training-free magnitude thresholding of the FFN projections' inputs;
+- wina: the same with each input entry scored by |x_j| times the norm of the weight column it multiplies.
 
 DIR is a frozen model folder like `freeze` writes (config.json with a `momcompress` section carrying
 "method", the tokenizer, model.safetensors, manifest.json with "stage": "baseline"): moefication and
-prune folders load with `momcompress.load`; teal folders too
+prune folders load with `momcompress.load`; teal and wina folders too
 (runtime/load.py hands them to baselines/load.py on the section's "method").
 """
 
@@ -30,8 +31,9 @@ from momcompress.errors import ConfigError, DataError, RunDirError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("moefication", "prune", "teal")
-DEFAULT_CALIBRATION_TOKENS = 16384  # moefication and teal; prune trains for learn's default budget
+METHODS = ("moefication", "prune", "teal", "wina")
+THRESHOLD_METHODS = ("teal", "wina")  # TealFFN layers: dense weights + per-layer thresholds
+DEFAULT_CALIBRATION_TOKENS = 16384  # moefication, teal and wina; prune trains for learn's default budget
 RATIO_TOLERANCE = ratio_rule.RATIO_TOLERANCE  # one tolerance and one behaviour for every method (ratio_rule.py)
 
 
@@ -41,13 +43,13 @@ class BaselineConfig:
 
     Attributes:
         target: fraction of FFN parameters read per token, in (0, 1).
-        tokens: calibration tokens (moefication, teal: default 16384; prune: learn's training tokens,
+        tokens: calibration tokens (moefication, teal, wina: default 16384; prune: learn's training tokens,
             turned into steps as `learn --tokens` does, default learn's --steps).
         steps: prune only: learn steps (default learn's default); `tokens` wins when both are given.
         eval_tokens: held-out tokens for the measured ratio and the perplexities (at least one window).
         seq_len: tokens per window.
-        batch_size: windows per forward pass while collecting activations and measuring (teal calibrates
-            on all calibration windows in one forward pass).
+        batch_size: windows per forward pass while collecting activations and measuring (teal and wina
+            calibrate on all calibration windows in one forward pass).
         data: calibration text (None: the embedded novels; held-out text is then the Wikipedia
             paragraphs, else a held-out split of `data`).
         text_field: field holding the text in .jsonl / .parquet / datasets data.
@@ -56,8 +58,12 @@ class BaselineConfig:
         dtype: model dtype.
         block_size: moefication and prune: neurons per block (None: as learn picks).
         experts: moefication only: experts per layer (None: chosen so k / E meets the target).
-        split: teal only: "search" (per-layer split of the budget between the two inputs that
-            minimises the FFN output error) or "equal" (the same kept fraction on both inputs).
+        split: teal and wina: how the budget is split between the gate/up input (kept fraction fx)
+            and the down input (fh), (2 fx + fh) / 3 = target: "global" (one split for all layers,
+            the grid point with the least KL divergence to the dense model on calibration tokens),
+            "search" (per layer, least FFN output error, each token relative to its own output),
+            "equal" (fx = fh = target) or "fixed" (fx = x_kept for every layer). See baselines/teal.py.
+        x_kept: teal and wina with split="fixed" only: the kept fraction of the gate/up input.
         learn_options: prune only: further LearnConfig fields (lr, distill, ...).
     """
 
@@ -74,11 +80,12 @@ class BaselineConfig:
     dtype: str = "float32"
     block_size: int | None = None
     experts: int | None = None
-    split: str = "search"
+    split: str = "global"
+    x_kept: float | None = None
     learn_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from momcompress.baselines.teal import SPLITS
+        from momcompress.baselines.teal import SPLITS, check_fixed_fx
 
         need(0.0 < self.target < 1.0, f"--target must be in (0, 1) (a fraction of FFN parameters read), got {self.target}")
         need(self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}")
@@ -89,6 +96,11 @@ class BaselineConfig:
         need(self.block_size is None or self.block_size >= 1, f"--block-size must be >= 1, got {self.block_size}")
         need(self.experts is None or self.experts >= 2, f"--experts must be >= 2, got {self.experts}")
         need(self.split in SPLITS, f"--split must be one of {SPLITS}, got {self.split!r}")
+        need(self.split != "fixed" or self.x_kept is not None, "--split fixed needs --x-kept (the kept fraction of the gate/up input)")
+        need(self.x_kept is None or self.split == "fixed", f"--x-kept goes with --split fixed (got --split {self.split}): drop --x-kept or pass --split fixed")
+        if self.x_kept is not None:
+            need(0.0 < self.x_kept <= 1.0, f"--x-kept must be in (0, 1], got {self.x_kept}")
+            check_fixed_fx(self.x_kept, self.target)
         need(self.dtype in DTYPES, f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     def to_dict(self) -> dict:
@@ -99,7 +111,7 @@ def baseline(method: str, model: str | os.PathLike | None, output: str | os.Path
     """Build the METHOD baseline of MODEL into the frozen model folder OUTPUT and return its manifest.
 
     Args:
-        method: "moefication", "prune" or "teal".
+        method: "moefication", "prune", "teal" or "wina".
         model: Hugging Face model folder, .gguf file, or None / "default" for the embedded model.
         output: folder to create (written under a temporary name, then renamed).
         config: options (default BaselineConfig()).
@@ -119,7 +131,7 @@ def baseline(method: str, model: str | os.PathLike | None, output: str | os.Path
 
 
 def _build_in_place(method: str, model, out: Path, config: BaselineConfig) -> dict:
-    """moefication / teal: load the dense model, measure it, convert its FFNs in place, measure, write."""
+    """moefication / teal / wina: load the dense model, measure it, convert its FFNs in place, measure, write."""
     from momcompress.learn.distributed import local_device
     from momcompress.metrics import perplexity
     from momcompress.models import default_block_size, ffn_width, load_model, model_fingerprint, resolve_model_dir
@@ -143,7 +155,7 @@ def _build_in_place(method: str, model, out: Path, config: BaselineConfig) -> di
     else:
         from momcompress.baselines.teal import calibrate
 
-        info = {"split": config.split, "layers": calibrate(lm, calib, config.target, config.split)}
+        info = calibrate(lm, calib, config.target, config.split, score=method, x_kept=config.x_kept)
     cal_seconds = time.time() - t_cal
 
     # The rule every method follows (ratio_rule.py): the fit on the calibration tokens must meet the
@@ -177,12 +189,17 @@ def _build_in_place(method: str, model, out: Path, config: BaselineConfig) -> di
         from momcompress.baselines.teal import teal_layers
 
         section.update({"activation": teal_layers(lm)[0].activation, "split": info["split"], "layers": info["layers"]})
+        x_score = {"teal": "|x_j|", "wina": "|x_j| ||[W_gate; W_up][:, j]||"}[method]
+        h_score = {"teal": "|h_i|", "wina": "|h_i| ||W_down[:, i]||"}[method]
         details = {
             "split": info["split"],
-            "rule": "keep x channel j when |x_j| > x_threshold and neuron i when |h_i| > h_threshold (per layer); "
+            "rule": f"keep x channel j when {x_score} > x_threshold and neuron i when {h_score} > h_threshold (per layer); "
             "read = (2 * kept x / d + kept h / F) / 3 of the FFN",
-            "mean_relative_error": sum(r["relative_error"] for r in info["layers"]) / len(info["layers"]),
+            # per layer: mean over calibration tokens of ||y_t - dense_t||^2 / ||dense_t||^2 of the FFN output
+            "mean_token_error": sum(r["token_error"] for r in info["layers"]) / len(info["layers"]),
         }
+        if "selection" in info:
+            details["split_selection"] = info["selection"]
     manifest = _manifest(
         method, config, model_dir, model_fingerprint(model_dir), lm, calib, heldout, ratio, per_layer,
         dense_parts, parts, ffn_active, ppl_dense, ppl, cal_seconds, details, fit_ratio,

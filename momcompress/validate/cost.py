@@ -188,8 +188,8 @@ def dense_cost(shape: ModelShape, context: int) -> TokenCost:
 def ratio_cost(shape: ModelShape, ratio_per_layer: list[float], context: int, selector: int = 0) -> TokenCost:
     """Per-token cost of a model whose FFNs read a measured fraction of their weights: layer l reads
     ratio[l] x 3 F d FFN parameters. `selector` is what choosing them reads besides (the per-token
-    selector's thresholds, d + F' per layer, all layers), counted where a router would be; the TEAL
-    and WINA baselines count 0 (their two thresholds per layer)."""
+    selector's and WINA's per-entry thresholds, d + F' per layer; TEAL's two scalars per layer), counted
+    where a router would be."""
     if len(ratio_per_layer) != shape.num_layers:
         raise ValueError(f"ratio_per_layer has {len(ratio_per_layer)} layers, the model {shape.num_layers}")
     ffn = sum(3 * shape.ffn_width * shape.hidden_size * r for r in ratio_per_layer)

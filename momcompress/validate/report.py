@@ -346,7 +346,7 @@ def write_report(root: Path, key: str, report: dict) -> Path:
             plots.plot_blocks_per_layer(blocks, folder / "blocks_per_layer.png")
             plot_files.append("blocks_per_layer.png")
         usage = report["expert_usage"]
-        if usage["num_experts"]:  # the TEAL baseline has no router
+        if usage["num_experts"]:  # the TEAL and WINA baselines have no router
             plots.plot_expert_usage(usage["per_layer"], folder / "expert_usage.png", usage["top_k"])
             plot_files.append("expert_usage.png")
         report["plots"] = plot_files

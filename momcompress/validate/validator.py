@@ -166,7 +166,7 @@ class _FFNRecorder:
     def __init__(self, model):
         from momcompress.baselines.base import sparse_layers
 
-        self.layers = sparse_layers(model)  # FrozenMoMFFN, or TealFFN for the TEAL baseline (no router)
+        self.layers = sparse_layers(model)  # FrozenMoMFFN, or TealFFN for the TEAL and WINA baselines (no router)
         L = len(self.layers)
         E = getattr(self.layers[0], "num_experts", 0) if L else 0
         self.ratio_sum = torch.zeros(L, dtype=torch.float64)
@@ -454,8 +454,10 @@ def validate(
     ratio_per_layer = (rec.ratio_sum / rec.tokens).tolist()
     usage = (rec.usage / rec.tokens).tolist()  # (L, E): each row sums to top_k
     section = frozen_config.momcompress
+    from momcompress.baselines.base import THRESHOLD_METHODS
+
     # TEAL / WINA and the per-token selector read a measured fraction of each FFN, no blocks: cost = ratio x FFN
-    by_ratio = section.get("method") == "teal" or section.get("selector") == "activations"
+    by_ratio = section.get("method") in THRESHOLD_METHODS or section.get("selector") == "activations"
     blocks_read = None if by_ratio else [r * section["num_blocks"] for r in ratio_per_layer]
 
     # 3. zero-shot
@@ -464,9 +466,9 @@ def validate(
     # 4. cost and speed
     dense_cost = cost.dense_cost(shape, context)
     if by_ratio:
-        from momcompress.runtime.select_ffn import select_layers
+        from momcompress.baselines.base import sparse_layers
 
-        selector = sum(m.selector_params() for m in select_layers(sparse))  # the selector's own reads (0 for TEAL)
+        selector = sum(m.selector_params() for m in sparse_layers(sparse))  # the selector's own reads (thresholds, scales)
         sparse_cost = cost.ratio_cost(shape, ratio_per_layer, context, selector)
     else:
         sparse_cost = cost.mom_cost(shape, blocks_read, section["block_size"], section["num_experts"], context)
