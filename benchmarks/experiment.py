@@ -26,25 +26,31 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("mom", "moefication", "prune", "teal", "wina")
+METHODS = ("mom", "mom-experts", "moefication", "prune", "teal", "wina")
+# mom: `momcompress learn` as it defaults (the per-token selector); mom-experts: learn --selector experts.
+DEFAULT_METHODS = ("mom", "moefication", "prune", "teal", "wina")
 THRESHOLD_METHODS = ("teal", "wina")  # training-free: --split applies to them
 
 
 def _build(method: str, target: float, out: Path, args) -> dict:
     """Build METHOD at TARGET into OUT (a frozen model folder); return {tokens, seconds}."""
     from momcompress.baselines.base import BaselineConfig, baseline
-    from momcompress.config import LearnConfig
+    from momcompress.config import EXPERT_OPTIONS, LearnConfig
     from momcompress.freeze.freezer import freeze
     from momcompress.learn.trainer import learn
     from momcompress.ratio_rule import RATIO_TOLERANCE
 
     t0 = time.time()
-    if method == "mom":
-        given = args.mom_runs.get(target)
+    if method in ("mom", "mom-experts"):
+        selector = "experts" if method == "mom-experts" else "activations"
+        given = args.mom_runs.get((selector, target))
         run = given if given is not None else out.with_name(out.name + "-run")
         if given is None and (args.rebuild or not run.is_dir()):
-            learn(args.model, run, LearnConfig(**{**args.learn_options, "target": target, "steps": args.steps,
-                                                  "seed": args.seed, "data": args.data}), overwrite=True)
+            options = {**args.learn_options, "selector": selector, "target": target, "steps": args.steps, "seed": args.seed,
+                       "data": args.data}
+            if selector != "experts":  # the expert masks' options (--learn-option block_size=...) are theirs only
+                options = {k: v for k, v in options.items() if k not in EXPERT_OPTIONS}
+            learn(args.model, run, LearnConfig(**options), overwrite=True)
         manifest = json.loads((run / "manifest.json").read_text())
         freeze(run, out, overwrite=True, tolerance=RATIO_TOLERANCE)
         cfg = manifest["config"]
@@ -164,11 +170,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="dense model folder, .gguf or `default`")
     p.add_argument("--targets", default="0.5", help="comma-separated activation ratios")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (mom: learn's default per-token selector; "
+                        "mom-experts: learn --selector experts)")
     p.add_argument("--steps", type=int, default=None, help="learn steps for mom and prune (default: learn's default)")
     p.add_argument("--mom-run", action="append", default=[],
-                   help="reuse this finished learn run for mom at its own target (repeat for several targets); "
-                        "targets without one are learned")
+                   help="reuse this finished learn run at its own target, for mom (a selector run) or mom-experts (an "
+                        "expert-mask run); repeat for several targets; targets without one are learned")
     p.add_argument("--data", help="calibration text for every method (default: the embedded novels)")
     p.add_argument("--calibration-tokens", type=int, default=None, help="moefication / teal / wina calibration tokens (default theirs)")
     p.add_argument("--split", choices=("global", "search", "equal", "fixed"), default=None,
@@ -209,15 +217,17 @@ def main(argv=None) -> int:
     args.mom_runs = {}
     for run in map(Path, args.mom_run):
         try:
-            run_target = json.loads((run / "manifest.json").read_text())["config"]["target"]
+            run_config = json.loads((run / "manifest.json").read_text())["config"]
+            run_target = run_config["target"]
         except (OSError, ValueError, KeyError) as e:
             p.error(f"--mom-run {run}: not a finished `momcompress learn` run ({e})")
+        selector = run_config.get("selector", "experts")  # runs from before the selector learned expert masks
         match = [t for t in targets if abs(t - run_target) < 1e-9]
         if not match:
             p.error(f"--mom-run {run} was learned at target {run_target}, which is not in --targets {args.targets}")
-        if match[0] in args.mom_runs:
-            p.error(f"two --mom-run folders for target {run_target}: {args.mom_runs[match[0]]} and {run}")
-        args.mom_runs[match[0]] = run
+        if (selector, match[0]) in args.mom_runs:
+            p.error(f"two --mom-run {selector} folders for target {run_target}: {args.mom_runs[(selector, match[0])]} and {run}")
+        args.mom_runs[(selector, match[0])] = run
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -89,7 +89,8 @@ def test_experiment_builds_validates_and_tables_every_method(tmp_path, text_data
 
 
 def test_mom_runs_are_matched_to_their_targets(tmp_path, text_data):
-    """--mom-run, repeated, gives MoM one finished learn run per target; a run at no listed target is an error."""
+    """--mom-run, repeated, gives MoM one finished learn run per target (an expert-mask run serves mom-experts);
+    a run at no listed target is an error."""
     from momcompress.config import LearnConfig
 
     model = make_tiny_model_dir(tmp_path / "tiny", "llama")
@@ -101,14 +102,14 @@ def test_mom_runs_are_matched_to_their_targets(tmp_path, text_data):
                                                              init_tokens=256, log_every=100))
     out, js = tmp_path / "exp", tmp_path / "exp.json"
     base = ["--model", str(model), "--data", str(text_data), "--seq-len", "32", "--heldout-tokens", "256",
-            "--tasks", "none", "--no-speed", "--methods", "mom", "-o", str(out), "--json", str(js)]
+            "--tasks", "none", "--no-speed", "--methods", "mom-experts", "-o", str(out), "--json", str(js)]
     exp = _experiment()
     assert exp.main([*base, "--targets", "0.4,0.6", "--mom-run", str(runs[0.6]), "--mom-run", str(runs[0.4])]) == 0
     rows = json.loads(js.read_text())["rows"]
     assert [r["target"] for r in rows] == [0.4, 0.6]
     for r in rows:  # each frozen from its own run: the run's token budget, no learn run of its own
         assert r["calibration_tokens"] == 3 * 2 * 32
-        assert not (out / f"mom-t{r['target']}-run").exists()
+        assert not (out / f"mom-experts-t{r['target']}-run").exists()
     with pytest.raises(SystemExit):
         exp.main([*base, "--targets", "0.5", "--mom-run", str(runs[0.4])])
     with pytest.raises(SystemExit):
