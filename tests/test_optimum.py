@@ -35,7 +35,7 @@ def test_optimum_runs_the_export_like_momcompress_load(tmp_path, data_file, work
     # a non-default rope_theta (SmolLM2's): transformers 4 ignores transformers 5's rope_parameters unless the
     # config also carries rope_theta (momcompress.models.make_config_portable)
     model_dir = make_tiny_model_dir(workdir / "model", "llama", rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})
-    cfg = LearnConfig(target=0.5, experts=4, top_k=2, block_size=4, steps=4, batch_size=4, seq_len=32, data=str(data_file),
+    cfg = LearnConfig(target=0.5, selector="experts", experts=4, top_k=2, block_size=4, steps=4, batch_size=4, seq_len=32, data=str(data_file),
                       eval_tokens=256, init_tokens=512, log_every=100, dtype="float32")
     momcompress.learn(str(model_dir), workdir / "run", cfg)
     momcompress.freeze(workdir / "run", workdir / "frozen", tolerance=0.05)

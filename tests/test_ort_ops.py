@@ -357,7 +357,7 @@ def test_debian_archive_is_read_from_both_source_formats(tmp_path):
 def _frozen(workdir, data_file, b: int):
     model_dir = make_tiny_model_dir(workdir / f"model-b{b}", "llama")
     run = workdir / f"run-b{b}"
-    cfg = LearnConfig(target=0.5, experts=4, top_k=2, block_size=b, steps=4, batch_size=4, seq_len=32, data=str(data_file),
+    cfg = LearnConfig(target=0.5, selector="experts", experts=4, top_k=2, block_size=b, steps=4, batch_size=4, seq_len=32, data=str(data_file),
                       eval_tokens=256, init_tokens=512, log_every=100, dtype="float32")
     momcompress.learn(str(model_dir), run, cfg)
     momcompress.freeze(run, workdir / f"frozen-b{b}", tolerance=0.05)

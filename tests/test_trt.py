@@ -47,7 +47,7 @@ def test_trt_rtx_check_without_tensorrt_rtx_is_a_clear_error(tmp_path, monkeypat
 def frozen(workdir, data_file):
     pytest.importorskip("tensorrt_rtx")
     model_dir = make_tiny_model_dir(workdir / "model", "llama")
-    cfg = LearnConfig(target=0.5, experts=4, top_k=2, block_size=4, steps=4, batch_size=4, seq_len=32, data=str(data_file),
+    cfg = LearnConfig(target=0.5, selector="experts", experts=4, top_k=2, block_size=4, steps=4, batch_size=4, seq_len=32, data=str(data_file),
                       eval_tokens=256, init_tokens=512, log_every=100, dtype="float32")
     momcompress.learn(str(model_dir), workdir / "run", cfg)
     momcompress.freeze(workdir / "run", workdir / "frozen", tolerance=0.05)

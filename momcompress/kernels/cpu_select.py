@@ -8,7 +8,7 @@ kernel, compiled by Numba (optional: `pip install 'momcompress[cpu]'`), reads fo
      keeps (|h_i| > h_threshold[i]), accumulated into the chunk's own partial output;
   3. out = the sum of the chunks' partial outputs (chunks x T x d floats: small).
 Chunks run in parallel (Numba's threads, as many as torch uses); no atomics. fp32 only (Numba has no
-bf16). The result equals `runtime.select_ffn.select_ffn_reference` up to fp32 summation order.
+bf16). The result equals `kernels.reference.select_ffn_reference` up to fp32 summation order.
 
     from momcompress.kernels import cpu_select
     if cpu_select.runs_on(x, gate_up):

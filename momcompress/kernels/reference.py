@@ -5,7 +5,8 @@ w[t, r] = sum_j top_w[t, j] * z[top_i[t, j], r] (z = expert_block_scale (E, R), 
 use the block), and
     out[t] = sum_r w[t, r] * (act(Wg_r x[t]) * (Wu_r x[t])) @ Wd_r       (routed blocks (R, b, d), down transposed)
 Two forms with the same result: grouped by expert (any token count) and the union of the tokens' blocks
-read once (decode). Both run on any device; momcompress.kernels and momcompress.runtime import this module,
+read once (decode). Both run on any device. The per-token selector's layer (runtime/select_ffn.py) has
+its reference here too, `select_ffn_reference`; momcompress.kernels and momcompress.runtime import this module,
 and it imports neither.
 """
 
@@ -169,3 +170,13 @@ def expert_rows(top_w, top_i, expert_block_scale, block_size: int) -> tuple[torc
     for t, (r, s) in enumerate(lists):
         rows[t, : len(r)], scale[t, : len(s)] = r, s
     return rows, scale
+
+
+def select_ffn_reference(x: torch.Tensor, x_threshold: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                         h_threshold: torch.Tensor, activation: str) -> torch.Tensor:
+    """The layer's function on x (T, d) with dense matmuls over masked inputs: (T, d)."""
+    xs = x * (x.abs() > x_threshold).to(x.dtype)
+    gu = (xs @ gate_up).view(x.shape[0], -1, 2)  # (T, F', 2) interleaved gate, up
+    h = ACTIVATIONS[activation](gu[..., 0]) * gu[..., 1]  # (T, F')
+    h = h * (h.abs() > h_threshold).to(h.dtype)
+    return h @ down

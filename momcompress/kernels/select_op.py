@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from momcompress.runtime.select_ffn import select_ffn_reference
+from momcompress.kernels.reference import select_ffn_reference
 
 
 @torch.library.custom_op("momcompress::select_ffn", mutates_args=())

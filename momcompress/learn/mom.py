@@ -37,6 +37,8 @@ class LayerStats:
 class MoMFFN(nn.Module):
     """Wraps a gated FFN module (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``)."""
 
+    learned_ffn = True  # learned_layers finds it (so does the per-token selector's layer)
+
     def __init__(self, mlp: nn.Module, num_experts: int, top_k: int, block_size: int, log_alpha_init: float = 3.0):
         super().__init__()
         self.mlp = mlp
@@ -198,9 +200,7 @@ def mom_layers(model: nn.Module) -> list[MoMFFN]:
 
 def learned_layers(model: nn.Module) -> list[nn.Module]:
     """Every FFN learn wraps (MoM layers or per-token selector layers), in module order."""
-    from momcompress.learn.selector import SelectFFN
-
-    return [m for m in model.modules() if isinstance(m, (MoMFFN, SelectFFN))]
+    return [m for m in model.modules() if getattr(m, "learned_ffn", False)]
 
 
 @contextlib.contextmanager

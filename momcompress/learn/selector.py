@@ -88,6 +88,8 @@ class SelectStats:
 class SelectFFN(nn.Module):
     """Wraps a gated FFN module (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``) with the two-stage selector."""
 
+    learned_ffn = True  # learn.mom.learned_layers finds it
+
     def __init__(self, mlp: nn.Module):
         super().__init__()
         self.mlp = mlp

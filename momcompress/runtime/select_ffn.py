@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from momcompress.kernels.reference import ACTIVATIONS
+from momcompress.kernels.reference import ACTIVATIONS, select_ffn_reference
 
 PATHS = ("auto", "masked", "fused")
 
@@ -36,16 +36,6 @@ PATHS = ("auto", "masked", "fused")
 def _tracing() -> bool:
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return torch.compiler.is_compiling() or exporting() or torch.onnx.is_in_onnx_export()
-
-
-def select_ffn_reference(x: torch.Tensor, x_threshold: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                         h_threshold: torch.Tensor, activation: str) -> torch.Tensor:
-    """The layer's function on x (T, d) with dense matmuls over masked inputs: (T, d)."""
-    xs = x * (x.abs() > x_threshold).to(x.dtype)
-    gu = (xs @ gate_up).view(x.shape[0], -1, 2)  # (T, F', 2) interleaved gate, up
-    h = ACTIVATIONS[activation](gu[..., 0]) * gu[..., 1]  # (T, F')
-    h = h * (h.abs() > h_threshold).to(h.dtype)
-    return h @ down
 
 
 class FrozenSelectFFN(nn.Module):
