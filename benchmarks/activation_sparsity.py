@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     import torch
 
     from momcompress.baselines.base import DEFAULT_CALIBRATION_TOKENS, BaselineConfig, calibration_and_heldout
+    from momcompress.hardware import cpu_name
     from momcompress.metrics import perplexity
     from momcompress.models import load_model, resolve_model_dir
 
@@ -89,6 +90,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         dense_ppl = saved["dense_ppl"] if same else perplexity(model, heldout, args.batch_size)
     done = {(r["method"], r["split"], r["target"], r["x_kept_fixed"]) for r in rows}
+    print(f"# activation sparsity: {int(calib.numel())} calibration tokens, {int(heldout.numel())} held-out tokens, "
+          f"{torch.get_num_threads()} threads; CPU: {cpu_name()}", file=sys.stderr, flush=True)
     for target in (float(t) for t in args.targets.split(",") if t):
         for method in (m for m in args.methods.split(",") if m):
             for split in (s for s in args.splits.split(",") if s):
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
                 if out:
                     tmp = out.with_suffix(".tmp")
                     setup = {"model": args.model, "tokens": int(calib.numel()), "eval_tokens": int(heldout.numel()), "data": args.data}
-                    tmp.write_text(json.dumps({"setup": setup, "dense_ppl": dense_ppl, "rows": rows}, indent=1))
+                    tmp.write_text(json.dumps({"cpu": cpu_name(), "setup": setup, "dense_ppl": dense_ppl, "rows": rows}, indent=1))
                     tmp.replace(out)
                 print(format_table(rows, dense_ppl, int(heldout.numel())), flush=True)
     return 0

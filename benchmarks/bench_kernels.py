@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momcompress.hardware import cpu_name
+
 # (hidden size d, FFN size F, block size b): SmolLM2-135M (the default model), Llama-3.2-1B, Llama-3-8B.
 SHAPES = [(576, 1536, 16), (2048, 8192, 64), (4096, 14336, 64)]
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 cache (H200: 50 MiB)
@@ -256,14 +258,14 @@ def main() -> int:
     import triton
 
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bf16, "
-          f"E={args.experts} top-{args.top_k}, median of {args.reps} calls, L2 flushed", flush=True)
+          f"E={args.experts} top-{args.top_k}, median of {args.reps} calls, L2 flushed; host CPU: {cpu_name()}", flush=True)
     print(HEADER, flush=True)
     rows = run(args)
     if args.json:
         meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, dtype="bfloat16",
                     experts=args.experts, top_k=args.top_k, reps=args.reps)
         with open(args.json, "w") as fh:
-            json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+            json.dump(dict(cpu=cpu_name(), meta=meta, rows=rows), fh, indent=1)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

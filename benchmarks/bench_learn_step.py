@@ -21,6 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from momcompress.hardware import cpu_name
+
 SMOLLM2_135M = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
     num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -111,13 +113,13 @@ def main():
                   f"({spread(times['plain'])})  ratio {r['ratio_to_plain']:5.2f}  {r['tok_per_s']:6.0f} tok/s", flush=True)
 
     print(f"\n{tokens} tokens per step, {torch.get_num_threads()} threads, E={args.experts}, top-{args.top_k}, "
-          "distillation + tuned FFN weights, projection control; medians of interleaved rounds")
+          f"distillation + tuned FFN weights, projection control; medians of interleaved rounds; CPU: {cpu_name()}")
     print(f"{'dtype':<9} {'block':>5} {'learn s':>8} {'plain s':>8} {'ratio':>6} {'tok/s':>7}")
     for r in rows:
         print(f"{r['dtype']:<9} {r['block_size']:>5} {r['learn_s']:8.2f} {r['plain_s']:8.2f} {r['ratio_to_plain']:6.2f} {r['tok_per_s']:7.0f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"batch_size": args.batch_size, "seq_len": args.seq_len, "threads": torch.get_num_threads(),
+            json.dump({"cpu": cpu_name(), "batch_size": args.batch_size, "seq_len": args.seq_len, "threads": torch.get_num_threads(),
                        "experts": args.experts, "top_k": args.top_k, "results": rows}, f, indent=2)
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import momcompress
 from momcompress.export import op
 from momcompress.export.causal_lm import OrtCausalLM
+from momcompress.hardware import cpu_name
 
 FLOOR = "floor: no routed"  # the variant without routed experts
 KERNEL = "mom kernel"  # the default export with the compiled momcompress kernel registered
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     mom_names = [v for v in sessions if v != "dense"]
     print(f"onnxruntime CPU, fp32, batch 1, {args.threads} threads; frozen model measured ratio "
           f"{frozen_manifest.get('measured_ratio', float('nan')):.3f}, block size {block_size}, "
-          f"{mom_config.get('num_experts')} experts top-{mom_config.get('top_k')}; median of {args.repeats} rounds")
+          f"{mom_config.get('num_experts')} experts top-{mom_config.get('top_k')}; median of {args.repeats} rounds; CPU: {cpu_name()}")
     header = f"{'workload':<26} {'dense ms':>9} " + " ".join(f"{v + ' ms':>18} {'ratio':>6}" for v in mom_names)
     print(header)
     for row in rows:
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"decode goal (MoM <= 0.8x dense): {'met' if goal else 'NOT met'} ({best}: {decode[f'{best} ratio']:.2f}x)")
     if args.json:
         result = {
-            "threads": args.threads, "repeats": args.repeats, "frozen": str(args.frozen), "dense": args.dense,
+            "cpu": cpu_name(), "threads": args.threads, "repeats": args.repeats, "frozen": str(args.frozen), "dense": args.dense,
             "measured_ratio": frozen_manifest.get("measured_ratio"), "block_size": block_size,
             "experts": mom_config.get("num_experts"), "top_k": mom_config.get("top_k"), "rows": rows, "raw_seconds": times, "decode_goal_met": goal,
             "experts_paths": {name: lm.experts_path for name, lm in sessions.items()},

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from momcompress.hardware import cpu_name
+
 METHODS = ("mom", "mom-experts", "moefication", "prune", "teal", "wina")
 # mom: `momcompress learn` as it defaults (the per-token selector); mom-experts: learn --selector experts.
 DEFAULT_METHODS = ("mom", "moefication", "prune", "teal", "wina")
@@ -230,6 +232,8 @@ def main(argv=None) -> int:
         args.mom_runs[(selector, match[0])] = run
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
+    print(f"# experiment: {','.join(methods)} at {args.targets}, tasks {','.join(tasks) or 'none'}; CPU: {cpu_name()}",
+          file=sys.stderr, flush=True)
     rows = []
     dense_cache: dict = {}  # the dense model's results, computed by the first validation and reused
     for target in targets:
@@ -265,7 +269,7 @@ def main(argv=None) -> int:
             (root / "experiment.md").write_text(format_table(rows, tasks) + "\n")
             plot_frontier(rows, root / "frontier.png")
     if args.json:
-        Path(args.json).write_text(json.dumps({"tasks": tasks, "limit": args.limit, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "tasks": tasks, "limit": args.limit, "rows": rows}, indent=2))
     return 0
 
 

@@ -21,6 +21,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from momcompress.hardware import cpu_name
+
 
 def _table(rows: list[dict]) -> str:
     head = "| step | train tokens | learn s (sum of steps) | KD (train, last step) | held-out ratio | held-out ppl | dense ppl |"
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
     if early:
         print(f"note: snapshots {early} fall inside the warm-up (ends at step {warm_end}); their ratio is above the target",
               file=sys.stderr)
+    print(f"# learning curve: {args.steps} steps, snapshots at {at}; CPU: {cpu_name()}", file=sys.stderr, flush=True)
     root = Path(args.output)
     run, snaps = root / "run", root / "snapshots"
     snaps.mkdir(parents=True, exist_ok=True)
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
     print(table)
     (root / "curve.md").write_text(table + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": config.to_dict(), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "config": config.to_dict(), "rows": rows}, indent=2))
     return 0
 
 

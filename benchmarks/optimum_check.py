@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 
 import momcompress
 from momcompress.export import ort_ops
+from momcompress.hardware import cpu_name
 
 PROMPTS = ["The river ran cold under the old stone bridge, and the town", "She opened the door"]
 
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--atol", type=float, default=1e-4)
     args = ap.parse_args(argv)
     n = args.new_tokens
-    print(f"transformers {transformers.__version__}, onnxruntime {ort.__version__}")
+    print(f"# optimum check: transformers {transformers.__version__}, onnxruntime {ort.__version__}; CPU: {cpu_name()}")
     tok = AutoTokenizer.from_pretrained(args.export_dir)
     tok.padding_side = "left"
     enc = tok(PROMPTS, return_tensors="pt", padding=True)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from momcompress.hardware import cpu_name
+
 ROUTINGS = ("learned", "oracle", "random")
 
 
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
     routings = [r for r in args.routings.split(",") if r]
     if set(routings) - set(ROUTINGS):
         p.error(f"unknown routing(s) {sorted(set(routings) - set(ROUTINGS))}; choose from {ROUTINGS}")
-    result = evaluate(args.run, args.tokens, args.batch_size, routings, args.seed)
+    print(f"# routing oracle: {args.run}, {args.tokens} held-out tokens; CPU: {cpu_name()}", file=sys.stderr, flush=True)
+    result = {"cpu": cpu_name(), **evaluate(args.run, args.tokens, args.batch_size, routings, args.seed)}
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

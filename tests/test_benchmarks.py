@@ -11,6 +11,7 @@ import torch
 import momcompress
 from conftest import make_tiny_model_dir
 from momcompress.config import LearnConfig
+from momcompress.hardware import cpu_name
 
 TINY = dict(selector="experts", experts=4, top_k=1, block_size=8, batch_size=2, seq_len=32, eval_tokens=256, init_tokens=256, log_every=100)
 
@@ -79,7 +80,9 @@ def test_routing_oracle_table(tiny_run, tmp_path, capsys):
     assert [r["routing"] for r in result["rows"]] == ["learned", "oracle", "random"]
     for r in result["rows"]:
         assert abs(r["ratio"] - 0.5) < 0.05 and r["ppl"] > 1
-    assert "| oracle |" in capsys.readouterr().out
+    assert result["cpu"] == cpu_name()  # every benchmark names the CPU it ran on
+    captured = capsys.readouterr()
+    assert "| oracle |" in captured.out and f"CPU: {cpu_name()}" in captured.err
     with pytest.raises(SystemExit):
         oracle.main([str(tiny_run[1]), "--routings", "learned,psychic"])
 
@@ -96,6 +99,7 @@ def test_activation_sparsity_rows_are_what_baseline_reports(tmp_path, text_data,
     assert study.main(argv) == 0
     saved = json.loads(js.read_text())
     rows = saved["rows"]
+    assert saved["cpu"] == cpu_name()
     assert [(r["method"], r["split"]) for r in rows] == [("teal", "global"), ("teal", "equal"), ("wina", "global"), ("wina", "equal")]
     for r in rows[1::2]:
         assert r["x_kept_min"] == r["x_kept_max"] == 0.4

@@ -17,6 +17,7 @@ from conftest import SAMPLE_TEXT, TINY_ARCHS, make_tiny_model_dir, tiny_config, 
 from momcompress.cli import main
 from momcompress.config import LearnConfig
 from momcompress.errors import ConfigError, DataError, ExportError, ModelLoadError, RunDirError
+from momcompress.hardware import cpu_name
 from momcompress.validate import cost, speed, tasks
 from momcompress.validate.tasks import Doc
 from momcompress.validate.validator import average_retention
@@ -440,6 +441,7 @@ def test_report_files_and_measurements(frozen, patched_task, tmp_path, monkeypat
     md = (folder / "report.md").read_text()
     assert "| metric | dense | sparse | sparse / dense |" in md and f"| arc_easy | {arc['n']} |" in md
     assert "## Cost per token" in md and "torch cpu" in md and "onnxruntime cpu" in md
+    assert report["cpu"] == on_disk["cpu"] == cpu_name() and f"CPU: {cpu_name()}." in md.split("## Latency")[1]
     d = torch_cpu["decode"]
     assert (f"| {d['dense_ms']:.1f} ms/token ({d['dense_ms_range'][0]:.1f}-{d['dense_ms_range'][1]:.1f}) |" in md)
     assert f"{d['ratio']:.2f} ({d['ratio_range'][0]:.2f}-{d['ratio_range'][1]:.2f})" in md

@@ -183,6 +183,8 @@ def format_markdown(report: dict, plot_files: list[str]) -> str:
                 f"{', '.join(map(str, sorted(warm)))} warm-up round(s), threads pinned; the ratio is the median of "
                 "the per-round ratios. (!): the ratio's spread is wider than its distance from 1, so this run cannot "
                 "tell which model is faster."]
+        if report.get("cpu"):  # reports written before the CPU was recorded have none
+            out += [f"CPU: {report['cpu']}."]
         for _, result, _ in _speed_rows(speed):
             for warning in result.get("warnings", []):
                 if f"**Warning**: {warning}" not in out:

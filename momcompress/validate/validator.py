@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from momcompress import __version__
 from momcompress.errors import ConfigError, DataError, ModelLoadError, MomcompressError, RunDirError
+from momcompress.hardware import cpu_name
 from momcompress.modelio import library_versions
 from momcompress.validate import cost, report as report_files, speed, tasks
 
@@ -507,6 +508,7 @@ def validate(
         "stage": "validate",
         "momcompress_version": __version__,
         "versions": library_versions(),
+        "cpu": cpu_name(),  # latency depends on it (AMX / AVX512)
         "method": method,
         "key": key,
         "frozen_dir": str(frozen_path.resolve()),
