@@ -1,7 +1,9 @@
-"""CPU speed of the frozen MoM model vs the dense original: the FFN alone, a decode step, generation.
+"""CPU speed of frozen models vs the dense original: the FFN alone, a decode step, generation.
 
-    python benchmarks/bench_freeze.py --frozen FROZEN_DIR [--dense MODEL] [--json out.json]
-    python benchmarks/bench_freeze.py --block-size 1          # synthetic plan at ratio 0.5, single neurons
+    python benchmarks/bench_freeze.py --frozen FROZEN_DIR [--frozen OTHER ...] [--synthetic] [--dense MODEL] [--json out.json]
+    python benchmarks/bench_freeze.py --block-size 1          # synthetic expert plan at ratio 0.5, single neurons
+    python benchmarks/bench_freeze.py --frozen SELECTOR_DIR --synthetic --block-size 1   # the per-token selector
+                                                              # next to the expert-mask model, same run
     flock /tmp/momcompress-cpu.lock python benchmarks/bench_freeze.py ...   # timings need the machine alone
 
 FFN: every layer's FFN run in sequence (so weights come from memory, not cache, as in a real forward)
@@ -12,11 +14,12 @@ tokens grouped by expert; masked: every routed row in one GEMM, unselected ones 
 the crossovers. Decode step: one
 token through the whole model with a KV cache after a --prompt-tokens prompt (per-step time, median
 over --new-tokens steps). Generation: greedy decoding of --new-tokens tokens, batch 1.
-Every variant is timed in the same rounds, interleaved (round i times each variant once, in turn),
+Every model given (--frozen, repeatable: expert-mask or per-token selector folders; --synthetic: the
+synthetic expert plan below) is a column next to dense. Every variant is timed in the same rounds, interleaved (round i times each variant once, in turn),
 after a warm-up; the report gives the median over rounds with the min-max spread, and ratios to dense
-(< 1 is faster). Threads are pinned (--threads, default 2) for torch and Numba.
+(< 1 is faster). Threads are pinned (--threads, default 2) for torch and Numba. The header names the CPU.
 
-Without --frozen, a frozen model is built from the dense default model with a random plan that has the
+With --synthetic (the default without --frozen), a frozen model is built from the dense default model with a random plan that has the
 shape of a learned one (--experts experts, top --top-k, blocks of --block-size, a few shared blocks,
 each expert's blocks a random subset such that a token reads --ratio of the FFN): speed does not depend
 on the weights' values or on which blocks the router picks, only on how many.
@@ -35,8 +38,22 @@ import torch
 
 import momcompress
 from momcompress.freeze.plan import plan_layer, repack_layer
+from momcompress.hardware import cpu_name
 from momcompress.models import decoder_layers, load_model, resolve_model_dir
+from momcompress.runtime.mom_ffn import PATHS as MOM_PATHS
 from momcompress.runtime.mom_ffn import frozen_layers
+from momcompress.runtime.select_ffn import PATHS as SELECT_PATHS
+from momcompress.runtime.select_ffn import select_layers
+
+
+def sparse_layers(model) -> list:
+    """The frozen FFN layers of a model: expert-mask (FrozenMoMFFN) or per-token selector (FrozenSelectFFN)."""
+    return frozen_layers(model) or select_layers(model)
+
+
+def layer_paths(model) -> tuple[str, ...]:
+    """The paths its layers can be forced onto."""
+    return MOM_PATHS if frozen_layers(model) else SELECT_PATHS
 
 
 def synthetic_frozen(dense_dir: Path, ratio: float, block_size: int, experts: int = 64, top_k: int = 1, shared_fraction: float = 0.05, seed: int = 0):
@@ -83,8 +100,9 @@ def _interleaved(fns: dict, rounds: int, reps: int) -> dict:
 
 
 def _set_path(layers, path: str) -> None:
-    """Force a frozen path (FrozenMoMFFN.PATHS): auto (the module's dispatch), fused (the Numba kernel),
-    union (the union of the tokens' blocks), grouped (tokens grouped by expert), masked (every routed row)."""
+    """Force a frozen path: FrozenMoMFFN.PATHS auto (the module's dispatch), fused (the Numba kernel), union
+    (the union of the tokens' blocks), grouped (tokens grouped by expert), masked (every routed row);
+    FrozenSelectFFN.PATHS auto, fused (the kept rows where they lie), masked (dense matmuls of masked inputs)."""
     for m in layers:
         m.path = path
 
@@ -102,17 +120,17 @@ def _row(stats: dict, base: str, unit: float = 1e3) -> dict:
     return row
 
 
-def bench_ffn(dense, frozen, tokens: list[int], rounds: int, paths: list[str]) -> list[dict]:
+def bench_ffn(dense, models: dict, tokens: list[int], rounds: int, paths: list[str]) -> list[dict]:
+    """Every layer's FFN in sequence on T tokens: dense, each model as it dispatches (auto), and each model
+    forced onto every path of `paths` its layers have."""
     d_mlps = [layer.mlp for layer in decoder_layers(dense)]
-    f_mlps = [layer.mlp for layer in decoder_layers(frozen)]
-    layers = frozen_layers(frozen)
     hidden = d_mlps[0].gate_proj.in_features
     rows = []
     for T in tokens:
         x = torch.randn(1, T, hidden)
         reps = max(1, int(16 / max(T, 1) ** 0.5))
 
-        def run(mlps, path=None):
+        def run(mlps, layers=None, path=None):
             if path:
                 _set_path(layers, path)
             with torch.no_grad():
@@ -121,9 +139,13 @@ def bench_ffn(dense, frozen, tokens: list[int], rounds: int, paths: list[str]) -
             if path:
                 _set_path(layers, "auto")
 
-        fns = {"dense": lambda: run(d_mlps), "frozen": lambda: run(f_mlps, "auto")}
-        for path in paths:
-            fns[f"frozen_{path}"] = lambda path=path: run(f_mlps, path)
+        fns = {"dense": lambda: run(d_mlps)}
+        for name, model in models.items():
+            mlps, layers = [layer.mlp for layer in decoder_layers(model)], sparse_layers(model)
+            fns[name] = lambda mlps=mlps, layers=layers: run(mlps, layers, "auto")
+            for path in paths:
+                if path in layer_paths(model):
+                    fns[f"{name}_{path}"] = lambda mlps=mlps, layers=layers, path=path: run(mlps, layers, path)
         rows.append({"tokens": T, **_row(_interleaved(fns, rounds, reps), "dense")})
     return rows
 
@@ -175,7 +197,7 @@ def bench_breakdown(dense, frozen, tokens: int, rounds: int) -> dict:
     return {"tokens": tokens, **{k: {q: v * 1e3 for q, v in st.items()} for k, st in stats.items()}}
 
 
-def bench_decode_step(dense, frozen, prompt_tokens: int, steps: int, rounds: int) -> dict:
+def bench_decode_step(dense, models: dict, prompt_tokens: int, steps: int, rounds: int) -> dict:
     """Time of one decode step (one token, KV cache, whole model incl. lm_head), per model."""
     from transformers import DynamicCache
 
@@ -195,7 +217,7 @@ def bench_decode_step(dense, frozen, prompt_tokens: int, steps: int, rounds: int
 
         return step_all
 
-    fns = {"dense": make(dense), "frozen": make(frozen)}
+    fns = {"dense": make(dense), **{name: make(model) for name, model in models.items()}}
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -206,7 +228,7 @@ def bench_decode_step(dense, frozen, prompt_tokens: int, steps: int, rounds: int
     return {"prompt_tokens": prompt_tokens, "steps": steps, **_row(stats, "dense")}
 
 
-def bench_generate(dense, frozen, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
+def bench_generate(dense, models: dict, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
     vocab = dense.config.vocab_size
     ids = torch.randint(3, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
@@ -215,11 +237,30 @@ def bench_generate(dense, frozen, prompt_tokens: int, new_tokens: int, rounds: i
         with torch.no_grad():
             model.generate(ids, **kw)
 
-    stats = _interleaved({"dense": lambda: gen(dense), "frozen": lambda: gen(frozen)}, rounds, 1)
+    fns = {"dense": lambda: gen(dense), **{name: (lambda m=model: gen(m)) for name, model in models.items()}}
+    stats = _interleaved(fns, rounds, 1)
     row = _row(stats, "dense")
-    row["dense_tok_s"] = new_tokens / stats["dense"]["median"]
-    row["frozen_tok_s"] = new_tokens / stats["frozen"]["median"]
+    for name in fns:
+        row[name]["tok_s"] = new_tokens / stats[name]["median"]
     return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, **row}
+
+
+def describe(name: str, model, source: str, ratio) -> dict:
+    """One model's line of the header: what it is and the shapes that set its speed."""
+    mom, sel = frozen_layers(model), select_layers(model)
+    info = {"name": name, "source": source, "ratio": ratio, "layers": len(mom or sel)}
+    if mom:
+        l0 = mom[0]
+        info.update(kind="experts", block_size=l0.block_size, experts=l0.num_experts, top_k=l0.top_k,
+                    shared_blocks_layer0=l0.shared_gate.shape[0] // l0.block_size, routed_blocks_layer0=l0.routed_gate.shape[0],
+                    fused_cpu_max_tokens=l0.fused_cpu_max_tokens, dtype=str(l0.routed_gate.dtype))
+    elif sel:
+        from momcompress.kernels import cpu_select
+
+        l0 = sel[0]
+        info.update(kind="selector", stored_neurons_layer0=l0.num_neurons, width=l0.width,
+                    fused_cpu_max_tokens=cpu_select.max_tokens() if cpu_select.available() else 0, dtype=str(l0.gate_up.dtype))
+    return info
 
 
 def _fmt(st: dict) -> str:
@@ -228,73 +269,87 @@ def _fmt(st: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--frozen", help="frozen model folder (default: synthetic plan on the default model)")
-    p.add_argument("--dense", default=None, help="dense model (default: the frozen folder's source, or `default`)")
+    p.add_argument("--frozen", action="append", default=[], help="frozen model folder (repeatable; default: the synthetic plan)")
+    p.add_argument("--synthetic", action="store_true", help="also time the synthetic expert plan (the default without --frozen)")
+    p.add_argument("--dense", default=None, help="dense model (default: the first frozen folder's source, or `default`)")
     p.add_argument("--ratio", type=float, default=0.5, help="activation ratio of the synthetic plan")
     p.add_argument("--block-size", type=int, default=16, help="block size of the synthetic plan")
     p.add_argument("--experts", type=int, default=64, help="experts of the synthetic plan")
     p.add_argument("--top-k", type=int, default=1, help="top-k of the synthetic plan")
     p.add_argument("--tokens", default="1,4,16,128", help="token counts for the FFN benchmark")
-    p.add_argument("--paths", default="", help="also time these frozen paths forced, comma-separated: fused,union,grouped,masked")
+    p.add_argument("--paths", default="", help="also time these frozen paths forced, comma-separated: fused,union,grouped,masked "
+                                               "(each model gets those its layers have)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="torch (and Numba) threads")
-    p.add_argument("--breakdown", default="", help="token counts at which to time each stage of the masked path (comma-separated)")
+    p.add_argument("--breakdown", default="", help="token counts at which to time each stage of the masked path of the "
+                                                   "first expert-mask model (comma-separated)")
     p.add_argument("--skip", default="", help="skip parts, comma-separated: ffn,decode,generate")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
-    if args.frozen:
-        frozen = momcompress.load(args.frozen)
-        manifest = json.loads((Path(args.frozen) / "manifest.json").read_text())
-        dense_dir = resolve_model_dir(args.dense or manifest.get("source_model") or "default")
-        ratio = manifest.get("measured_ratio")
-    else:
-        dense_dir = resolve_model_dir(args.dense or "default")
-        frozen = synthetic_frozen(dense_dir, args.ratio, args.block_size, args.experts, args.top_k)
-        ratio = args.ratio
+    models, infos = {}, []
+    for folder in args.frozen:
+        if not (Path(folder) / "manifest.json").is_file():
+            p.error(f"{folder}: not a frozen folder (no manifest.json): give a folder `momcompress freeze` wrote")
+    manifests = [json.loads((Path(f) / "manifest.json").read_text()) for f in args.frozen]
+    dense_dir = resolve_model_dir(args.dense or (manifests[0].get("source_model") if manifests else None) or "default")
+    for folder, manifest in zip(args.frozen, manifests):
+        model = momcompress.load(folder)
+        if not sparse_layers(model):
+            p.error(f"{folder}: no frozen FFN layers (expert-mask or per-token selector) in it")
+        name = "selector" if select_layers(model) else "experts"
+        name = name if name not in models else f"{name}{len(models)}"
+        models[name] = model
+        infos.append(describe(name, model, folder, manifest.get("measured_ratio")))
+    if args.synthetic or not args.frozen:
+        name = "synthetic" if args.frozen else "frozen"
+        models[name] = synthetic_frozen(dense_dir, args.ratio, args.block_size, args.experts, args.top_k)
+        infos.append(describe(name, models[name], "synthetic", args.ratio))
     dense, _ = load_model(dense_dir)
-    frozen.eval(), dense.eval()
-    layers = frozen_layers(frozen)
-    l0 = layers[0]
-    S = l0.shared_gate.shape[0] // l0.block_size
-    info = {
-        "dense": str(dense_dir), "frozen": args.frozen or "synthetic", "ratio": ratio, "layers": len(layers),
-        "d": dense.config.hidden_size, "F": dense.config.intermediate_size, "block_size": l0.block_size,
-        "experts": l0.num_experts, "top_k": l0.top_k, "shared_blocks_layer0": S, "routed_blocks_layer0": l0.routed_gate.shape[0],
-        "fused_cpu_max_tokens": l0.fused_cpu_max_tokens, "dtype": str(l0.routed_gate.dtype), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "rounds": args.rounds,
-    }
-    print(", ".join(f"{k} {v}" for k, v in info.items()), file=sys.stderr)
-    out = {"info": info}
+    dense.eval()
+    for model in models.values():
+        model.eval()
+    info = {"cpu": cpu_name(), "dense": str(dense_dir), "d": dense.config.hidden_size, "F": dense.config.intermediate_size,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds}
+    print(f"# bench_freeze: CPU {info['cpu']}; " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "cpu"), file=sys.stderr)
+    for m in infos:
+        print("#   " + ", ".join(f"{k} {v}" for k, v in m.items()), file=sys.stderr)
+    out = {"info": info, "models": infos}
     paths = [p for p in args.paths.split(",") if p]
+    n_layers = len(decoder_layers(dense))
     if "ffn" not in skip:
-        out["ffn"] = bench_ffn(dense, frozen, [int(t) for t in args.tokens.split(",")], args.rounds, paths)
-        print(f"\nFFN, all {len(layers)} layers in sequence: ms, median [min-max] of {args.rounds} interleaved rounds; ratio = frozen / dense")
+        out["ffn"] = bench_ffn(dense, models, [int(t) for t in args.tokens.split(",")], args.rounds, paths)
+        print(f"\nFFN, all {n_layers} layers in sequence: ms, median [min-max] of {args.rounds} interleaved rounds; ratio = model / dense")
         names = [n for n in out["ffn"][0] if n != "tokens"]
         print(f"{'tokens':>6} " + " ".join(f"{n:>24}" for n in names) + " " + " ".join(f"{'ratio ' + n:>22}" for n in names[1:]))
         for r in out["ffn"]:
             ratios = " ".join(f"{r[n]['ratio']:>8.3f} [{r[n]['ratio_min']:.2f}-{r[n]['ratio_max']:.2f}]" for n in names[1:])
             print(f"{r['tokens']:>6} " + " ".join(f"{_fmt(r[n]):>24}" for n in names) + "   " + ratios)
+    mom_models = [m for m in models.values() if frozen_layers(m)]
     for T in (int(t) for t in args.breakdown.split(",") if t):
-        br = bench_breakdown(dense, frozen, T, args.rounds)
+        if not mom_models:
+            p.error("--breakdown times the expert-mask model's masked path: give one (--frozen or --synthetic)")
+        br = bench_breakdown(dense, mom_models[0], T, args.rounds)
         out.setdefault("breakdown", []).append(br)
-        print(f"\nwhere the time goes, masked path, {T} tokens, all {len(layers)} layers: ms, median [min-max]")
+        print(f"\nwhere the time goes, masked path, {T} tokens, all {n_layers} layers: ms, median [min-max]")
         for name, st in br.items():
             if name != "tokens":
                 print(f"  {name:<32} {_fmt(st)}")
     if "decode" not in skip:
-        dec = out["decode_step"] = bench_decode_step(dense, frozen, args.prompt_tokens, args.new_tokens, args.rounds)
-        print(f"\ndecode step (1 token, KV cache after a {args.prompt_tokens}-token prompt, whole model): ms")
-        print(f"dense {_fmt(dec['dense'])}, frozen {_fmt(dec['frozen'])}, ratio {dec['frozen']['ratio']:.3f} "
-              f"[{dec['frozen']['ratio_min']:.2f}-{dec['frozen']['ratio_max']:.2f}]")
+        dec = out["decode_step"] = bench_decode_step(dense, models, args.prompt_tokens, args.new_tokens, args.rounds)
+        print(f"\ndecode step (1 token, KV cache after a {args.prompt_tokens}-token prompt, whole model): ms, ratio to dense")
+        print(f"  {'dense':<12} {_fmt(dec['dense'])}")
+        for name in models:
+            print(f"  {name:<12} {_fmt(dec[name])}  ratio {dec[name]['ratio']:.3f} [{dec[name]['ratio_min']:.2f}-{dec[name]['ratio_max']:.2f}]")
     if "generate" not in skip:
-        gen = out["generate"] = bench_generate(dense, frozen, args.prompt_tokens, args.new_tokens, args.rounds)
-        print(f"\ngreedy generation, batch 1, {gen['prompt_tokens']}-token prompt, {gen['new_tokens']} new tokens")
-        print(f"dense {gen['dense_tok_s']:.1f} tok/s, frozen {gen['frozen_tok_s']:.1f} tok/s, time ratio {gen['frozen']['ratio']:.3f} "
-              f"[{gen['frozen']['ratio_min']:.2f}-{gen['frozen']['ratio_max']:.2f}]")
+        gen = out["generate"] = bench_generate(dense, models, args.prompt_tokens, args.new_tokens, args.rounds)
+        print(f"\ngreedy generation, batch 1, {gen['prompt_tokens']}-token prompt, {gen['new_tokens']} new tokens: tok/s, time ratio to dense")
+        print(f"  {'dense':<12} {gen['dense']['tok_s']:.1f} tok/s")
+        for name in models:
+            print(f"  {name:<12} {gen[name]['tok_s']:.1f} tok/s  ratio {gen[name]['ratio']:.3f} [{gen[name]['ratio_min']:.2f}-{gen[name]['ratio_max']:.2f}]")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,24 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momcompress.hardware import cpu_name
+
 ROWS = ("dense", "oracle", "oracle-bank64", "teal", "wina", "wina-bank64", "two-stage", "predictor",
         "experts", "experts-mix", "experts+teal", "learned")
 BANK = 64
 PREDICTOR_RANK = 64
 PREDICTOR_STEPS = 400
 TWO_STAGE_CHANNELS = 0.25  # p: fraction of x's channels read to estimate h
-
-
-def cpu_name() -> str:
-    """The CPU model and its AMX / AVX512 flags, for the table header."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-    feats = [f for f in ("amx_bf16", "avx512_bf16", "avx512f") if f in flags]
-    return f"{model} ({', '.join(feats) or 'no AVX512'})"
 
 
 def bank_topk(score: torch.Tensor, keep: float, bank: int = BANK) -> torch.Tensor:

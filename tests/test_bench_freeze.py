@@ -1,0 +1,62 @@
+"""benchmarks/bench_freeze.py on tiny frozen models: the per-token selector, the expert masks and the
+synthetic expert plan as columns of one run, the CPU named."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import momcompress
+from conftest import make_tiny_model_dir
+from momcompress.config import LearnConfig
+from momcompress.hardware import cpu_name
+
+SMALL = dict(target=0.5, steps=3, batch_size=2, seq_len=32, eval_tokens=128, init_tokens=256, log_every=100)
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_freeze.py"
+    spec = importlib.util.spec_from_file_location("bench_freeze", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def frozen_pair(tmp_path_factory, text_data):
+    work = tmp_path_factory.mktemp("bench-freeze")
+    model = make_tiny_model_dir(work / "model", "llama")
+    out = {}
+    for name, extra in (("selector", {}), ("experts", dict(selector="experts", experts=4, top_k=1, block_size=8))):
+        momcompress.learn(str(model), work / f"run-{name}", LearnConfig(data=str(text_data), **SMALL, **extra))
+        momcompress.freeze(work / f"run-{name}", work / f"frozen-{name}", tolerance=0.1)
+        out[name] = work / f"frozen-{name}"
+    return model, out
+
+
+def test_selector_and_experts_columns_in_one_run(frozen_pair, tmp_path, capsys):
+    model, frozen = frozen_pair
+    js = tmp_path / "bench.json"
+    argv = ["--frozen", str(frozen["selector"]), "--frozen", str(frozen["experts"]), "--synthetic", "--dense", str(model),
+            "--block-size", "16", "--experts", "4", "--tokens", "1,4", "--paths", "fused,masked,union", "--rounds", "1",
+            "--prompt-tokens", "4", "--new-tokens", "2", "--threads", "1", "--json", str(js)]
+    assert _bench().main(argv) == 0
+    out = json.loads(js.read_text())
+    assert out["info"]["cpu"] == cpu_name()
+    assert [m["name"] for m in out["models"]] == ["selector", "experts", "synthetic"]
+    assert [m["kind"] for m in out["models"]] == ["selector", "experts", "experts"]
+    ffn = out["ffn"][0]
+    # each model forced onto the paths its layers have: the selector has no union path
+    assert {"selector", "selector_fused", "selector_masked", "experts_union", "synthetic_union"} <= set(ffn)
+    assert "selector_union" not in ffn
+    for name in ("selector", "experts", "synthetic"):
+        assert out["decode_step"][name]["ratio"] > 0 and out["generate"][name]["tok_s"] > 0
+    err = capsys.readouterr().err
+    assert f"CPU {cpu_name()}" in err
+
+
+def test_a_folder_without_frozen_layers_is_refused(frozen_pair, tmp_path):
+    model, _ = frozen_pair
+    with pytest.raises(SystemExit):
+        _bench().main(["--frozen", str(model), "--skip", "ffn,decode,generate"])
