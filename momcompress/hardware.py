@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-FEATURES = ("amx_bf16", "avx512_bf16", "avx512f")
+FEATURES = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
 
 
 def _cpuinfo() -> tuple[str, list[str]]:
@@ -29,8 +29,10 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_name() -> str:
-    """The CPU model and which of AMX-bf16 / AVX512-bf16 / AVX512F it has, e.g. "AMD EPYC (avx512_bf16, avx512f)"."""
+    """The CPU model and which of AMX-bf16 / AVX512-bf16 / AVX512F / AVX2 it has, e.g. "AMD EPYC (avx512_bf16, avx512f, avx2)"."""
     model, flags = _cpuinfo()
     model = model or platform.processor() or "unknown CPU"
     feats = [f for f in FEATURES if f in flags]
-    return f"{model} ({', '.join(feats) or 'no AVX512'})"
+    if not any(f.startswith(("amx", "avx512")) for f in feats):
+        feats.append("no AVX512")  # e.g. "AMD EPYC (avx2, no AVX512)": learn runs in fp32 there
+    return f"{model} ({', '.join(feats)})"
