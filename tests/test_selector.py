@@ -323,3 +323,31 @@ def test_validate_counts_the_selector_reads(frozen, tmp_path):
     assert sparse["router"] == sum(64 + layer["neurons"] for layer in section["layers"])
     measured = report["activation_ratio"]["measured"]
     assert sparse["ffn"] == pytest.approx(measured * 2 * 3 * 64 * 128, rel=1e-3)
+
+
+def test_freeze_layer_check_allows_threshold_ties_not_repacking_errors():
+    """freeze compares each frozen selector layer with the learned one on the same inputs: a token or two
+    whose score sat on a threshold may differ (hard masks flip with the summation order), a wrong
+    repacking differs on most tokens and stops freeze."""
+    from momcompress.errors import FreezeCheckError
+    from momcompress.freeze.freezer import SELECT_FLIP_FRACTION, check_select_layers
+
+    torch.manual_seed(0)
+    d, n = 16, 32
+    layer = FrozenSelectFFN(d, n, n, "silu")
+    layer.gate_up.data.normal_(), layer.down.data.normal_()
+    layer.x_threshold.fill_(0.3), layer.h_threshold.fill_(0.5)
+    x = torch.randn(1, 400, d)
+    with torch.no_grad():
+        y = layer(x)
+    assert check_select_layers([layer], [(x, y)], 1e-4)["worst_matching_fraction"] == 1.0
+    tie = y.clone()
+    tie[0, 7] += 0.5  # one token of 400 (0.25%) off, as after a flipped neuron
+    assert SELECT_FLIP_FRACTION > 1 / 400
+    assert check_select_layers([layer], [(x, tie)], 1e-4)["worst_matching_fraction"] == pytest.approx(399 / 400)
+    wrong = FrozenSelectFFN(d, n, n, "silu")
+    wrong.gate_up.data.copy_(layer.gate_up.data[:, torch.randperm(2 * n)])  # neurons repacked out of order
+    wrong.down.data.copy_(layer.down.data)
+    wrong.x_threshold.copy_(layer.x_threshold), wrong.h_threshold.copy_(layer.h_threshold)
+    with pytest.raises(FreezeCheckError, match="layer 0: .* freeze bug"):
+        check_select_layers([wrong], [(x, y)], 1e-4)
