@@ -101,6 +101,25 @@ def run_checks(
     Values pass when |onnxruntime - PyTorch| <= atol + rtol * max|PyTorch value|. experts: how MoMExperts
     runs (OrtCausalLM's experts). info, if given, receives "experts_path" (kernel / function body / None)
     and "ops_library"."""
+    from momcompress.runtime.select_ffn import select_layers
+
+    # A per-token selector's masks are hard thresholds: a score that lies on one can flip with the
+    # summation order, and the flip then travels through every later layer (a 1e-7 difference became a
+    # logit 3.6 apart on the default model with the fused CPU kernel). The ONNX body computes the masked
+    # formula, so PyTorch runs that formula too here (the fused kernel matches it per layer to ~1e-6).
+    selectors = select_layers(model)
+    paths = [m.path for m in selectors]
+    for m in selectors:
+        m.path = "masked"
+    try:
+        return _run_checks(path, model, tokenizer, atol, rtol, new_tokens, provider, experts, info)
+    finally:
+        for m, before in zip(selectors, paths):
+            m.path = before
+
+
+def _run_checks(path: Path, model, tokenizer, atol: float, rtol: float, new_tokens: int, provider: str, experts: str,
+                info: dict | None) -> list[Check]:
     from momcompress.export import ort_ops
 
     is_mom = hasattr(model.config, "momcompress")
