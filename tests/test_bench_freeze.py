@@ -28,7 +28,7 @@ def frozen_pair(tmp_path_factory, text_data):
     work = tmp_path_factory.mktemp("bench-freeze")
     model = make_tiny_model_dir(work / "model", "llama")
     out = {}
-    for name, extra in (("selector", {}), ("experts", dict(selector="experts", experts=4, top_k=1, block_size=8))):
+    for name, extra in (("selector", dict(selector="activations")), ("experts", dict(selector="experts", experts=4, top_k=1, block_size=8))):
         momcompress.learn(str(model), work / f"run-{name}", LearnConfig(data=str(text_data), **SMALL, **extra))
         momcompress.freeze(work / f"run-{name}", work / f"frozen-{name}", tolerance=0.1)
         out[name] = work / f"frozen-{name}"

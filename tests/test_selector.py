@@ -32,7 +32,7 @@ from momcompress.runtime.select_ffn import FrozenSelectFFN, select_ffn_reference
 
 
 def _cfg(data, **kw):
-    base = dict(target=0.5, steps=8, batch_size=4, seq_len=32, data=str(data), eval_tokens=256, init_tokens=512,
+    base = dict(target=0.5, selector="activations", steps=8, batch_size=4, seq_len=32, data=str(data), eval_tokens=256, init_tokens=512,
                 checkpoint_every=4, log_every=100, dtype="float32")
     base.update(kw)
     return LearnConfig(**base)
@@ -291,7 +291,7 @@ def test_export_runs_in_onnxruntime_and_matches_pytorch(frozen, workdir):
 def test_bad_input_gets_a_clear_error(run, data_file, tmp_path):
     model_dir, out, _ = run
     with pytest.raises(ConfigError, match="--experts.*--selector experts"):
-        LearnConfig(experts=8)
+        LearnConfig(selector="activations", experts=8)
     with pytest.raises(ConfigError, match="--selector must be one of"):
         LearnConfig(selector="neurons")
     with pytest.raises(ConfigError, match="below what the selector itself reads"):
