@@ -59,6 +59,17 @@ Every neuron that no token uses can be pruned without changing the output.
 Wikipedia is a free online encyclopedia written by volunteers around the world."""
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_tiny_model_dir(path: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
     """Save a randomly initialised tiny model + tokenizer as a Hugging Face folder."""
     from transformers import AutoModelForCausalLM

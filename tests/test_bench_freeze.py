@@ -1,14 +1,13 @@
 """benchmarks/bench_freeze.py on tiny frozen models: the per-token selector, the expert masks and the
 synthetic expert plan as columns of one run, the CPU named."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 import momcompress
-from conftest import make_tiny_model_dir
+from conftest import load_benchmark, make_tiny_model_dir
 from momcompress.config import LearnConfig
 from momcompress.hardware import cpu_name
 
@@ -16,11 +15,7 @@ SMALL = dict(target=0.5, steps=3, batch_size=2, seq_len=32, eval_tokens=128, ini
 
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_freeze.py"
-    spec = importlib.util.spec_from_file_location("bench_freeze", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_freeze")
 
 
 @pytest.fixture(scope="module")

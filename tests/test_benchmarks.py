@@ -1,7 +1,6 @@
 """Accuracy benchmarks that have no other test: learning_curve.py, routing_oracle.py and activation_sparsity.py
 on a tiny model."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,19 +8,14 @@ import pytest
 import torch
 
 import momcompress
-from conftest import make_tiny_model_dir
+from conftest import load_benchmark, make_tiny_model_dir
 from momcompress.config import LearnConfig
 from momcompress.hardware import cpu_name
 
 TINY = dict(selector="experts", experts=4, top_k=1, block_size=8, batch_size=2, seq_len=32, eval_tokens=256, init_tokens=256, log_every=100)
 
 
-def _bench(name: str):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_bench = load_benchmark
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,19 @@
 """benchmarks/experiment.py end to end on a tiny model: every method built, validated and tabled."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 import momcompress
-from conftest import make_tiny_model_dir
+from conftest import load_benchmark, make_tiny_model_dir
 from momcompress.baselines.base import measure_ratio
 
 SEQ_LEN, HELDOUT = 32, 256
 
 
 def _experiment():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "experiment.py"
-    spec = importlib.util.spec_from_file_location("experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("experiment")
 
 
 def _heldout_and_dense_perplexity(model_dir):
