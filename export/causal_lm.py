@@ -126,11 +126,15 @@ class OrtCausalLM:
             `momcompress build-ops` has built it, else the node's ONNX function body, with a warning),
             "kernel" (the kernel or an OrtOpsError) or "body" (always the function body).
 
+        initializers: values that replace the file's initializers of those names in this session (the export
+            checks switch a per-token selector's thresholds off this way); the file is not changed.
+
     ``experts_path`` says which ran: "kernel", "function body", or None for a graph without MoMExperts.
     """
 
     def __init__(self, path: str | Path, provider: str = "CPUExecutionProvider", threads: int | None = None,
-                 kv_shape: tuple[int, int] | None = None, spinning: bool = True, experts: str = "auto"):
+                 kv_shape: tuple[int, int] | None = None, spinning: bool = True, experts: str = "auto",
+                 initializers: dict[str, np.ndarray] | None = None):
         path = Path(path)
         self.path = path / ONNX_FILE if path.is_dir() else path
         if not self.path.is_file():
@@ -158,6 +162,10 @@ class OrtCausalLM:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.ops_library = None  # the momcompress ops library registered in this session, if any
         self.experts_path = self._register_ops(options, provider, experts)
+        # onnxruntime reads these buffers in place for the session's lifetime: keep them referenced
+        self._overrides = [(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))) for name, v in (initializers or {}).items()]
+        for name, value in self._overrides:
+            options.add_initializer(name, value)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=[provider])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
@@ -177,15 +185,21 @@ class OrtCausalLM:
         self.output_names = ["logits", *present_names(self.num_layers)]
         self._kv_shape = kv_shape
 
-    def _has_mom_nodes(self) -> bool:
-        if self.manifest is not None and "kind" in self.manifest:
-            return self.manifest["kind"] == "mom"
+    def _custom_nodes(self) -> str | None:
+        """"kernel" when the graph has nodes the momcompress kernel library implements (MoMExperts,
+        SelectedRowsFFN), "body" when its custom nodes always run their function body (a per-token
+        selector's SelectFFN), None for a graph without momcompress nodes (dense)."""
+        if self.manifest is not None and self.manifest.get("kind") == "dense":
+            return None
         import onnx
 
         from momcompress.export import op
 
         model = onnx.load(str(self.path), load_external_data=False)
-        return any(o.domain == op.DOMAIN for o in model.opset_import)
+        types = {n.op_type for n in model.graph.node if n.domain == op.DOMAIN}
+        if types & {op.OP_TYPE, op.SELECTED_ROWS_OP}:
+            return "kernel"
+        return "body" if types else None
 
     def _register_ops(self, options, provider: str, experts: str) -> str | None:
         """Register the momcompress ops library as `experts` asks; return the path MoMExperts will take."""
@@ -193,9 +207,13 @@ class OrtCausalLM:
 
         if experts not in EXPERTS_MODES:
             raise ExportError(f"experts must be one of {', '.join(EXPERTS_MODES)}, got {experts!r}")
-        if not self._has_mom_nodes():
+        nodes = self._custom_nodes()
+        if nodes is None:
             return None
-        if experts == "body":
+        if nodes == "body" and experts == "kernel":
+            raise ExportError(f"{self.path} is a per-token selector model: its SelectFFN nodes have no compiled kernel "
+                              "and run their function body; pass experts='auto' or 'body'")
+        if experts == "body" or nodes == "body":
             return ort_ops.FUNCTION_BODY
         if provider != "CPUExecutionProvider":  # the library has CPU kernels only; other providers run the body
             if experts == "kernel":

@@ -9,6 +9,9 @@
 MoMExperts runs with the compiled momcompress kernel when `momcompress build-ops` has built it (the
 logits checks say which path ran); the function body every file carries is then checked too (prefill
 logits in a session without the kernel), so both paths of the file are verified.
+A per-token selector model (SelectFFN nodes, hard thresholds) runs checks 2-4 with its thresholds
+switched off on both sides, and then 5. each SelectFFN node alone, with the file's thresholds, on its
+layer's real inputs, where only a threshold tie may make a token differ (see `run_checks`).
 Every check runs; if any fails, ExportCheckError carries the whole checklist and names the failures.
 """
 
@@ -100,33 +103,154 @@ def run_checks(
 
     Values pass when |onnxruntime - PyTorch| <= atol + rtol * max|PyTorch value|. experts: how MoMExperts
     runs (OrtCausalLM's experts). info, if given, receives "experts_path" (kernel / function body / None)
-    and "ops_library"."""
+    and "ops_library".
+
+    A per-token selector model (SelectFFN nodes) is checked in two parts. Its masks are hard thresholds:
+    a score that lies on one flips with the summation order, and the flip then travels through every
+    later layer and position (on the default model, one such flip put the with-past logits 3.6 apart).
+    So the whole-model checks (logits, keys/values, greedy tokens) run with every threshold switched off
+    on both sides (the file's threshold initializers replaced in the session, not in the file): they
+    check the graph, its weights and its cache exactly. Then `check_select_nodes` runs each layer's node,
+    with the file's own thresholds, on that layer's real inputs and allows a difference only at a token
+    where a neuron's score lies on its threshold."""
     from momcompress.runtime.select_ffn import select_layers
 
-    # A per-token selector's masks are hard thresholds: a score that lies on one can flip with the
-    # summation order, and the flip then travels through every later layer. PyTorch runs the masked
-    # formula here, as the ONNX body does (the fused kernel matches it per layer to ~1e-6). This did not
-    # make the default model's with-past check pass (logits 3.6 apart either way): see README, Status.
     selectors = select_layers(model)
-    paths = [m.path for m in selectors]
-    for m in selectors:
-        m.path = "masked"
+    if not selectors:
+        checks = _run_checks(path, model, tokenizer, atol, rtol, new_tokens, provider, experts, info)
+    else:
+        saved = [(m.path, m.x_threshold.clone(), m.h_threshold.clone()) for m in selectors]
+        try:
+            for m in selectors:  # the masked formula, as the ONNX body computes it
+                m.path = "masked"
+                m.x_threshold.fill_(THRESHOLD_OFF)
+                m.h_threshold.fill_(THRESHOLD_OFF)
+            off = threshold_overrides(path)
+            checks = _run_checks(path, model, tokenizer, atol, rtol, new_tokens, provider, experts, info,
+                                 initializers=off, note="selector thresholds off")
+            for m, (_, x_t, h_t) in zip(selectors, saved):
+                m.x_threshold.copy_(x_t)
+                m.h_threshold.copy_(h_t)
+            checks.append(check_select_nodes(path, model, tokenizer, selectors))
+        finally:
+            for m, (before, x_t, h_t) in zip(selectors, saved):
+                m.path = before
+                m.x_threshold.copy_(x_t)
+                m.h_threshold.copy_(h_t)
+    if not all(c.ok for c in checks):
+        raise ExportCheckError(_failure(checks))
+    return checks
+
+
+THRESHOLD_OFF = -1.0  # |v| > -1 holds for every value: the selector keeps every channel and neuron
+SELECT_TIE = 1e-5  # a neuron whose |h| lies within this of its threshold, relative to the token's largest |h|, is a tie
+SELECT_LAYER_RTOL = 1e-4  # a layer's output per token, relative to the layer's largest output (as freeze checks it)
+
+
+def threshold_overrides(path: Path) -> dict[str, np.ndarray]:
+    """{initializer name: THRESHOLD_OFF array} for the x_threshold and h_threshold inputs of every SelectFFN node."""
+    import onnx
+
+    from momcompress.export import select_op
+
+    model = onnx.load(str(path), load_external_data=False)
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    out = {}
+    for node in select_op.select_nodes(model):
+        for name in (node.input[1], node.input[4]):
+            if name not in shapes:
+                raise ExportCheckError(f"SelectFFN node {node.name}: its threshold {name!r} is not an initializer of {path}; "
+                                       "re-export with `momcompress export`")
+            out[name] = np.full(shapes[name], THRESHOLD_OFF, dtype=np.float32)
+    return out
+
+
+def check_select_nodes(path: Path, model, tokenizer, selectors) -> Check:
+    """Each SelectFFN node of the file, alone in onnxruntime with the file's own weights and thresholds, on
+    the real inputs its layer gets in PyTorch (the check prompts), against the layer's masked formula.
+
+    Both sides read the same inputs, so the input channels kept are the same; a neuron's keep decision can
+    still differ where |h| lies on its threshold (the two sums of gate and up differ in the last bits). A
+    token passes when its output is within SELECT_LAYER_RTOL of the layer's largest output, or when one of
+    its neurons lies within SELECT_TIE of its threshold; at most SELECT_FLIP_FRACTION of the tokens may be
+    such ties."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from momcompress.export import select_op
+    from momcompress.freeze.freezer import SELECT_FLIP_FRACTION
+    from momcompress.runtime.select_ffn import ACTIVATIONS
+
+    name = "SelectFFN nodes alone, file's thresholds, on real layer inputs"
+    ids, mask = prompt_batch(tokenizer)
+    inputs = []
+    handles = [m.register_forward_hook(lambda _m, args, _o: inputs.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+               for m in selectors]
     try:
-        return _run_checks(path, model, tokenizer, atol, rtol, new_tokens, provider, experts, info)
+        FlatCacheLM(model).eval().run(ids, mask, prefill_positions(mask), FlatCacheLM(model).first_past(ids.shape[0]))
     finally:
-        for m, before in zip(selectors, paths):
-            m.path = before
+        for h in handles:
+            h.remove()
+    real = torch.from_numpy(mask.reshape(-1).astype(bool))
+    file = onnx.load(str(path))
+    nodes = select_op.select_nodes(file)
+    if len(nodes) != len(selectors) or len(inputs) != len(selectors):
+        return Check(name, False, f"{len(nodes)} SelectFFN nodes, {len(selectors)} selector layers, {len(inputs)} layer inputs captured")
+    inits = {i.name: i for i in file.graph.initializer}
+    body = [f for f in file.functions if f.domain == op.DOMAIN and f.name == select_op.OP_TYPE]
+    tokens = differ = ties = 0
+    worst_tie = 0.0
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    for i, (node, layer, x) in enumerate(zip(nodes, selectors, inputs)):
+        x = x[real] if x.shape[0] == real.shape[0] else x
+        dtype = layer.gate_up.dtype
+        if dtype not in (torch.float32, torch.float16):
+            return Check(name, False, f"layer {i}: weights in {dtype}; this check runs float32 and float16 models")
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(str(dtype).removeprefix("torch.")))
+        d = x.shape[-1]
+        one = helper.make_node(select_op.OP_TYPE, ["x", *node.input[1:]], ["out"], domain=op.DOMAIN)
+        one.attribute.extend(node.attribute)
+        graph = helper.make_graph([one], f"layer{i}", [helper.make_tensor_value_info("x", elem, [None, d])],
+                                  [helper.make_tensor_value_info("out", elem, [None, d])],
+                                  initializer=[inits[n] for n in node.input[1:]])
+        single = helper.make_model(graph, opset_imports=list(file.opset_import), functions=body, ir_version=file.ir_version)
+        session = ort.InferenceSession(single.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {"x": x.numpy()})
+        with torch.no_grad():
+            ref = layer.masked(x).float()
+            keep_x = x.abs().float() > layer.x_threshold
+            gu = ((x * keep_x.to(x.dtype)) @ layer.gate_up).float().view(x.shape[0], -1, 2)
+            h = ACTIVATIONS[layer.activation](gu[..., 0]) * gu[..., 1]
+        err = (torch.from_numpy(got).float() - ref).abs().amax(-1)
+        bad = err > SELECT_LAYER_RTOL * ref.abs().max().clamp_min(1e-12)
+        margin = (h.abs() - layer.h_threshold).abs().amin(-1) / h.abs().amax(-1).clamp_min(1e-12)
+        tie = margin <= SELECT_TIE
+        tokens += x.shape[0]
+        differ += int(bad.sum())
+        ties += int((bad & tie).sum())
+        if bool((bad & ~tie).any()):
+            j = int(torch.nonzero(bad & ~tie)[0])
+            return Check(name, False, f"layer {i}, token {j}: output {float(err[j]):.2e} from PyTorch's with no threshold tie "
+                         f"(nearest neuron {float(margin[j]):.1e} of the largest |h| from its threshold)")
+        if bool(bad.any()):
+            worst_tie = max(worst_tie, float(margin[bad].max()))
+    ok = differ <= SELECT_FLIP_FRACTION * tokens
+    ties_text = f"{ties} at a threshold tie (a neuron within {worst_tie:.1e} of the largest |h| from its threshold)" if ties else "no ties"
+    return Check(name, ok, f"{len(nodes)} layers x {tokens // max(len(nodes), 1)} tokens: {tokens - differ} within "
+                 f"{SELECT_LAYER_RTOL:g} of the layer's largest output, {ties_text}; at most {SELECT_FLIP_FRACTION:.0%} allowed")
 
 
 def _run_checks(path: Path, model, tokenizer, atol: float, rtol: float, new_tokens: int, provider: str, experts: str,
-                info: dict | None) -> list[Check]:
+                info: dict | None, initializers: dict | None = None, note: str = "") -> list[Check]:
     from momcompress.export import ort_ops
 
     is_mom = hasattr(model.config, "momcompress")
     checks = [check_graph(path, model.config.num_hidden_layers, is_mom)]
     if not checks[0].ok:
         raise ExportCheckError(_failure(checks))
-    ort_lm = OrtCausalLM(path, provider, experts=experts)
+    ort_lm = OrtCausalLM(path, provider, experts=experts, initializers=initializers)
     if info is not None:
         info["experts_path"] = ort_lm.experts_path
         info["ops_library"] = str(ort_lm.ops_library) if ort_lm.ops_library else None
@@ -135,13 +259,14 @@ def _run_checks(path: Path, model, tokenizer, atol: float, rtol: float, new_toke
     pos = prefill_positions(mask)
     B = ids.shape[0]
     ran = f", MoMExperts: {ort_lm.experts_path}" if ort_lm.experts_path else ""
+    ran += f", {note}" if note else ""
 
     # 2. prefill, no past: compare at real (unpadded) positions
     got, got_present = ort_lm.run(ids, mask, pos, ort_lm.first_past(B))
     want, want_present = torch_lm.run(ids, mask, pos, torch_lm.first_past(B))
     checks.append(_close(f"logits close without past (batch 2, left padding{ran})", got, want, atol, rtol, mask.astype(bool)))
     if ort_lm.experts_path == ort_ops.KERNEL:  # the file's function body, for onnxruntime without the kernel
-        body_lm = OrtCausalLM(path, provider, experts="body")
+        body_lm = OrtCausalLM(path, provider, experts="body", initializers=initializers)
         body, _ = body_lm.run(ids, mask, pos, body_lm.first_past(B))
         checks.append(_close("function body logits close without past (onnxruntime without the kernel)", body, want, atol, rtol, mask.astype(bool)))
 
@@ -156,7 +281,8 @@ def _run_checks(path: Path, model, tokenizer, atol: float, rtol: float, new_toke
     real = mask2.astype(bool)[:, None, :, None]
     where = np.broadcast_to(real, got_present2[0].shape)
     flat = [(g[where], w[where]) for g, w in zip(got_present2, want_present2)]
-    checks.append(_close("present key/values close", np.concatenate([g for g, _ in flat]), np.concatenate([w for _, w in flat]), atol, rtol))
+    checks.append(_close(f"present key/values close{' (' + note + ')' if note else ''}",
+                         np.concatenate([g for g, _ in flat]), np.concatenate([w for _, w in flat]), atol, rtol))
 
     # 4. greedy generation with the KV cache: onnxruntime vs transformers' generate
     ort_tokens = greedy_generate(ort_lm, ids, mask, new_tokens)
@@ -167,9 +293,7 @@ def _run_checks(path: Path, model, tokenizer, atol: float, rtol: float, new_toke
     else:
         first = int(np.argmax((ort_tokens != torch_tokens).any(axis=0))) - ids.shape[1]
         detail = f"first difference at new token {first} of {new_tokens}"
-    checks.append(Check("greedy generation identical to PyTorch (KV cache)", same, detail))
-    if not all(c.ok for c in checks):
-        raise ExportCheckError(_failure(checks))
+    checks.append(Check(f"greedy generation identical to PyTorch (KV cache{', ' + note if note else ''})", same, detail))
     return checks
 
 

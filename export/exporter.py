@@ -313,7 +313,7 @@ def export(
         "architecture": torch_model.config.model_type,
         "experts_body": body if is_mom else None,
         "opset": opset,
-        "custom_domain": {"domain": op.DOMAIN, "version": op.DOMAIN_VERSION, "op_type": op.OP_TYPE} if is_mom else None,
+        "custom_domain": {"domain": op.DOMAIN, "version": op.DOMAIN_VERSION, "op_type": _custom_op_type(torch_model)} if is_mom else None,
         "plugin": {"namespace": op.PLUGIN_NAMESPACE, "version": op.PLUGIN_VERSION} if is_mom else None,
         "num_layers": L,
         "num_key_value_heads": heads,
@@ -352,6 +352,14 @@ def export(
 
     atomic_dir_write(out, write)
     return manifest
+
+
+def _custom_op_type(model) -> str:
+    """The custom node the export writes per layer: SelectFFN for a per-token selector model, else MoMExperts."""
+    from momcompress.export import select_op
+    from momcompress.runtime.select_ffn import select_layers
+
+    return select_op.OP_TYPE if select_layers(model) else op.OP_TYPE
 
 
 def format_checklist(checks: list[dict]) -> str:

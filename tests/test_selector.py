@@ -285,6 +285,44 @@ def test_export_runs_in_onnxruntime_and_matches_pytorch(frozen, workdir):
     model = onnx.load(str(workdir / "onnx" / "model.onnx"))
     assert sum(n.op_type == "SelectFFN" for n in model.graph.node) == 2
     assert [f.name for f in model.functions] == ["SelectFFN"]
+    names = [c["name"] for c in manifest["checks"]]
+    assert any("with past" in n and "selector thresholds off" in n for n in names)
+    assert any(n.startswith("greedy generation") and "selector thresholds off" in n for n in names)
+    assert any(n.startswith("SelectFFN nodes alone") for n in names)
+    assert manifest["custom_domain"]["op_type"] == "SelectFFN"
+    assert manifest["validation"]["experts_path"] == "function body"  # the kernel library has no SelectFFN
+
+
+def test_export_node_check_catches_wrong_thresholds(frozen, workdir):
+    """The per-layer SelectFFN check compares the file's node with PyTorch's layer: a threshold that differs
+    between them (not a tie) fails it and names the layer; thresholds off in a session change the logits."""
+    import numpy as np
+
+    from momcompress.export.causal_lm import OrtCausalLM
+    from momcompress.export.checks import check_select_nodes, prompt_batch, threshold_overrides
+    from momcompress.export.exporter import load_for_export
+    from momcompress.runtime.select_ffn import select_layers
+
+    _, fdir, _ = frozen
+    path = workdir / "onnx-node-check" / "model.onnx"
+    if not path.exists():
+        momcompress.export(fdir, path.parent, new_tokens=4)
+    model, tok, _ = load_for_export(fdir, False)
+    layers = select_layers(model)
+    for m in layers:
+        m.path = "masked"
+    assert check_select_nodes(path, model, tok, layers).ok
+    layers[1].h_threshold.mul_(2.0)
+    check = check_select_nodes(path, model, tok, layers)
+    assert not check.ok and "layer 1" in check.detail and "no threshold tie" in check.detail
+
+    ids, mask = prompt_batch(tok)
+    pos = np.cumsum(mask, axis=1) - 1
+    on, off = OrtCausalLM(path), OrtCausalLM(path, initializers=threshold_overrides(path))
+    assert len(threshold_overrides(path)) == 2 * len(layers)
+    a, _ = on.run(ids, mask, pos, on.first_past(2))
+    b, _ = off.run(ids, mask, pos, off.first_past(2))
+    assert np.abs(a - b).max() > 1e-3
 
 
 # -- bad input ------------------------------------------------------------------------------------------
