@@ -29,7 +29,7 @@ from pathlib import Path
 from momcompress.hardware import cpu_name
 
 METHODS = ("mom", "mom-experts", "moefication", "prune", "teal", "wina")
-# mom: `momcompress learn --selector activations` (the per-token selector); mom-experts: learn --selector experts (its default).
+# mom: `momcompress learn` as it defaults (the per-token selector); mom-experts: learn --selector experts.
 DEFAULT_METHODS = ("mom", "moefication", "prune", "teal", "wina")
 THRESHOLD_METHODS = ("teal", "wina")  # training-free: --split applies to them
 
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="default", help="dense model folder, .gguf or `default`")
     p.add_argument("--targets", default="0.5", help="comma-separated activation ratios")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated subset of {','.join(METHODS)} (mom: learn's per-token selector, --selector activations; "
+                   help=f"comma-separated subset of {','.join(METHODS)} (mom: learn's default per-token selector; "
                         "mom-experts: learn --selector experts)")
     p.add_argument("--steps", type=int, default=None, help="learn steps for mom and prune (default: learn's default)")
     p.add_argument("--mom-run", action="append", default=[],

@@ -31,10 +31,9 @@ def main(verbose: bool):
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Fraction of FFN parameters read per token to reach (default 0.5).")
 @click.option("--selector", type=click.Choice(["activations", "experts"]),
-              help="How each token's FFN neurons are chosen: activations (per-token thresholds on the token's "
-                   "own WINA-scored activations, learned per layer with the weights; better quality, its ONNX export "
-                   "not yet reliable) or experts (default: the paper's form, one learned mask per expert plus a router; "
-                   "the options --experts to --permute apply to it).")
+              help="How each token's FFN neurons are chosen: activations (default: per-token thresholds on the token's "
+                   "own WINA-scored activations, learned per layer with the weights) or experts (the paper's form: one "
+                   "learned mask per expert plus a router; the options --experts to --permute apply to it).")
 @click.option("--threshold-lr", type=click.FloatRange(min=0),
               help="--selector activations: step of the per-layer log-thresholds (default 0.02; 0 keeps the initial split).")
 @click.option("--experts", type=click.IntRange(min=1), help="Experts (masks) per layer (default 64).")

@@ -32,9 +32,8 @@ class LearnConfig:
     Attributes:
         target: activation ratio to reach, the fraction of FFN parameters read per token, in (0, 1).
         selector: how each token's FFN neurons are chosen: "activations" (per-token thresholds on the
-            token's own WINA-scored activations, learned per layer; learn/selector.py) or "experts" (the
-            paper's form: one learned mask per expert plus a router; learn/mom.py; the default until the
-            selector's ONNX export passes its with-past check on the default model, see README). The
+            token's own WINA-scored activations, learned per layer; learn/selector.py; the default) or
+            "experts" (the paper's form: one learned mask per expert plus a router; learn/mom.py). The
             options from `experts` to `permute` below (but `init_tokens`) apply to "experts" only.
         threshold_lr: selector "activations": step of the per-layer log-thresholds (normalised over
             all layers; see learn/selector.py).
@@ -83,7 +82,7 @@ class LearnConfig:
     """
 
     target: float = 0.5
-    selector: str = "experts"
+    selector: str = "activations"
     threshold_lr: float = 0.02
     experts: int = 64
     top_k: int = 1
