@@ -130,6 +130,7 @@ class OrtCausalLM:
             checks switch a per-token selector's thresholds off this way); the file is not changed.
 
     ``experts_path`` says which ran: "kernel", "function body", or None for a graph without MoMExperts.
+    ``custom_op`` names the node it is about: "MoMExperts", or "SelectFFN" (per-token selector: always its body).
     """
 
     def __init__(self, path: str | Path, provider: str = "CPUExecutionProvider", threads: int | None = None,
@@ -161,6 +162,7 @@ class OrtCausalLM:
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.ops_library = None  # the momcompress ops library registered in this session, if any
+        self.custom_op = "MoMExperts"  # the momcompress node the graph has per layer (SelectFFN for a per-token selector)
         self.experts_path = self._register_ops(options, provider, experts)
         # onnxruntime reads these buffers in place for the session's lifetime: keep them referenced
         self._overrides = [(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))) for name, v in (initializers or {}).items()]
@@ -199,7 +201,10 @@ class OrtCausalLM:
         types = {n.op_type for n in model.graph.node if n.domain == op.DOMAIN}
         if types & {op.OP_TYPE, op.SELECTED_ROWS_OP}:
             return "kernel"
-        return "body" if types else None
+        if types:
+            self.custom_op = "SelectFFN"
+            return "body"
+        return None
 
     def _register_ops(self, options, provider: str, experts: str) -> str | None:
         """Register the momcompress ops library as `experts` asks; return the path MoMExperts will take."""

@@ -1,7 +1,7 @@
 """Self-checks of an exported model against PyTorch, as a checklist (optimum's `✓ all values close`).
 
 `run_checks` runs, on real prompts (a left-padded batch of two):
-1. the onnx checker (and, for MoM models, one MoMExperts node per layer with its function body);
+1. the onnx checker (and, for MoM models, one MoMExperts or SelectFFN node per layer with its function body);
 2. onnxruntime vs PyTorch logits without past key/values (prefill), within atol at unpadded positions;
 3. logits and present key/values with past key/values (a 3-token continuation after the prefill);
 4. greedy generation of new_tokens tokens through onnxruntime with the KV cache, identical to
@@ -127,7 +127,7 @@ def run_checks(
                 m.h_threshold.fill_(THRESHOLD_OFF)
             off = threshold_overrides(path)
             checks = _run_checks(path, model, tokenizer, atol, rtol, new_tokens, provider, experts, info,
-                                 initializers=off, note="selector thresholds off")
+                                 initializers=off, note="selector thresholds off", op_name="SelectFFN")
             for m, (_, x_t, h_t) in zip(selectors, saved):
                 m.x_threshold.copy_(x_t)
                 m.h_threshold.copy_(h_t)
@@ -243,7 +243,7 @@ def check_select_nodes(path: Path, model, tokenizer, selectors) -> Check:
 
 
 def _run_checks(path: Path, model, tokenizer, atol: float, rtol: float, new_tokens: int, provider: str, experts: str,
-                info: dict | None, initializers: dict | None = None, note: str = "") -> list[Check]:
+                info: dict | None, initializers: dict | None = None, note: str = "", op_name: str = "MoMExperts") -> list[Check]:
     from momcompress.export import ort_ops
 
     is_mom = hasattr(model.config, "momcompress")
@@ -258,7 +258,7 @@ def _run_checks(path: Path, model, tokenizer, atol: float, rtol: float, new_toke
     ids, mask = prompt_batch(tokenizer)
     pos = prefill_positions(mask)
     B = ids.shape[0]
-    ran = f", MoMExperts: {ort_lm.experts_path}" if ort_lm.experts_path else ""
+    ran = f", {op_name}: {ort_lm.experts_path}" if ort_lm.experts_path else ""
     ran += f", {note}" if note else ""
 
     # 2. prefill, no past: compare at real (unpadded) positions

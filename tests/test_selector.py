@@ -289,6 +289,7 @@ def test_export_runs_in_onnxruntime_and_matches_pytorch(frozen, workdir):
     assert any("with past" in n and "selector thresholds off" in n for n in names)
     assert any(n.startswith("greedy generation") and "selector thresholds off" in n for n in names)
     assert any(n.startswith("SelectFFN nodes alone") for n in names)
+    assert any("SelectFFN: function body" in n for n in names) and not any("MoMExperts" in n for n in names)
     assert manifest["custom_domain"]["op_type"] == "SelectFFN"
     assert manifest["validation"]["experts_path"] == "function body"  # the kernel library has no SelectFFN
 
@@ -389,3 +390,19 @@ def test_freeze_layer_check_allows_threshold_ties_not_repacking_errors():
     wrong.x_threshold.copy_(layer.x_threshold), wrong.h_threshold.copy_(layer.h_threshold)
     with pytest.raises(FreezeCheckError, match="layer 0: .* freeze bug"):
         check_select_layers([wrong], [(x, y)], 1e-4)
+
+
+def test_validate_onnx_rows_name_the_selector_node(frozen, workdir, tmp_path):
+    """validate --onnx on a selector model's export: the onnxruntime rows say SelectFFN ran its function body."""
+    model_dir, fdir, _ = frozen
+    mom = workdir / "onnx-validate"
+    if not mom.is_dir():
+        momcompress.export(fdir, mom, new_tokens=2)
+    momcompress.export(model_dir, tmp_path / "dense", dense=True, new_tokens=2)
+    report = momcompress.validate(fdir, dense=model_dir, output=tmp_path / "r", onnx_sparse=mom, onnx_dense=tmp_path / "dense",
+                                  task_names="none", seq_len=32, heldout_tokens=64, progress=False, prefill_tokens=8,
+                                  decode_tokens=2, speed_repeats=1, threads=1)
+    ort_cpu = report["speed"]["onnxruntime"]["cpu"]
+    assert ort_cpu["experts_path"] == {"dense": None, "sparse": "function body"} and ort_cpu["custom_op"] == "SelectFFN"
+    md = (tmp_path / "r" / report["key"] / "report.md").read_text()
+    assert "onnxruntime cpu (SelectFFN: function body)" in md and "no SelectFFN kernel" in md

@@ -66,14 +66,16 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _speed_rows(speed: dict) -> list[tuple[str, dict, str]]:
     """(runtime label, phase result, phase) for every timed phase. An onnxruntime label names the path that ran
-    the MoM export's MoMExperts nodes: "onnxruntime cpu (MoMExperts: kernel)" or "(MoMExperts: function body)"."""
+    the MoM export's MoMExperts nodes: "onnxruntime cpu (MoMExperts: kernel)" or "(MoMExperts: function body)"
+    ("SelectFFN: function body" for a per-token selector's export)."""
     rows = []
     for runtime in ("torch", "onnxruntime"):
         for dev, result in (speed.get(runtime) or {}).items():
             if not isinstance(result, dict):
                 continue
             path = (result.get("experts_path") or {}).get("sparse")
-            label = f"{runtime} {dev}" + (f" (MoMExperts: {path})" if path else "")
+            node = result.get("custom_op", "MoMExperts")
+            label = f"{runtime} {dev}" + (f" ({node}: {path})" if path else "")
             for phase in ("prefill", "decode"):
                 if phase in result:
                     rows.append((label, result, phase))
@@ -198,6 +200,9 @@ def format_markdown(report: dict, plot_files: list[str]) -> str:
         sparse_path = ((ort or {}).get("experts_path") or {}).get("sparse")
         if sparse_path == "kernel":
             out += [f"The MoM export's MoMExperts nodes ran the compiled momcompress kernel (`{ort['ops_library']}`)."]
+        elif sparse_path and ort.get("custom_op") == "SelectFFN":
+            out += ["The MoM export's SelectFFN nodes (per-token selector) ran their ONNX function body, a masked "
+                    "dense form: the compiled kernel library has no SelectFFN kernel yet."]
         elif sparse_path:
             out += ["The MoM export's MoMExperts nodes ran their ONNX function body: the compiled kernel was not "
                     "registered (build it with `momcompress build-ops`)."]

@@ -302,6 +302,7 @@ def _onnx_speed(onnx_dense, onnx_sparse, dense, sparse, config, tokens, prefill,
     result["exports"] = {name: {"path": str(r.path), "manifest": r.manifest} for name, r in runners.items()}
     # which path ran the MoMExperts nodes: the compiled kernel (momcompress build-ops) or the function body
     result["experts_path"] = {name: r.experts_path for name, r in runners.items()}
+    result["custom_op"] = runners["sparse"].custom_op  # MoMExperts, or SelectFFN for a per-token selector
     result["ops_library"] = next((str(r.ops_library) for r in runners.values() if r.ops_library), None)
     return result
 
