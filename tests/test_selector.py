@@ -406,3 +406,4 @@ def test_validate_onnx_rows_name_the_selector_node(frozen, workdir, tmp_path):
     assert ort_cpu["experts_path"] == {"dense": None, "sparse": "function body"} and ort_cpu["custom_op"] == "SelectFFN"
     md = (tmp_path / "r" / report["key"] / "report.md").read_text()
     assert "onnxruntime cpu (SelectFFN: function body)" in md and "no SelectFFN kernel" in md
+    assert "its masks are hard thresholds" in md
