@@ -1,10 +1,11 @@
 """The momcompress custom-op library for onnxruntime's CPU provider: build it, find it, register it.
 
 `export/csrc/momcompress_ort_ops.cc` implements `momcompress::MoMExperts` (the routed experts of every
-exported MoM layer) and `momcompress::SelectedRowsFFN` (per-token selected rows, see export/op.py) as
-compiled kernels that multiply the selected rows where they lie, on onnxruntime's intra-op threads. An
-exported model does not need it: each MoMExperts node carries an ONNX function body of standard ops,
-which onnxruntime runs when the library is not registered (slower: standard ops copy the rows first).
+exported MoM layer), `momcompress::SelectedRowsFFN` (per-token selected rows, see export/op.py) and
+`momcompress::SelectFFN` (the per-token selector's FFN, export/select_op.py) as compiled kernels that
+multiply the selected rows where they lie, on onnxruntime's intra-op threads. An exported model does not
+need it: each node carries an ONNX function body of standard ops, which onnxruntime runs when the library
+is not registered (slower: standard ops copy the rows first, or multiply the dropped ones too).
 
     momcompress build-ops          # once per machine (the README's install line runs it)
 
@@ -47,7 +48,7 @@ ENV_INCLUDE = "ORT_INCLUDE_DIR"
 CXXFLAGS = ("-std=c++17", "-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-fvisibility=hidden")
 BUILD_COMMAND = "momcompress build-ops"
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
-KERNEL, FUNCTION_BODY = "kernel", "function body"  # which path ran MoMExperts (OrtCausalLM.experts_path)
+KERNEL, FUNCTION_BODY = "kernel", "function body"  # which path ran MoMExperts / SelectFFN (OrtCausalLM.experts_path)
 
 
 class OrtOpsError(ExportError):
@@ -66,7 +67,7 @@ def missing_message(reason: str | None = None) -> str:
     """The one line shown when a MoM export runs without the library."""
     why = f" ({reason})" if reason else ""
     return (f"the momcompress onnxruntime kernel is not built{why}: run `{BUILD_COMMAND}`; until then MoMExperts runs "
-            "its ONNX function body (same results, slower)")
+            "and SelectFFN run their ONNX function bodies (same results, slower)")
 
 
 # ----------------------------------------------------------------------------- headers

@@ -1,5 +1,5 @@
 """The compiled onnxruntime kernels (export/csrc/momcompress_ort_ops.cc, built by export/ort_ops.py):
-MoMExperts and SelectedRowsFFN against the torch reference and against their ONNX function bodies
+MoMExperts, SelectedRowsFFN and SelectFFN against the torch reference and against their ONNX function bodies
 (fp32, fp16 and bf16 weights, both work splits), clear errors on bad input and on a library built for a
 newer onnxruntime API, the build's cache and CLI, and tiny exported models at b = 1, 4, 16: the kernel
 and the function body give the same logits and 32 identical greedy tokens.
@@ -455,3 +455,151 @@ def test_validate_onnx_rows_say_which_path_ran(library, workdir, data_file, tmp_
         assert f"onnxruntime cpu (MoMExperts: {path})" in md
         assert ("ran the compiled momcompress kernel" in md) == (path == "kernel")
         assert ("build it with `momcompress build-ops`" in md) == (path != "kernel")
+
+
+# -- SelectFFN: the per-token selector's node ------------------------------------------------------------
+def select_problem(T, d, n, dtype=torch.float32, seed=0):
+    """x (T, d) fp32-representable in dtype, thresholds that keep about half of the channels and neurons
+    (some shared: -1, some pruned: inf), weights (d, 2n) and (n, d)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=g).to(dtype)
+    x_thr = torch.rand(d, generator=g) * 1.3
+    x_thr[0], x_thr[1] = -1.0, float("inf")
+    gate_up = (torch.randn(d, 2 * n, generator=g) / d**0.5).to(dtype)
+    down = (torch.randn(n, d, generator=g) / n**0.5).to(dtype)
+    h_thr = torch.rand(n, generator=g) * 0.15
+    h_thr[0], h_thr[-1] = -1.0, float("inf")
+    return x, x_thr, gate_up, down, h_thr
+
+
+def select_model(x_thr, gate_up, down, h_thr, activation, opset=18):
+    from momcompress.export import select_op
+
+    dtype = gate_up.dtype
+    d = gate_up.shape[0]
+    node = helper.make_node(select_op.OP_TYPE, ["x", "x_threshold", "gate_up", "down", "h_threshold"], ["out"],
+                            domain=op.DOMAIN, activation=activation)
+    graph = helper.make_graph(
+        [node], "select", [helper.make_tensor_value_info("x", ONNX_TYPES[dtype], ["T", d])],
+        [helper.make_tensor_value_info("out", ONNX_TYPES[dtype], ["T", d])],
+        initializer=[_init("x_threshold", x_thr), _init("gate_up", gate_up), _init("down", down), _init("h_threshold", h_thr)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(op.DOMAIN, op.DOMAIN_VERSION)])
+    model.functions.append(select_op.function_body(activation, opset))
+    return model
+
+
+def _select_want(x, x_thr, gate_up, down, h_thr, activation):
+    from momcompress.kernels.reference import select_ffn_reference
+
+    return select_ffn_reference(x.float(), x_thr, gate_up.float(), down.float(), h_thr, activation)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("T", [1, 3, 8, 9, 40])
+def test_select_ffn_kernel_equals_reference_and_function_body(library, activation, T, tmp_path):
+    """fp32: up to 8 tokens the kernel reads rows (T = 1, 3, 8), beyond it runs onnxruntime's MatMul over
+    the masked inputs (T = 9, 40); both equal the torch formula and the node's function body."""
+    d, n = 40, 400  # n is not a multiple of the kernel's neuron chunk (192)
+    x, x_thr, gu, dn, h_thr = select_problem(T, d, n, seed=T)
+    model = select_model(x_thr, gu, dn, h_thr, activation)
+    sess, ran_kernel = _session(model, library, tmp_path)
+    assert ran_kernel
+    got = sess.run(None, {"x": x.numpy()})[0]
+    body = _session(model, None)[0].run(None, {"x": x.numpy()})[0]
+    want = _select_want(x, x_thr, gu, dn, h_thr, activation).numpy()
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-5 * scale and np.abs(body - want).max() <= 1e-5 * scale
+    assert np.abs(want).max() > 0 and (want != 0).any(axis=1).all()
+
+
+@pytest.mark.parametrize("max_tokens", ["0", "100"])
+def test_select_ffn_both_paths_agree_at_any_token_count(library, monkeypatch, max_tokens):
+    """MOMCOMPRESS_ORT_SELECT_MAX_TOKENS moves the switch between the row path and the MatMul path: 0
+    sends every call to MatMul, 100 every call here to the rows; the outputs agree."""
+    monkeypatch.setenv("MOMCOMPRESS_ORT_SELECT_MAX_TOKENS", max_tokens)
+    x, x_thr, gu, dn, h_thr = select_problem(24, 40, 400, seed=3)
+    got = _session(select_model(x_thr, gu, dn, h_thr, "silu"), library)[0].run(None, {"x": x.numpy()})[0]
+    want = _select_want(x, x_thr, gu, dn, h_thr, "silu").numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 20])
+def test_select_ffn_kernel_16_bit(library, dtype, T):
+    """16-bit weights and x: the kernel reads the rows in their type (any token count) and computes in fp32."""
+    x, x_thr, gu, dn, h_thr = select_problem(T, 40, 400, dtype=dtype, seed=5)
+    sess = _session(select_model(x_thr, gu, dn, h_thr, "silu"), library)[0]
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("x", _ort_value(x))
+    out_np = _to_np(torch.zeros(T, 40, dtype=dtype))  # the output lands in this buffer (numpy has no bfloat16)
+    binding.bind_ortvalue_output("out", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(out_np, onnx_element_type=ONNX_TYPES[dtype]))
+    sess.run_with_iobinding(binding)
+    got = _out_to_torch(out_np, dtype)
+    want = _select_want(x, x_thr, gu, dn, h_thr, "silu")
+    assert (got - want).abs().max() <= RTOL[dtype] * want.abs().max()
+
+
+def test_select_ffn_bad_inputs_are_clear_errors(library, monkeypatch):
+    x, x_thr, gu, dn, h_thr = select_problem(2, 16, 24)
+    model = select_model(x_thr, gu, dn, h_thr, "silu")
+    for name, value in [("h_threshold", torch.zeros(23)), ("x_threshold", torch.zeros(15))]:
+        m = select_model(x_thr if name != "x_threshold" else value, gu, dn, h_thr if name != "h_threshold" else value, "silu")
+        with pytest.raises(Exception, match=rf"{name} must be"):
+            _session(m, library)[0].run(None, {"x": x.numpy()})
+    m = select_model(x_thr, gu, dn[:, :8].contiguous(), h_thr, "silu")  # down's width is not d
+    with pytest.raises(Exception, match=r"gate_up must be \(d, 2F'\) and down \(F', d\)"):
+        _session(m, library)[0].run(None, {"x": x.numpy()})
+    m = select_model(x_thr.double(), gu, dn, h_thr, "silu")  # fp64 thresholds
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(x_thr.double().numpy(), "x_threshold"))
+    with pytest.raises(Exception, match="x_threshold must be float, got double"):
+        _session(m, library)[0].run(None, {"x": x.numpy()})
+    with pytest.raises(Exception, match="activation must be silu, gelu_tanh or gelu, got 'relu'"):
+        _session(select_model(x_thr, gu, dn, h_thr, "relu"), library)
+    monkeypatch.setenv("MOMCOMPRESS_ORT_SELECT_MAX_TOKENS", "many")
+    with pytest.raises(Exception, match="MOMCOMPRESS_ORT_SELECT_MAX_TOKENS must be a whole number"):
+        _session(model, library)
+
+
+def _frozen_selector(workdir, data_file):
+    folder = workdir / "frozen-select"
+    if not folder.is_dir():
+        model_dir = make_tiny_model_dir(workdir / "model-select", "llama")
+        cfg = LearnConfig(target=0.5, selector="activations", steps=4, batch_size=4, seq_len=32, data=str(data_file),
+                          eval_tokens=256, init_tokens=512, log_every=100, dtype="float32")
+        momcompress.learn(str(model_dir), workdir / "run-select", cfg)
+        momcompress.freeze(workdir / "run-select", folder)
+    return folder
+
+
+def test_selector_export_kernel_and_function_body_same_logits_and_32_greedy_tokens(library, workdir, data_file):
+    """A per-token selector's export: its checks run the kernel (and the body), and with the file's own
+    thresholds the kernel gives the body's logits (prefill: the MatMul path; decode: the row path) and the
+    same 32 greedy tokens as the body and as PyTorch."""
+    frozen = _frozen_selector(workdir, data_file)
+    folder = workdir / "onnx-select"
+    manifest = momcompress.export(frozen, folder, new_tokens=32)
+    assert manifest["validation"]["experts_path"] == ort_ops.KERNEL and manifest["validation"]["ops_library"] == str(library)
+    names = [c["name"] for c in manifest["checks"]]
+    assert all(c["ok"] for c in manifest["checks"])
+    assert "SelectFFN: kernel" in names[1] and "function body logits close without past (onnxruntime without the kernel)" in names
+    assert any(n.startswith("SelectFFN nodes alone") and n.endswith("(kernel)") for n in names)
+    kernel = OrtCausalLM(folder, experts="kernel")
+    body = OrtCausalLM(folder, experts="body")
+    assert (kernel.experts_path, body.experts_path, kernel.custom_op) == (ort_ops.KERNEL, ort_ops.FUNCTION_BODY, "SelectFFN")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids, mask = prompt_batch(tok)
+    pos = prefill_positions(mask)
+    got_k, past_k = kernel.run(ids, mask, pos, kernel.first_past(2))
+    got_b, past_b = body.run(ids, mask, pos, body.first_past(2))
+    real = mask.astype(bool)
+    assert np.abs(got_k - got_b)[real].max() <= 1e-4
+    nxt = np.full((2, 1), 5, np.int64)
+    mask2 = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+    step_k, _ = kernel.run(nxt, mask2, pos[:, -1:] + 1, past_k)
+    step_b, _ = body.run(nxt, mask2, pos[:, -1:] + 1, past_b)
+    assert np.abs(step_k - step_b).max() <= 1e-4
+    tokens_k = greedy_generate(kernel, ids, mask, 32)
+    assert np.array_equal(tokens_k, greedy_generate(body, ids, mask, 32))
+    assert np.array_equal(tokens_k, torch_generate(momcompress.load(frozen), ids, mask, 32))

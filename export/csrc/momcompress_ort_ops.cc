@@ -1,6 +1,6 @@
 // momcompress custom ops for onnxruntime's CPU execution provider (built by `momcompress build-ops`).
 //
-// Two ops in the domain "momcompress", both on one core routine, "per-token selected rows":
+// Three ops in the domain "momcompress"; the first two on one core routine, "per-token selected rows":
 //   given x (T, d) and, for each token t, a list of (row, scale) pairs into three row tables
 //   gate, up, down (R_rows, d) (down transposed: down[r] is column r of W_down),
 //     out[t] += sum over the list of scale * act(gate[row] . x[t]) * (up[row] . x[t]) * down[row].
@@ -21,6 +21,15 @@
 // Few tiles (decode): each tile's rows are split into ranges, one task per range with its own partial
 // output, summed at the end (no atomics).
 //
+// - SelectFFN (x, x_threshold, gate_up, down, h_threshold): the per-token selector FFN of a frozen model
+//   (export/select_op.py): x_s = x * (|x| > x_threshold); (g, u) = x_s @ gate_up (gate and up interleaved per
+//   neuron); h = act(g) * u; out = (h * (|h| > h_threshold)) @ down. Up to max_tokens tokens per call
+//   (decode), each token reads only the gate_up rows of the channels it keeps and the down rows of the neurons
+//   it keeps, where they lie: tasks are chunks of neurons, each with its own partial output. More tokens
+//   (prefill): the union of the tokens' rows is nearly every row, so the two products run as onnxruntime's own
+//   MatMul (MLAS, invoked from the kernel) over the masked inputs, with the activation and the neuron
+//   threshold fused in between (fp32 weights; 16-bit weights always take the row path).
+//
 // Built against onnxruntime's C API headers of version ORT_API_VERSION (21: onnxruntime 1.21); it loads in
 // that release and newer ones. In an older runtime, RegisterCustomOps fails with a message saying so.
 
@@ -29,6 +38,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <new>
@@ -47,6 +57,7 @@
 namespace {
 
 const OrtApi* g_api = nullptr;
+OrtMemoryInfo* g_cpu_info = nullptr;  // onnxruntime's CPU memory info (made at registration, kept for the process)
 constexpr const char* kDomain = "momcompress";
 constexpr int64_t kTokenTile = 16;  // tokens per tile (the x and output rows of a tile stay in L1/L2)
 constexpr int kLanes = 16;          // independent accumulators per dot product (vectorisable without reassociation)
@@ -98,6 +109,46 @@ MOM_INLINE float activate(float g, Act act) {
     case Act::Silu: return g / (1.0f + std::exp(-g));
     case Act::GeluTanh: return 0.5f * g * (1.0f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
     default: return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
+  }
+}
+
+// exp without branches (vectorises), Cephes' expf polynomial with Cody-Waite reduction: relative error
+// about 1e-7 on the clamped range [-87.3, 88.3] (beyond it, the clamp: exp saturates, silu's limits hold).
+MOM_INLINE float vexp(float x) {
+  x = x < -87.3365f ? -87.3365f : (x > 88.3762f ? 88.3762f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const uint32_t scale = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  return p * bits_to_f32(scale);
+}
+
+// h[i] = act(gu[2i]) * gu[2i + 1] for i < m (gate and up interleaved).
+MOM_INLINE void activate_pairs(const float* __restrict gu, int64_t m, Act act, float* __restrict h) {
+  switch (act) {
+    case Act::Silu:
+      for (int64_t i = 0; i < m; ++i) {
+        const float g = gu[2 * i];
+        h[i] = g / (1.0f + vexp(-g)) * gu[2 * i + 1];
+      }
+      break;
+    case Act::GeluTanh:
+      for (int64_t i = 0; i < m; ++i) {
+        const float g = gu[2 * i];
+        const float y = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+        const float t = 1.0f - 2.0f / (vexp(2.0f * y) + 1.0f);  // tanh(y)
+        h[i] = 0.5f * g * (1.0f + t) * gu[2 * i + 1];
+      }
+      break;
+    default:
+      for (int64_t i = 0; i < m; ++i) h[i] = activate(gu[2 * i], act) * gu[2 * i + 1];
   }
 }
 
@@ -677,30 +728,270 @@ OrtStatus* selected_rows_compute(void* kernel, OrtKernelContext* ctx) try {
   return g_api->CreateStatus(ORT_FAIL, (std::string("momcompress::SelectedRowsFFN: ") + e.what()).c_str());
 }
 
+// ---------------------------------------------------------------------------------------- SelectFFN
+constexpr int64_t kSelectChunk = 192;       // neurons per task: the chunk's slice of a gate_up row (2 x 192 values)
+constexpr int64_t kSelectMaxTokens = 8;     // default most tokens per call for the row path (MOMCOMPRESS_ORT_SELECT_MAX_TOKENS)
+
+struct SelectFFNKernel {
+  Act act = Act::Silu;
+  int64_t max_tokens = kSelectMaxTokens;
+  OrtOp* matmul = nullptr;  // onnxruntime's MatMul (float) for the many-token path; null: rows only
+  ~SelectFFNKernel() {
+    if (matmul) g_api->ReleaseOp(matmul);
+  }
+};
+
+// acc[q] += sum_k xv[k] * rows[k][q] for q < n (4 rows per pass: acc is read and written once per 4 rows).
+template <typename W>
+MOM_INLINE void acc_rows4(float* __restrict acc, const W* __restrict r0, const W* __restrict r1, const W* __restrict r2,
+                          const W* __restrict r3, float x0, float x1, float x2, float x3, int64_t n) {
+  for (int64_t q = 0; q < n; ++q)
+    acc[q] += x0 * to_f32(r0[q]) + x1 * to_f32(r1[q]) + x2 * to_f32(r2[q]) + x3 * to_f32(r3[q]);
+}
+
+template <typename W>
+MOM_INLINE void acc_row(float* __restrict acc, const W* __restrict r, float xv, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) acc[q] += xv * to_f32(r[q]);
+}
+
+template <typename W>
+MOM_INLINE void axpy_row(float* __restrict out, const W* __restrict r, float hv, int64_t d) {
+  for (int64_t q = 0; q < d; ++q) out[q] += hv * to_f32(r[q]);
+}
+
+// The per-token rows: token t keeps channels kept[ptr[t] .. ptr[t+1]) with values val[...].
+struct SelectRows {
+  int64_t T = 0, d = 0, n = 0;  // tokens, hidden size, stored neurons
+  std::vector<int64_t> ptr;
+  std::vector<int32_t> kept;
+  std::vector<float> val;
+  const float* h_thr = nullptr;
+  Act act = Act::Silu;
+  const void* gate_up = nullptr;  // (d, 2n)
+  const void* down = nullptr;     // (n, d)
+  float* partial = nullptr;       // (tasks, T, d), zeroed
+};
+
+// Task c: neurons [c * chunk, (c + 1) * chunk) for every token, into partial[c].
+template <typename W>
+MOM_INLINE void select_chunk_impl(const SelectRows& job, int64_t c) {
+  const int64_t lo = c * kSelectChunk, hi = std::min(job.n, lo + kSelectChunk), m = hi - lo, stride = 2 * job.n;
+  const W* gu = static_cast<const W*>(job.gate_up) + 2 * lo;
+  const W* down = static_cast<const W*>(job.down);
+  float acc[2 * kSelectChunk];
+  float h[kSelectChunk];
+  for (int64_t t = 0; t < job.T; ++t) {
+    std::fill(acc, acc + 2 * m, 0.0f);
+    const int32_t* j = job.kept.data() + job.ptr[t];
+    const float* v = job.val.data() + job.ptr[t];
+    const int64_t nk = job.ptr[t + 1] - job.ptr[t];
+    int64_t p = 0;
+    for (; p + 4 <= nk; p += 4)
+      acc_rows4<W>(acc, gu + j[p] * stride, gu + j[p + 1] * stride, gu + j[p + 2] * stride, gu + j[p + 3] * stride, v[p],
+                   v[p + 1], v[p + 2], v[p + 3], 2 * m);
+    for (; p < nk; ++p) acc_row<W>(acc, gu + j[p] * stride, v[p], 2 * m);
+    activate_pairs(acc, m, job.act, h);
+    float* out = job.partial + (c * job.T + t) * job.d;
+    for (int64_t i = 0; i < m; ++i)
+      if (std::fabs(h[i]) > job.h_thr[lo + i]) axpy_row<W>(out, down + (lo + i) * job.d, h[i], job.d);
+  }
+}
+
+MOM_MULTIVERSION void select_chunk(const SelectRows& job, int64_t c, const float*) { select_chunk_impl<float>(job, c); }
+MOM_MULTIVERSION void select_chunk(const SelectRows& job, int64_t c, const bf16*) { select_chunk_impl<bf16>(job, c); }
+MOM_MULTIVERSION void select_chunk(const SelectRows& job, int64_t c, const f16*) { select_chunk_impl<f16>(job, c); }
+
+template <typename W>
+void select_task(void* data, size_t task) {
+  select_chunk(*static_cast<const SelectRows*>(data), static_cast<int64_t>(task), static_cast<const W*>(nullptr));
+}
+
+// The row path: out (T, d) f32 = the layer on x (T, d) f32.
+OrtStatus* select_rows_path(const OrtKernelContext* ctx, SelectRows& job, ONNXTensorElementDataType wtype, float* out) {
+  const int64_t tasks = (job.n + kSelectChunk - 1) / kSelectChunk;
+  std::vector<float> partial(static_cast<size_t>(tasks * job.T * job.d), 0.0f);
+  job.partial = partial.data();
+  void (*fn)(void*, size_t) = wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT      ? select_task<float>
+                              : wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ? select_task<bf16>
+                                                                                : select_task<f16>;
+  if (tasks == 1) {
+    fn(&job, 0);
+  } else {
+    MOM_RETURN_IF(g_api->KernelContext_ParallelFor(ctx, fn, static_cast<size_t>(tasks), 0, &job));
+  }
+  const int64_t size = job.T * job.d;
+  std::memcpy(out, partial.data(), static_cast<size_t>(size) * 4);
+  for (int64_t c = 1; c < tasks; ++c) {
+    const float* part = partial.data() + c * size;
+    for (int64_t q = 0; q < size; ++q) out[q] += part[q];
+  }
+  return nullptr;
+}
+
+// The many-token path's middle: hs[t] = act(g) * u masked by h_threshold, for tokens [t0, t1).
+struct HiddenJob {
+  const float* gu;  // (T, 2n)
+  float* hs;        // (T, n)
+  const float* h_thr;
+  int64_t T, n, per_task;
+  Act act;
+};
+
+MOM_MULTIVERSION void hidden_tokens(const HiddenJob& job, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    float* h = job.hs + t * job.n;
+    activate_pairs(job.gu + t * 2 * job.n, job.n, job.act, h);
+    for (int64_t i = 0; i < job.n; ++i) h[i] = std::fabs(h[i]) > job.h_thr[i] ? h[i] : 0.0f;
+  }
+}
+
+void hidden_task(void* data, size_t task) {
+  const auto& job = *static_cast<const HiddenJob*>(data);
+  const int64_t t0 = static_cast<int64_t>(task) * job.per_task;
+  hidden_tokens(job, t0, std::min(job.T, t0 + job.per_task));
+}
+
+// An OrtValue over a float buffer of this shape (the caller releases it; the buffer outlives it).
+OrtStatus* wrap_f32(float* data, const std::vector<int64_t>& shape, OrtValue** value) {
+  if (!g_cpu_info) return fail("momcompress::SelectFFN: no CPU memory info (the library was not registered)");
+  size_t count = 1;
+  for (int64_t s : shape) count *= static_cast<size_t>(s);
+  return g_api->CreateTensorWithDataAsOrtValue(g_cpu_info, data, count * sizeof(float), shape.data(), shape.size(),
+                                               ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, value);
+}
+
+struct ValueGuard {
+  std::vector<OrtValue*> values;
+  ~ValueGuard() {
+    for (OrtValue* v : values) g_api->ReleaseValue(v);
+  }
+};
+
+// The many-token path (fp32 x and weights): out = MatMul(h_s, down), h_s from MatMul(x_s, gate_up).
+OrtStatus* select_dense_path(const SelectFFNKernel& k, OrtKernelContext* ctx, const Tensor& x, const float* x_thr,
+                             const OrtValue* gate_up, const OrtValue* down, const float* h_thr, int64_t n) {
+  const int64_t T = x.dim(0), d = x.dim(1);
+  std::vector<float> xs(static_cast<size_t>(T * d)), gu(static_cast<size_t>(T * 2 * n)), hs(static_cast<size_t>(T * n));
+  const auto* xv = static_cast<const float*>(x.data);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < d; ++j) {
+      const float v = xv[t * d + j];
+      xs[t * d + j] = std::fabs(v) > x_thr[j] ? v : 0.0f;
+    }
+  ValueGuard guard;
+  OrtValue *xs_value = nullptr, *gu_value = nullptr, *hs_value = nullptr, *out = nullptr;
+  MOM_RETURN_IF(wrap_f32(xs.data(), {T, d}, &xs_value));
+  guard.values.push_back(xs_value);
+  MOM_RETURN_IF(wrap_f32(gu.data(), {T, 2 * n}, &gu_value));
+  guard.values.push_back(gu_value);
+  MOM_RETURN_IF(wrap_f32(hs.data(), {T, n}, &hs_value));
+  guard.values.push_back(hs_value);
+  const OrtValue* first[2] = {xs_value, gate_up};
+  MOM_RETURN_IF(g_api->InvokeOp(ctx, k.matmul, first, 2, &gu_value, 1));
+  HiddenJob job{gu.data(), hs.data(), h_thr, T, n, 0, k.act};
+  const int64_t tasks = std::min<int64_t>(T, target_tasks());
+  job.per_task = (T + tasks - 1) / tasks;
+  const int64_t ntasks = (T + job.per_task - 1) / job.per_task;
+  if (ntasks == 1) hidden_task(&job, 0);
+  else MOM_RETURN_IF(g_api->KernelContext_ParallelFor(ctx, hidden_task, static_cast<size_t>(ntasks), 0, &job));
+  MOM_RETURN_IF(g_api->KernelContext_GetOutput(ctx, 0, x.shape.data(), x.shape.size(), &out));
+  const OrtValue* second[2] = {hs_value, down};
+  return g_api->InvokeOp(ctx, k.matmul, second, 2, &out, 1);
+}
+
+OrtStatus* select_ffn_compute(void* kernel, OrtKernelContext* ctx) try {
+  const auto& k = *static_cast<SelectFFNKernel*>(kernel);
+  const std::string op = "SelectFFN";
+  Tensor x, x_thr, gu, dn, h_thr;
+  MOM_RETURN_IF(get_input(ctx, 0, &x));
+  MOM_RETURN_IF(get_input(ctx, 1, &x_thr));
+  MOM_RETURN_IF(get_input(ctx, 2, &gu));
+  MOM_RETURN_IF(get_input(ctx, 3, &dn));
+  MOM_RETURN_IF(get_input(ctx, 4, &h_thr));
+  MOM_RETURN_IF(expect(op, "x", x, 2, true));
+  MOM_RETURN_IF(expect(op, "x_threshold", x_thr, 1, false, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
+  MOM_RETURN_IF(expect(op, "gate_up", gu, 2, true));
+  MOM_RETURN_IF(expect(op, "down", dn, 2, true));
+  MOM_RETURN_IF(expect(op, "h_threshold", h_thr, 1, false, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
+  const int64_t T = x.dim(0), d = x.dim(1), n = dn.dim(0);
+  if (x_thr.dim(0) != d)
+    return fail("momcompress::SelectFFN: x_threshold must be (d,) with d = " + std::to_string(d) + " (x's columns), got " +
+                shape_str(x_thr.shape));
+  if (gu.dim(0) != d || gu.dim(1) != 2 * n || dn.dim(1) != d || gu.type != dn.type)
+    return fail("momcompress::SelectFFN: gate_up must be (d, 2F') and down (F', d) of one type with d = " +
+                std::to_string(d) + " (x's columns), got " + shape_str(gu.shape) + " " + type_name(gu.type) + " and " +
+                shape_str(dn.shape) + " " + type_name(dn.type));
+  if (h_thr.dim(0) != n)
+    return fail("momcompress::SelectFFN: h_threshold must be (F',) with F' = " + std::to_string(n) + " (down's rows), got " +
+                shape_str(h_thr.shape));
+  if (d > INT32_MAX) return fail("momcompress::SelectFFN: more than 2^31 channels");
+  const auto* xt = static_cast<const float*>(x_thr.data);
+  const auto* ht = static_cast<const float*>(h_thr.data);
+  if (T == 0 || n == 0) {
+    std::vector<float> zeros(static_cast<size_t>(T * d), 0.0f);
+    return finish(ctx, x, zeros);
+  }
+  const bool fp32 = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && gu.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (T > k.max_tokens && fp32 && k.matmul) {
+    const OrtValue *gu_value = nullptr, *dn_value = nullptr;
+    MOM_RETURN_IF(g_api->KernelContext_GetInput(ctx, 2, &gu_value));
+    MOM_RETURN_IF(g_api->KernelContext_GetInput(ctx, 3, &dn_value));
+    return select_dense_path(k, ctx, x, xt, gu_value, dn_value, ht, n);
+  }
+  SelectRows job;
+  job.T = T; job.d = d; job.n = n; job.h_thr = ht; job.act = k.act;
+  job.gate_up = gu.data; job.down = dn.data;
+  std::vector<float> xf(static_cast<size_t>(T * d));
+  load_f32(x, T * d, xf.data());
+  job.ptr.assign(1, 0);
+  job.kept.reserve(static_cast<size_t>(T * d));
+  job.val.reserve(static_cast<size_t>(T * d));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < d; ++j) {
+      const float v = xf[t * d + j];
+      if (std::fabs(v) > xt[j]) {
+        job.kept.push_back(static_cast<int32_t>(j));
+        job.val.push_back(v);
+      }
+    }
+    job.ptr.push_back(static_cast<int64_t>(job.kept.size()));
+  }
+  std::vector<float> out(static_cast<size_t>(T * d));
+  MOM_RETURN_IF(select_rows_path(ctx, job, gu.type, out.data()));
+  return finish(ctx, x, out);
+} catch (const std::bad_alloc&) {
+  return g_api->CreateStatus(ORT_FAIL, "momcompress::SelectFFN: out of memory");
+} catch (const std::exception& e) {
+  return g_api->CreateStatus(ORT_FAIL, (std::string("momcompress::SelectFFN: ") + e.what()).c_str());
+}
+
 // ---------------------------------------------------------------------------------------- OrtCustomOp glue
 // Every input is declared "any type" so that a wrong type reaches our checks (a clear message) instead of
 // failing kernel matching; the output takes x's type and shape (InferOutputShapeFn).
 struct OpDef : OrtCustomOp {
   const char* name;
-  size_t inputs;  // the last one (accumulate) is optional
+  size_t inputs;
+  bool last_optional;  // the last input (accumulate) is optional
+  bool any_float_x;    // x may be float, float16 or bfloat16 (else float only)
 };
 
 OrtStatus* infer_output(const OrtCustomOp* base, OrtShapeInferContext* ctx) {
   const auto* def = static_cast<const OpDef*>(base);
   size_t count = 0;
   MOM_RETURN_IF(g_api->ShapeInferContext_GetInputCount(ctx, &count));
-  if (count + 1 < def->inputs)
-    return fail(std::string("momcompress::") + def->name + " needs at least " + std::to_string(def->inputs - 1) +
+  const size_t required = def->inputs - (def->last_optional ? 1 : 0);
+  if (count < required)
+    return fail(std::string("momcompress::") + def->name + " needs at least " + std::to_string(required) +
                 " inputs, got " + std::to_string(count));
   OrtTensorTypeAndShapeInfo* info = nullptr;
   MOM_RETURN_IF(g_api->ShapeInferContext_GetInputTypeShape(ctx, 0, &info));
   Tensor x;
   OrtStatus* s = read_info(info, &x);
   if (!s && x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED) {
-    const bool is_mom = std::strcmp(def->name, "MoMExperts") == 0;
-    if (is_mom ? !is_float_type(x.type) : x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    const bool any = def->any_float_x;
+    if (any ? !is_float_type(x.type) : x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
       s = fail(std::string("momcompress::") + def->name + ": input x must be " +
-               (is_mom ? "float, float16 or bfloat16" : "float") + ", got " + type_name(x.type));
+               (any ? "float, float16 or bfloat16" : "float") + ", got " + type_name(x.type));
     else if (!x.shape.empty() && x.shape.size() != 2)
       s = fail(std::string("momcompress::") + def->name + ": input x must have rank 2 (T, d), got shape " +
                shape_str(x.shape));
@@ -736,11 +1027,41 @@ OrtStatus* create_selected_rows(const OrtCustomOp*, const OrtApi*, const OrtKern
   return g_api->CreateStatus(ORT_FAIL, e.what());
 }
 
-void define_op(OpDef& op, const char* name, size_t inputs, decltype(OrtCustomOp::CreateKernelV2) create,
-          decltype(OrtCustomOp::KernelComputeV2) compute, decltype(OrtCustomOp::KernelDestroy) destroy) {
+OrtStatus* create_select_ffn(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) try {
+  auto k = new SelectFFNKernel();
+  OrtStatus* s = read_activation(info, "SelectFFN", &k->act);
+  if (s) { delete k; return s; }
+  if (const char* env = std::getenv("MOMCOMPRESS_ORT_SELECT_MAX_TOKENS")) {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    if (end == env || *end != '\0' || v < 0) {
+      delete k;
+      return fail(std::string("MOMCOMPRESS_ORT_SELECT_MAX_TOKENS must be a whole number >= 0, got '") + env + "'");
+    }
+    k->max_tokens = v;
+  }
+  // onnxruntime's own MatMul for the many-token path; where this build cannot make one, every call takes rows
+  const char* names[1] = {"T"};
+  const ONNXTensorElementDataType types[1] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  OrtStatus* no_matmul = g_api->CreateOp(info, "MatMul", "", 13, names, types, 1, nullptr, 0, 2, 1, &k->matmul);
+  if (no_matmul) {
+    g_api->ReleaseStatus(no_matmul);
+    k->matmul = nullptr;
+  }
+  *kernel = k;
+  return nullptr;
+} catch (const std::exception& e) {
+  return g_api->CreateStatus(ORT_FAIL, e.what());
+}
+
+void define_op(OpDef& op, const char* name, size_t inputs, bool last_optional, bool any_float_x,
+               decltype(OrtCustomOp::CreateKernelV2) create, decltype(OrtCustomOp::KernelComputeV2) compute,
+               decltype(OrtCustomOp::KernelDestroy) destroy) {
   std::memset(static_cast<OrtCustomOp*>(&op), 0, sizeof(OrtCustomOp));
   op.name = name;
   op.inputs = inputs;
+  op.last_optional = last_optional;
+  op.any_float_x = any_float_x;
   op.version = ORT_API_VERSION;
   op.GetName = [](const OrtCustomOp* o) { return static_cast<const OpDef*>(o)->name; };
   op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return "CPUExecutionProvider"; };
@@ -749,7 +1070,8 @@ void define_op(OpDef& op, const char* name, size_t inputs, decltype(OrtCustomOp:
   op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
   op.GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; };
   op.GetInputCharacteristic = [](const OrtCustomOp* o, size_t i) {
-    return i + 1 == static_cast<const OpDef*>(o)->inputs ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    const auto* def = static_cast<const OpDef*>(o);
+    return def->last_optional && i + 1 == def->inputs ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   };
   op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
   op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
@@ -765,7 +1087,7 @@ void define_op(OpDef& op, const char* name, size_t inputs, decltype(OrtCustomOp:
   op.GetEndVersion = [](const OrtCustomOp*) { return 1; };
 }
 
-OpDef g_mom_experts, g_selected_rows;
+OpDef g_mom_experts, g_selected_rows, g_select_ffn;
 
 }  // namespace
 
@@ -788,14 +1110,19 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     return v1 ? v1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
   }
   g_api = api;
-  define_op(g_mom_experts, "MoMExperts", 8, create_mom_experts, mom_experts_compute, destroy_kernel<MoMExpertsKernel>);
-  define_op(g_selected_rows, "SelectedRowsFFN", 7, create_selected_rows, selected_rows_compute,
-       destroy_kernel<SelectedRowsKernel>);
+  if (!g_cpu_info) MOM_RETURN_IF(api->CreateCpuMemoryInfo(OrtDeviceAllocator, OrtMemTypeDefault, &g_cpu_info));
+  define_op(g_mom_experts, "MoMExperts", 8, true, true, create_mom_experts, mom_experts_compute,
+            destroy_kernel<MoMExpertsKernel>);
+  define_op(g_selected_rows, "SelectedRowsFFN", 7, true, false, create_selected_rows, selected_rows_compute,
+            destroy_kernel<SelectedRowsKernel>);
+  define_op(g_select_ffn, "SelectFFN", 5, false, true, create_select_ffn, select_ffn_compute,
+            destroy_kernel<SelectFFNKernel>);
   OrtCustomOpDomain* domain = nullptr;
   MOM_RETURN_IF(api->CreateCustomOpDomain(kDomain, &domain));
   // The domain must outlive every session made with these options: it is kept for the life of the process.
   MOM_RETURN_IF(api->CustomOpDomain_Add(domain, &g_mom_experts));
   MOM_RETURN_IF(api->CustomOpDomain_Add(domain, &g_selected_rows));
+  MOM_RETURN_IF(api->CustomOpDomain_Add(domain, &g_select_ffn));
   return api->AddCustomOpDomain(options, domain);
 }
 
