@@ -20,6 +20,9 @@ Goal (issue 5): MoM decode step <= 0.8x dense at ratio 0.5; issue 21: <= 0.7x wi
 
 Any block size works (the bodies walk routed blocks of the frozen model's b; checked at b = 1 and 8 on
 tiny models); the header and the JSON name the block size, experts and top-k measured.
+
+A per-token selector model (SelectFFN nodes) has one body, the masked-dense one the export writes
+("mom body" column), and no floor variant; the "mom kernel" column runs its compiled SelectFFN kernel.
 """
 
 from __future__ import annotations
@@ -150,14 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     dense_dir = export_once(args.dense, workdir / "dense", dense=True)
     mom_dir = export_once(args.frozen, workdir / "mom", dense=False)
-    bodies = [b for b in args.bodies.split(",") if b]
+    selector = json.loads((mom_dir / "manifest.json").read_text()).get("custom_domain", {}).get("op_type") == "SelectFFN"
+    bodies = [] if selector else [b for b in args.bodies.split(",") if b]
     variants = {"dense": dense_dir}
+    if selector:
+        variants["mom body"] = mom_dir
     for b in bodies:
         try:
             variants[f"mom {b}"] = with_body(mom_dir, b, workdir)
         except ValueError as exc:
             print(f"skipping the {b} body: {exc}", file=sys.stderr)
-    if args.floor:
+    if args.floor and not selector:
         variants[FLOOR] = without_routed(mom_dir, workdir)
     modes = {name: "body" for name in variants}
     from momcompress.export import ort_ops
@@ -198,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"{v} ratio"] = ms / dense_ms
         rows.append(row)
     mom_names = [v for v in sessions if v != "dense"]
+    shape = ("per-token selector" if selector else
+             f"block size {block_size}, {mom_config.get('num_experts')} experts top-{mom_config.get('top_k')}")
     print(f"onnxruntime CPU, fp32, batch 1, {args.threads} threads; frozen model measured ratio "
-          f"{frozen_manifest.get('measured_ratio', float('nan')):.3f}, block size {block_size}, "
-          f"{mom_config.get('num_experts')} experts top-{mom_config.get('top_k')}; median of {args.repeats} rounds; CPU: {cpu_name()}")
+          f"{frozen_manifest.get('measured_ratio', float('nan')):.3f}, {shape}; median of {args.repeats} rounds; CPU: {cpu_name()}")
     header = f"{'workload':<26} {'dense ms':>9} " + " ".join(f"{v + ' ms':>18} {'ratio':>6}" for v in mom_names)
     print(header)
     for row in rows:
@@ -210,10 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     best = min((v for v in mom_names if v != FLOOR), key=lambda v: decode[f"{v} ratio"])
     goal = decode[f"{best} ratio"] <= 0.8
     print(f"decode goal (MoM <= 0.8x dense): {'met' if goal else 'NOT met'} ({best}: {decode[f'{best} ratio']:.2f}x)")
+    if KERNEL in sessions:
+        kernel_rows = {row["workload"]: row[f"{KERNEL} ratio"] for row in rows}
+        prefill_ok = all(r <= 1.05 for w, r in kernel_rows.items() if w.startswith("prefill"))
+        print(f"kernel goal (decode <= 0.7x, prefills <= 1.05x dense): "
+              f"{'met' if decode[f'{KERNEL} ratio'] <= 0.7 and prefill_ok else 'NOT met'} "
+              f"(decode {decode[f'{KERNEL} ratio']:.2f}x, " + ", ".join(f"{w} {r:.2f}x" for w, r in kernel_rows.items() if w.startswith("prefill")) + ")")
     if args.json:
         result = {
             "cpu": cpu_name(), "threads": args.threads, "repeats": args.repeats, "frozen": str(args.frozen), "dense": args.dense,
-            "measured_ratio": frozen_manifest.get("measured_ratio"), "block_size": block_size,
+            "measured_ratio": frozen_manifest.get("measured_ratio"), "block_size": block_size, "selector": selector,
             "experts": mom_config.get("num_experts"), "top_k": mom_config.get("top_k"), "rows": rows, "raw_seconds": times, "decode_goal_met": goal,
             "experts_paths": {name: lm.experts_path for name, lm in sessions.items()},
         }

@@ -122,15 +122,15 @@ class OrtCausalLM:
             them; a foreign graph may not).
         spinning: let idle worker threads spin (onnxruntime's default); timings that alternate two sessions
             turn it off so one session's spinning threads do not slow the other.
-        experts: how MoMExperts nodes run on the CPU provider: "auto" (the compiled momcompress kernel when
+        experts: how the momcompress nodes (MoMExperts, SelectFFN) run on the CPU provider: "auto" (the compiled momcompress kernel when
             `momcompress build-ops` has built it, else the node's ONNX function body, with a warning),
             "kernel" (the kernel or an OrtOpsError) or "body" (always the function body).
 
         initializers: values that replace the file's initializers of those names in this session (the export
             checks switch a per-token selector's thresholds off this way); the file is not changed.
 
-    ``experts_path`` says which ran: "kernel", "function body", or None for a graph without MoMExperts.
-    ``custom_op`` names the node it is about: "MoMExperts", or "SelectFFN" (per-token selector: always its body).
+    ``experts_path`` says which ran: "kernel", "function body", or None for a graph without momcompress nodes.
+    ``custom_op`` names the node it is about: "MoMExperts", or "SelectFFN" (per-token selector).
     """
 
     def __init__(self, path: str | Path, provider: str = "CPUExecutionProvider", threads: int | None = None,
@@ -189,22 +189,21 @@ class OrtCausalLM:
 
     def _custom_nodes(self) -> str | None:
         """"kernel" when the graph has nodes the momcompress kernel library implements (MoMExperts,
-        SelectedRowsFFN), "body" when its custom nodes always run their function body (a per-token
-        selector's SelectFFN), None for a graph without momcompress nodes (dense)."""
+        SelectedRowsFFN, SelectFFN), "body" for other momcompress nodes (they always run their function
+        body), None for a graph without momcompress nodes (dense)."""
         if self.manifest is not None and self.manifest.get("kind") == "dense":
             return None
         import onnx
 
-        from momcompress.export import op
+        from momcompress.export import op, select_op
 
         model = onnx.load(str(self.path), load_external_data=False)
         types = {n.op_type for n in model.graph.node if n.domain == op.DOMAIN}
-        if types & {op.OP_TYPE, op.SELECTED_ROWS_OP}:
+        if select_op.OP_TYPE in types:
+            self.custom_op = select_op.OP_TYPE
+        if types & {op.OP_TYPE, op.SELECTED_ROWS_OP, select_op.OP_TYPE}:
             return "kernel"
-        if types:
-            self.custom_op = "SelectFFN"
-            return "body"
-        return None
+        return "body" if types else None
 
     def _register_ops(self, options, provider: str, experts: str) -> str | None:
         """Register the momcompress ops library as `experts` asks; return the path MoMExperts will take."""
@@ -216,8 +215,8 @@ class OrtCausalLM:
         if nodes is None:
             return None
         if nodes == "body" and experts == "kernel":
-            raise ExportError(f"{self.path} is a per-token selector model: its SelectFFN nodes have no compiled kernel "
-                              "and run their function body; pass experts='auto' or 'body'")
+            raise ExportError(f"{self.path}'s momcompress nodes have no compiled kernel and run their function body; "
+                              "pass experts='auto' or 'body'")
         if experts == "body" or nodes == "body":
             return ort_ops.FUNCTION_BODY
         if provider != "CPUExecutionProvider":  # the library has CPU kernels only; other providers run the body

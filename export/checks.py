@@ -131,7 +131,7 @@ def run_checks(
             for m, (_, x_t, h_t) in zip(selectors, saved):
                 m.x_threshold.copy_(x_t)
                 m.h_threshold.copy_(h_t)
-            checks.append(check_select_nodes(path, model, tokenizer, selectors))
+            checks.append(check_select_nodes(path, model, tokenizer, selectors, experts if provider == "CPUExecutionProvider" else "body"))
         finally:
             for m, (before, x_t, h_t) in zip(selectors, saved):
                 m.path = before
@@ -165,9 +165,12 @@ def threshold_overrides(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def check_select_nodes(path: Path, model, tokenizer, selectors) -> Check:
+def check_select_nodes(path: Path, model, tokenizer, selectors, experts: str = "auto") -> Check:
     """Each SelectFFN node of the file, alone in onnxruntime with the file's own weights and thresholds, on
-    the real inputs its layer gets in PyTorch (the check prompts), against the layer's masked formula.
+    the real inputs its layer gets in PyTorch (the check prompts), against the layer's masked formula. The
+    node runs the compiled momcompress kernel when it is registered (experts as in OrtCausalLM: "auto",
+    "kernel" or "body"), else its function body; with the kernel, the same inputs go one token at a time
+    too (the kernel's few-token path) besides all at once.
 
     Both sides read the same inputs, so the input channels kept are the same; a neuron's keep decision can
     still differ where |h| lies on its threshold (the two sums of gate and up differ in the last bits). A
@@ -178,11 +181,14 @@ def check_select_nodes(path: Path, model, tokenizer, selectors) -> Check:
     import onnxruntime as ort
     from onnx import helper
 
-    from momcompress.export import select_op
+    from momcompress.export import ort_ops, select_op
     from momcompress.freeze.freezer import SELECT_FLIP_FRACTION
     from momcompress.runtime.select_ffn import ACTIVATIONS
 
-    name = "SelectFFN nodes alone, file's thresholds, on real layer inputs"
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    library = None if experts == "body" else ort_ops.register(options, required=experts == "kernel")
+    name = f"SelectFFN nodes alone, file's thresholds, on real layer inputs ({ort_ops.KERNEL if library else ort_ops.FUNCTION_BODY})"
     ids, mask = prompt_batch(tokenizer)
     inputs = []
     handles = [m.register_forward_hook(lambda _m, args, _o: inputs.append(args[0].detach().reshape(-1, args[0].shape[-1])))
@@ -201,8 +207,6 @@ def check_select_nodes(path: Path, model, tokenizer, selectors) -> Check:
     body = [f for f in file.functions if f.domain == op.DOMAIN and f.name == select_op.OP_TYPE]
     tokens = differ = ties = 0
     worst_tie = 0.0
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     for i, (node, layer, x) in enumerate(zip(nodes, selectors, inputs)):
         x = x[real] if x.shape[0] == real.shape[0] else x
         dtype = layer.gate_up.dtype
@@ -217,13 +221,15 @@ def check_select_nodes(path: Path, model, tokenizer, selectors) -> Check:
                                   initializer=[inits[n] for n in node.input[1:]])
         single = helper.make_model(graph, opset_imports=list(file.opset_import), functions=body, ir_version=file.ir_version)
         session = ort.InferenceSession(single.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        (got,) = session.run(None, {"x": x.numpy()})
+        outputs = [session.run(None, {"x": x.numpy()})[0]]
+        if library is not None:  # the kernel's few-token path (decode) on the same rows, one token per call
+            outputs.append(np.concatenate([session.run(None, {"x": x[t:t + 1].numpy()})[0] for t in range(x.shape[0])]))
         with torch.no_grad():
             ref = layer.masked(x).float()
             keep_x = x.abs().float() > layer.x_threshold
             gu = ((x * keep_x.to(x.dtype)) @ layer.gate_up).float().view(x.shape[0], -1, 2)
             h = ACTIVATIONS[layer.activation](gu[..., 0]) * gu[..., 1]
-        err = (torch.from_numpy(got).float() - ref).abs().amax(-1)
+        err = torch.stack([(torch.from_numpy(got).float() - ref).abs().amax(-1) for got in outputs]).amax(0)
         bad = err > SELECT_LAYER_RTOL * ref.abs().max().clamp_min(1e-12)
         margin = (h.abs() - layer.h_threshold).abs().amin(-1) / h.abs().amax(-1).clamp_min(1e-12)
         tie = margin <= SELECT_TIE

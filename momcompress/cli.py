@@ -367,16 +367,15 @@ def export(model, output, dense, experts_body, opset, atol, rtol, new_tokens, pr
     click.echo(format_checklist(m["checks"]))
     path = m["validation"].get("experts_path")
     selector = (m.get("custom_domain") or {}).get("op_type") == "SelectFFN"
-    if selector:
-        click.echo("SelectFFN (the per-token selector) ran its function body: the momcompress kernel library has no SelectFFN kernel yet")
-    elif path == "kernel":
-        click.echo(f"MoMExperts ran the compiled momcompress kernel ({m['validation']['ops_library']}); the function body was checked too")
+    node = "SelectFFN (the per-token selector)" if selector else "MoMExperts"
+    if path == "kernel":
+        click.echo(f"{node} ran the compiled momcompress kernel ({m['validation']['ops_library']}); the function body was checked too")
     elif path and m["validation"]["provider"] != "CPUExecutionProvider":
-        click.echo(f"MoMExperts ran its function body on {m['validation']['provider']} (the momcompress kernel is CPU-only)")
+        click.echo(f"{node} ran its function body on {m['validation']['provider']} (the momcompress kernel is CPU-only)")
     elif path:
         from momcompress.export.ort_ops import missing_message
 
-        click.echo(f"MoMExperts ran its function body: {missing_message()}")
+        click.echo(f"{node} ran its function body: {missing_message()}")
     kind = ("MoM, per-token selector, masked-dense body" if selector else f"MoM, {m['experts_body']} body") if m["kind"] == "mom" else "dense"
     files = ", ".join(m["onnx"]["files"] + ([m["tensorrt"]["engine"], m["tensorrt"]["runner"]] if "tensorrt" in m else []))
     click.echo(f"wrote {output}: {files} ({kind}, opset {m['opset']}, {m['onnx']['bytes'] / 1e6:.1f} MB)")

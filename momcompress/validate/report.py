@@ -67,7 +67,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _speed_rows(speed: dict) -> list[tuple[str, dict, str]]:
     """(runtime label, phase result, phase) for every timed phase. An onnxruntime label names the path that ran
     the MoM export's MoMExperts nodes: "onnxruntime cpu (MoMExperts: kernel)" or "(MoMExperts: function body)"
-    ("SelectFFN: function body" for a per-token selector's export)."""
+    ("SelectFFN: kernel" / "SelectFFN: function body" for a per-token selector's export)."""
     rows = []
     for runtime in ("torch", "onnxruntime"):
         for dev, result in (speed.get(runtime) or {}).items():
@@ -203,13 +203,11 @@ def format_markdown(report: dict, plot_files: list[str]) -> str:
         if ort and "note" in ort:
             out += [ort["note"]]
         sparse_path = ((ort or {}).get("experts_path") or {}).get("sparse")
+        node = (ort or {}).get("custom_op") or "MoMExperts"
         if sparse_path == "kernel":
-            out += [f"The MoM export's MoMExperts nodes ran the compiled momcompress kernel (`{ort['ops_library']}`)."]
-        elif sparse_path and ort.get("custom_op") == "SelectFFN":
-            out += ["The MoM export's SelectFFN nodes (per-token selector) ran their ONNX function body, a masked "
-                    "dense form: the compiled kernel library has no SelectFFN kernel yet."]
+            out += [f"The MoM export's {node} nodes ran the compiled momcompress kernel (`{ort['ops_library']}`)."]
         elif sparse_path:
-            out += ["The MoM export's MoMExperts nodes ran their ONNX function body: the compiled kernel was not "
+            out += [f"The MoM export's {node} nodes ran their ONNX function body: the compiled kernel was not "
                     "registered (build it with `momcompress build-ops`)."]
     for runtime in ("torch", "onnxruntime"):
         if isinstance(speed.get(runtime), dict) and "skipped" in speed[runtime]:
