@@ -1,14 +1,16 @@
-"""The SelectFFN node in onnxruntime: compiled kernel (row path, MatMul path) vs function body vs dense FFN.
+"""The selector's FFN in onnxruntime: the export's layers with and without the compiled kernel vs dense.
 
 Times the FFN of every layer of a per-token selector export on real inputs, in onnxruntime (CPU, fp32,
 one graph per variant holding all layers' FFNs side by side, each fed the input PyTorch gives that layer
 on held-out text), at several token counts T:
 - dense: the original model's FFN as three MatMuls (what the dense export runs);
-- body: the SelectFFN nodes' function body (masked dense, onnxruntime without the momcompress library);
-- kernel: the compiled SelectFFN kernel as it ships (rows up to its token switch, MatMul beyond);
-- rows / matmul: the kernel forced to one path (MOMCOMPRESS_ORT_SELECT_MAX_TOKENS = 10^9 / 0).
+- body: the export's layers (an If on T: SelectFFN up to momcompress_select_row_tokens tokens, else
+  MatMul + SelectHidden + MatMul) without the momcompress library: function bodies;
+- kernel: the same with the library registered (what validate and the export's checks run);
+- rows: the SelectFFN kernel alone, forced to read rows at any T (MOMCOMPRESS_ORT_SELECT_MAX_TOKENS=10^9);
+- matmul: the export's layers with the library and the switch at 0 (every call takes the MatMul branch).
 Rounds are interleaved (every variant once per round) and each cell is the median with its min-max; the
-ratio is to dense. The kernel's token switch is where "rows" stops beating "matmul".
+ratio is to dense. The export's switch belongs where "rows" stops beating "matmul".
 
     python benchmarks/bench_ort_select.py --onnx runs/smollm2-t0.5-onnx --frozen runs/smollm2-t0.5-frozen \
         [--dense default] [--tokens 1,2,4,8,16,32,128] [--rounds 7] [--threads 2] [--json out.json]
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROWS_ONLY, MATMUL_ONLY = str(10**9), "0"
+ROWS_ONLY = str(10**9)
 
 
 def layer_inputs(frozen, tokens: int) -> list[np.ndarray]:
@@ -56,8 +58,9 @@ def layer_inputs(frozen, tokens: int) -> list[np.ndarray]:
     return got
 
 
-def select_graph(onnx_dir: Path):
-    """A graph of every SelectFFN node of the export, each on its own input x{i} (weights and thresholds of the file)."""
+def select_graph(onnx_dir: Path, routed: bool = True, row_tokens: int | None = None):
+    """A graph of every SelectFFN node of the export, each on its own input x{i} (weights and thresholds of the
+    file); routed: each in its If on the token count as in the export (switch: the file's, or row_tokens)."""
     import onnx
     from onnx import helper
 
@@ -76,8 +79,14 @@ def select_graph(onnx_dir: Path):
         outs.append(helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, [None, d]))
         used += [inits[n] for n in node.input[1:]]
     graph = helper.make_graph(new_nodes, "select_ffns", ins, outs, initializer=used)
-    body = [f for f in file.functions if f.domain == op.DOMAIN and f.name == select_op.OP_TYPE]
-    return helper.make_model(graph, opset_imports=list(file.opset_import), functions=body, ir_version=file.ir_version)
+    body = [f for f in file.functions if f.domain == op.DOMAIN and f.name in (select_op.OP_TYPE, select_op.HIDDEN_OP)]
+    model = helper.make_model(graph, opset_imports=list(file.opset_import), functions=body, ir_version=file.ir_version)
+    if routed:
+        if row_tokens is None:
+            switch = inits.get(select_op.ROW_TOKENS_NAME)
+            row_tokens = int(onnx.numpy_helper.to_array(switch)) if switch is not None else select_op.DEFAULT_ROW_TOKENS
+        select_op.route_by_tokens(model, row_tokens)
+    return model
 
 
 def dense_graph(dense_source: str, layers: int):
@@ -151,13 +160,13 @@ def main(argv=None) -> int:
         raise SystemExit(ort_ops.missing_message("needed for the kernel columns"))
     tokens = [int(t) for t in args.tokens.split(",") if t]
     inputs = layer_inputs(args.frozen, max(tokens))
-    sel = select_graph(Path(args.onnx))
+    routed = select_graph(Path(args.onnx))
     sessions = {
         "dense": session(dense_graph(args.dense, len(inputs)), args.threads),
-        "body": session(sel, args.threads),
-        "kernel": session(sel, args.threads, library),
-        "rows": session(sel, args.threads, library, ROWS_ONLY),
-        "matmul": session(sel, args.threads, library, MATMUL_ONLY),
+        "body": session(routed, args.threads),
+        "kernel": session(routed, args.threads, library),
+        "rows": session(select_graph(Path(args.onnx), routed=False), args.threads, library, ROWS_ONLY),
+        "matmul": session(select_graph(Path(args.onnx), row_tokens=0), args.threads, library),
     }
     rows = []
     for T in tokens:

@@ -198,10 +198,10 @@ class OrtCausalLM:
         from momcompress.export import op, select_op
 
         model = onnx.load(str(self.path), load_external_data=False)
-        types = {n.op_type for n in model.graph.node if n.domain == op.DOMAIN}
+        types = {n.op_type for n in select_op.iter_nodes(model.graph) if n.domain == op.DOMAIN}
         if select_op.OP_TYPE in types:
             self.custom_op = select_op.OP_TYPE
-        if types & {op.OP_TYPE, op.SELECTED_ROWS_OP, select_op.OP_TYPE}:
+        if types & {op.OP_TYPE, op.SELECTED_ROWS_OP, select_op.OP_TYPE, select_op.HIDDEN_OP}:
             return "kernel"
         return "body" if types else None
 

@@ -86,9 +86,11 @@ def check_graph(path: Path, num_layers: int, is_mom: bool) -> Check:
 
     selects = select_op.select_nodes(model)
     if selects:
-        bodies = [f for f in model.functions if f.domain == op.DOMAIN and f.name == select_op.OP_TYPE]
-        ok = len(selects) == num_layers and len(bodies) == 1
-        return Check("onnx checker", ok, f"opset {opset}, {len(selects)} {select_op.OP_TYPE} nodes for {num_layers} layers, {len(bodies)} function body")
+        bodies = [f for f in model.functions if f.domain == op.DOMAIN and f.name in (select_op.OP_TYPE, select_op.HIDDEN_OP)]
+        routed = sum(n.op_type == "If" for n in model.graph.node)
+        ok = len(selects) == num_layers and len(bodies) == 2 and routed in (0, num_layers)
+        return Check("onnx checker", ok, f"opset {opset}, {len(selects)} {select_op.OP_TYPE} nodes for {num_layers} layers, "
+                     f"{routed} routed by token count, {len(bodies)} function bodies")
     nodes = op.mom_nodes(model)
     bodies = [f for f in model.functions if f.domain == op.DOMAIN and f.name == op.OP_TYPE]
     ok = len(nodes) == num_layers and len(bodies) == 1 and all(len(n.input) == 8 for n in nodes)
@@ -169,8 +171,9 @@ def check_select_nodes(path: Path, model, tokenizer, selectors, experts: str = "
     """Each SelectFFN node of the file, alone in onnxruntime with the file's own weights and thresholds, on
     the real inputs its layer gets in PyTorch (the check prompts), against the layer's masked formula. The
     node runs the compiled momcompress kernel when it is registered (experts as in OrtCausalLM: "auto",
-    "kernel" or "body"), else its function body; with the kernel, the same inputs go one token at a time
-    too (the kernel's few-token path) besides all at once.
+    "kernel" or "body"), else its function body. Where the file routes each layer by token count (an If:
+    SelectFFN for few tokens, MatMul + SelectHidden + MatMul for many), the layer is rebuilt the same way
+    and its inputs run all at once and one token at a time, so both branches are checked.
 
     Both sides read the same inputs, so the input channels kept are the same; a neuron's keep decision can
     still differ where |h| lies on its threshold (the two sums of gate and up differ in the last bits). A
@@ -204,7 +207,8 @@ def check_select_nodes(path: Path, model, tokenizer, selectors, experts: str = "
     if len(nodes) != len(selectors) or len(inputs) != len(selectors):
         return Check(name, False, f"{len(nodes)} SelectFFN nodes, {len(selectors)} selector layers, {len(inputs)} layer inputs captured")
     inits = {i.name: i for i in file.graph.initializer}
-    body = [f for f in file.functions if f.domain == op.DOMAIN and f.name == select_op.OP_TYPE]
+    body = [f for f in file.functions if f.domain == op.DOMAIN and f.name in (select_op.OP_TYPE, select_op.HIDDEN_OP)]
+    routed = select_op.ROW_TOKENS_NAME in inits  # the file routes calls by token count: check both branches
     tokens = differ = ties = 0
     worst_tie = 0.0
     for i, (node, layer, x) in enumerate(zip(nodes, selectors, inputs)):
@@ -220,9 +224,11 @@ def check_select_nodes(path: Path, model, tokenizer, selectors, experts: str = "
                                   [helper.make_tensor_value_info("out", elem, [None, d])],
                                   initializer=[inits[n] for n in node.input[1:]])
         single = helper.make_model(graph, opset_imports=list(file.opset_import), functions=body, ir_version=file.ir_version)
+        if routed:  # as in the file: an If on the token count, with the file's switch
+            select_op.route_by_tokens(single, int(onnx.numpy_helper.to_array(inits[select_op.ROW_TOKENS_NAME])))
         session = ort.InferenceSession(single.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        outputs = [session.run(None, {"x": x.numpy()})[0]]
-        if library is not None:  # the kernel's few-token path (decode) on the same rows, one token per call
+        outputs = [session.run(None, {"x": x.numpy()})[0]]  # all tokens at once (routed: the MatMul branch)
+        if routed or library is not None:  # one token per call (routed: the SelectFFN branch; the kernel's row path)
             outputs.append(np.concatenate([session.run(None, {"x": x[t:t + 1].numpy()})[0] for t in range(x.shape[0])]))
         with torch.no_grad():
             ref = layer.masked(x).float()

@@ -167,6 +167,7 @@ def to_onnx(model, opset: int = DEFAULT_OPSET, body: str = op.DEFAULT_BODY):
     selects = len(select_op.select_nodes(proto))
     if selects:
         select_op.attach_function(proto, model.config.momcompress["activation"])
+        select_op.route_by_tokens(proto)
     if layers:
         fused = op.fuse_accumulate(proto)
         if fused != layers:
@@ -297,7 +298,9 @@ def export(
         )
     _use_eager_attention(torch_model)
     is_mom = hasattr(torch_model.config, "momcompress")
-    log.info("exporting %s (%s) to ONNX opset %d", source, "MoM, " + body + " body" if is_mom else "dense", opset)
+    selector = is_mom and section.get("selector") == "activations"
+    kind = "per-token selector" if selector else "MoM, " + body + " body" if is_mom else "dense"
+    log.info("exporting %s (%s) to ONNX opset %d", source, kind, opset)
     t0 = time.time()
     with quiet_known_warnings():
         proto = to_onnx(torch_model, opset, body)

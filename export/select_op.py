@@ -8,7 +8,9 @@ DESIGN.md, "Per-token selection" and "Export". The node
       attributes: activation ("silu" | "gelu_tanh" | "gelu"), plugin_namespace, plugin_version
     x_s = x * (|x| > x_threshold); (g, u) = x_s @ gate_up; h = act(g) * u; out = (h * (|h| > h_threshold)) @ down
 
-is `torch.ops.momcompress.select_ffn` (kernels/select_op.py). It carries a model-local function body of
+is `torch.ops.momcompress.select_ffn` (kernels/select_op.py). The export puts each node in an If on the
+token count (route_by_tokens, below): few tokens run the node, many run standard MatMuls around a
+SelectHidden node (the activation and neuron threshold, fused when the library is registered). It carries a model-local function body of
 standard ops (the masked-dense form: every row multiplied, the dropped inputs zeroed), so onnxruntime,
 its CUDA provider and TensorRT's parser run the file as it is; a compiled kernel registered for the node
 (onnxruntime custom op) reads only the kept rows. The thresholds compare in fp32 whatever the model dtype.
@@ -16,6 +18,7 @@ its CUDA provider and TensorRT's parser run the file as it is; a compiled kernel
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -74,9 +77,140 @@ def translation_table() -> dict:
     return {torch.ops.momcompress.select_ffn.default: select_ffn}
 
 
+def iter_nodes(graph: onnx.GraphProto):
+    """Every node of graph and of its subgraphs (If branches, loop bodies), depth first in graph order."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_nodes(g)
+
+
 def select_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The SelectFFN nodes of the main graph, in graph order."""
-    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+    """The SelectFFN nodes of the model (main graph, or the token-count If branches of route_by_tokens), in graph order."""
+    return [n for n in iter_nodes(model.graph) if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
+# -- routing by token count -----------------------------------------------------------------------------
+# A call with few tokens (decode) gains from reading only each token's kept rows; with many tokens the union
+# of their rows is nearly every row, and onnxruntime's own MatMul (its weights packed once per session)
+# beats any row reader. So each layer's SelectFFN node sits in an If on the token count:
+#     T <= momcompress_select_row_tokens: SelectFFN (the compiled kernel reads rows; else its body)
+#     otherwise: x_s = x * (|x| > x_threshold); MatMul(x_s, gate_up); SelectHidden; MatMul(h_s, down)
+# Both branches compute the same formula. The switch is an initializer: a session may replace it
+# (SessionOptions.add_initializer) without re-exporting.
+HIDDEN_OP = "SelectHidden"
+ROW_TOKENS_NAME = "momcompress_select_row_tokens"
+# Measured with benchmarks/bench_ort_select.py (30 layers of the default model at 0.5, 2 threads, 2026-12-03,
+# Intel Xeon with AMX): the kernel's rows took 0.18x dense at 1 token, 0.62x at 2, 0.90x at 3 and 1.10x at 4,
+# the MatMul branch 1.01x from 1 to 4 tokens.
+DEFAULT_ROW_TOKENS = 3
+
+
+def register_hidden_schema() -> None:
+    """Register the SelectHidden schema with onnx (once), for the checker."""
+    from onnx import defs
+
+    if defs.has(HIDDEN_OP, DOMAIN):
+        return
+    Param = defs.OpSchema.FormalParameter
+    Attr, A = defs.OpSchema.Attribute, defs.OpSchema.AttrType
+    defs.register_schema(defs.OpSchema(
+        HIDDEN_OP, DOMAIN, DOMAIN_VERSION, "h = act(gate) * up from interleaved (T, 2F') products, zeroed where |h| <= h_threshold.",
+        inputs=[Param("gu", "T", "(T, 2F') gate and up products, interleaved per neuron"),
+                Param("h_threshold", "tensor(float)", "(F',) neuron i is kept when |h_i| > h_threshold[i]")],
+        outputs=[Param("h", "T", "(T, F') kept hidden activations")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "model dtype")],
+        attributes=[Attr("activation", A.STRING, "silu, gelu_tanh or gelu", required=False)],
+    ))
+
+
+def hidden_function(activation: str, opset: int) -> onnx.FunctionProto:
+    """The model-local function ("momcompress", "SelectHidden") with standard ops."""
+    n = helper.make_node
+    nodes = [
+        _const("gu_shape", [0, -1, 2]),
+        n("Reshape", ["gu", "gu_shape"], ["gu3"]),  # (T, F', 2)
+        n("Split", ["gu3"], ["g3", "u3"], axis=2, num_outputs=2),
+        _const("axis_last", [-1]),
+        n("Squeeze", ["g3", "axis_last"], ["g"]),
+        n("Squeeze", ["u3", "axis_last"], ["u"]),
+        *_activation_nodes(activation, "g", "ga", opset),
+        n("Mul", ["ga", "u"], ["hv"]),
+        n("Abs", ["hv"], ["h_abs"]),
+        n("Cast", ["h_abs"], ["h_abs32"], to=TensorProto.FLOAT),
+        n("Greater", ["h_abs32", "h_threshold"], ["h_keep"]),
+        n("CastLike", ["h_keep", "hv"], ["h_keep_h"]),
+        n("Mul", ["hv", "h_keep_h"], ["h"]),
+    ]
+    return helper.make_function(
+        DOMAIN, HIDDEN_OP, inputs=["gu", "h_threshold"], outputs=["h"], nodes=nodes,
+        opset_imports=[helper.make_opsetid("", opset)], attributes=["activation"],
+        doc_string=f"SelectHidden ({activation}); see momcompress/export/select_op.py",
+    )
+
+
+def _routed(node: onnx.NodeProto, index: int, elem_type: int, d: int) -> list[onnx.NodeProto]:
+    """[Shape, Squeeze, LessOrEqual, If] computing node's output by token count (see the section comment)."""
+    n = helper.make_node
+    x, x_thr, gate_up, down, h_thr = node.input
+    out = node.output[0]
+    p = f"select{index}_"
+    activation = next((a.s.decode() for a in node.attribute if a.name == "activation"), "silu")
+    then_node = onnx.NodeProto()
+    then_node.CopyFrom(node)
+    del then_node.output[:]
+    then_node.output.append(p + "rows_out")
+    then_node.name = p + "rows"
+    then_branch = helper.make_graph([then_node], p + "rows", [], [helper.make_tensor_value_info(p + "rows_out", elem_type, [None, d])])
+    else_nodes = [
+        n("Abs", [x], [p + "x_abs"], name=p + "x_abs"),
+        *([n("Cast", [p + "x_abs"], [p + "x_abs32"], to=TensorProto.FLOAT, name=p + "x_abs32")] if elem_type != TensorProto.FLOAT else []),
+        n("Greater", [p + ("x_abs32" if elem_type != TensorProto.FLOAT else "x_abs"), x_thr], [p + "x_keep"], name=p + "x_keep"),
+        n("Cast", [p + "x_keep"], [p + "x_keep_x"], to=elem_type, name=p + "x_keep_x"),  # (onnxruntime's Where is slower)
+        n("Mul", [x, p + "x_keep_x"], [p + "xs"], name=p + "xs"),
+        n("MatMul", [p + "xs", gate_up], [p + "gu"], name=p + "gate_up"),
+        n(HIDDEN_OP, [p + "gu", h_thr], [p + "h"], domain=DOMAIN, activation=activation, name=p + "hidden"),
+        n("MatMul", [p + "h", down], [p + "dense_out"], name=p + "down"),
+    ]
+    else_branch = helper.make_graph(else_nodes, p + "dense", [], [helper.make_tensor_value_info(p + "dense_out", elem_type, [None, d])])
+    return [
+        n("Shape", [x], [p + "t1"], start=0, end=1, name=p + "tokens"),
+        n("Squeeze", [p + "t1"], [p + "t"], name=p + "t"),
+        n("LessOrEqual", [p + "t", ROW_TOKENS_NAME], [p + "few"], name=p + "few"),
+        n("If", [p + "few"], [out], then_branch=then_branch, else_branch=else_branch, name=p + "route"),
+    ]
+
+
+def route_by_tokens(model: onnx.ModelProto, row_tokens: int = DEFAULT_ROW_TOKENS) -> int:
+    """Put each main-graph SelectFFN node in an If on its token count (in place); return how many.
+
+    Adds the ROW_TOKENS_NAME initializer (int64 scalar); the SelectHidden function must be attached too
+    (attach_function does both bodies)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    new_nodes, count = [], 0
+    for node in model.graph.node:
+        if node.domain == DOMAIN and node.op_type == OP_TYPE:
+            gate_up = inits.get(node.input[2])
+            if gate_up is None:
+                raise ValueError(f"SelectFFN node {node.name}: gate_up {node.input[2]!r} is not an initializer")
+            new_nodes += _routed(node, count, gate_up.data_type, gate_up.dims[0])
+            count += 1
+        else:
+            new_nodes.append(node)
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        kept = [i for i in model.graph.initializer if i.name != ROW_TOKENS_NAME]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        model.graph.initializer.append(numpy_helper.from_array(np.array(row_tokens, dtype=np.int64), ROW_TOKENS_NAME))
+    return count
 
 
 def function_body(activation: str, opset: int) -> onnx.FunctionProto:
@@ -112,11 +246,13 @@ def function_body(activation: str, opset: int) -> onnx.FunctionProto:
 
 
 def attach_function(model: onnx.ModelProto, activation: str) -> None:
-    """Add the SelectFFN function body to the model (in place), next to any other model-local function."""
+    """Add the SelectFFN and SelectHidden function bodies to the model (in place), next to any other model-local function."""
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
+    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name in (OP_TYPE, HIDDEN_OP))]
     del model.functions[:]
     model.functions.extend(keep)
     model.functions.append(function_body(activation, opset))
+    model.functions.append(hidden_function(activation, opset))
+    register_hidden_schema()
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))

@@ -517,7 +517,7 @@ def test_select_ffn_both_paths_agree_at_any_token_count(library, monkeypatch, ma
     """MOMCOMPRESS_ORT_SELECT_MAX_TOKENS moves the switch between the row path and the MatMul path: 0
     sends every call to MatMul, 100 every call here to the rows; the outputs agree."""
     monkeypatch.setenv("MOMCOMPRESS_ORT_SELECT_MAX_TOKENS", max_tokens)
-    x, x_thr, gu, dn, h_thr = select_problem(24, 40, 400, seed=3)
+    x, x_thr, gu, dn, h_thr = select_problem(24, 40, 50, seed=3)  # 50 neurons: not a multiple of 16
     got = _session(select_model(x_thr, gu, dn, h_thr, "silu"), library)[0].run(None, {"x": x.numpy()})[0]
     want = _select_want(x, x_thr, gu, dn, h_thr, "silu").numpy()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
@@ -603,3 +603,54 @@ def test_selector_export_kernel_and_function_body_same_logits_and_32_greedy_toke
     tokens_k = greedy_generate(kernel, ids, mask, 32)
     assert np.array_equal(tokens_k, greedy_generate(body, ids, mask, 32))
     assert np.array_equal(tokens_k, torch_generate(momcompress.load(frozen), ids, mask, 32))
+
+
+def test_selector_export_routes_by_token_count_and_the_switch_can_move(library, workdir, data_file):
+    """Each layer's If sends calls of up to momcompress_select_row_tokens tokens to SelectFFN and longer ones
+    to MatMul + SelectHidden + MatMul; moving the switch in a session (no re-export) changes nothing but
+    the path: prefill logits agree within 1e-4 whichever branch ran, with and without the kernel."""
+    from momcompress.export import select_op
+
+    frozen = _frozen_selector(workdir, data_file)
+    folder = workdir / "onnx-select-route"
+    if not folder.is_dir():
+        momcompress.export(frozen, folder, new_tokens=2)
+    model = onnx.load(str(folder / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert int(inits[select_op.ROW_TOKENS_NAME]) == select_op.DEFAULT_ROW_TOKENS
+    hidden = [n for n in select_op.iter_nodes(model.graph) if n.op_type == select_op.HIDDEN_OP]
+    assert len(hidden) == len(select_op.select_nodes(model)) == 2
+    from transformers import AutoTokenizer
+
+    ids, mask = prompt_batch(AutoTokenizer.from_pretrained(folder))
+    pos = prefill_positions(mask)
+    real = mask.astype(bool)
+    logits = []
+    for experts in ("kernel", "body"):
+        for row_tokens in (0, 10**6):  # always MatMul, always SelectFFN
+            lm = OrtCausalLM(folder, experts=experts, initializers={select_op.ROW_TOKENS_NAME: np.array(row_tokens, np.int64)})
+            logits.append(lm.run(ids, mask, pos, lm.first_past(2))[0][real])
+    assert max(np.abs(a - logits[0]).max() for a in logits) <= 1e-4
+
+
+def test_select_hidden_kernel_equals_its_function_body(library):
+    """SelectHidden alone: the kernel and its function body (fp32), and the kernel in bf16."""
+    from momcompress.export import select_op
+
+    g = torch.Generator().manual_seed(0)
+    for activation in sorted(ACTIVATIONS):
+        for T in (1, 37):
+            gu = torch.randn(T, 2 * 50, generator=g)
+            thr = torch.rand(50, generator=g) * 0.3
+            thr[0], thr[1] = -1.0, float("inf")
+            node = helper.make_node(select_op.HIDDEN_OP, ["gu", "h_threshold"], ["h"], domain=op.DOMAIN, activation=activation)
+            graph = helper.make_graph([node], "hidden", [helper.make_tensor_value_info("gu", TensorProto.FLOAT, ["T", 100])],
+                                      [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["T", 50])], initializer=[_init("h_threshold", thr)])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(op.DOMAIN, op.DOMAIN_VERSION)])
+            model.functions.append(select_op.hidden_function(activation, 18))
+            got = _session(model, library)[0].run(None, {"gu": gu.numpy()})[0]
+            body = _session(model, None)[0].run(None, {"gu": gu.numpy()})[0]
+            h = ACTIVATIONS[activation](gu[:, 0::2]) * gu[:, 1::2]
+            want = (h * (h.abs() > thr)).numpy()
+            assert np.abs(got - want).max() <= 1e-5 and np.abs(body - want).max() <= 1e-5
+            assert (got[:, 1] == 0).all() and (got[:, 0] != 0).all()

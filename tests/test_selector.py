@@ -283,8 +283,11 @@ def test_export_runs_in_onnxruntime_and_matches_pytorch(frozen, workdir):
     manifest = momcompress.export(fdir, workdir / "onnx", new_tokens=8)
     assert all(c["ok"] for c in manifest["checks"])
     model = onnx.load(str(workdir / "onnx" / "model.onnx"))
-    assert sum(n.op_type == "SelectFFN" for n in model.graph.node) == 2
-    assert [f.name for f in model.functions] == ["SelectFFN"]
+    from momcompress.export import select_op
+
+    assert len(select_op.select_nodes(model)) == 2 and sum(n.op_type == "If" for n in model.graph.node) == 2
+    assert not any(n.op_type == "SelectFFN" for n in model.graph.node)  # each inside its layer's If on the token count
+    assert [f.name for f in model.functions] == ["SelectFFN", "SelectHidden"]
     names = [c["name"] for c in manifest["checks"]]
     assert any("with past" in n and "selector thresholds off" in n for n in names)
     assert any(n.startswith("greedy generation") and "selector thresholds off" in n for n in names)

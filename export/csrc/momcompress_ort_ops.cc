@@ -1,6 +1,6 @@
 // momcompress custom ops for onnxruntime's CPU execution provider (built by `momcompress build-ops`).
 //
-// Three ops in the domain "momcompress"; the first two on one core routine, "per-token selected rows":
+// Four ops in the domain "momcompress"; the first two on one core routine, "per-token selected rows":
 //   given x (T, d) and, for each token t, a list of (row, scale) pairs into three row tables
 //   gate, up, down (R_rows, d) (down transposed: down[r] is column r of W_down),
 //     out[t] += sum over the list of scale * act(gate[row] . x[t]) * (up[row] . x[t]) * down[row].
@@ -29,6 +29,8 @@
 //   (prefill): the union of the tokens' rows is nearly every row, so the two products run as onnxruntime's own
 //   MatMul (MLAS, invoked from the kernel) over the masked inputs, with the activation and the neuron
 //   threshold fused in between (fp32 weights; 16-bit weights always take the row path).
+// - SelectHidden (gu, h_threshold): h = act(gu[:, 0::2]) * gu[:, 1::2] zeroed where |h| <= h_threshold, one pass;
+//   the export runs it between two standard MatMuls (weights packed by onnxruntime) for calls with many tokens.
 //
 // Built against onnxruntime's C API headers of version ORT_API_VERSION (21: onnxruntime 1.21); it loads in
 // that release and newer ones. In an older runtime, RegisterCustomOps fails with a message saying so.
@@ -729,7 +731,6 @@ OrtStatus* selected_rows_compute(void* kernel, OrtKernelContext* ctx) try {
 }
 
 // ---------------------------------------------------------------------------------------- SelectFFN
-constexpr int64_t kSelectChunk = 192;       // neurons per task: the chunk's slice of a gate_up row (2 x 192 values)
 constexpr int64_t kSelectMaxTokens = 8;     // default most tokens per call for the row path (MOMCOMPRESS_ORT_SELECT_MAX_TOKENS)
 
 struct SelectFFNKernel {
@@ -769,60 +770,94 @@ struct SelectRows {
   Act act = Act::Silu;
   const void* gate_up = nullptr;  // (d, 2n)
   const void* down = nullptr;     // (n, d)
-  float* partial = nullptr;       // (tasks, T, d), zeroed
+  int64_t shares = 1;             // phase A tasks: shares of each token's kept channels
+  int64_t ranges = 1;             // phase B tasks: ranges of neurons
+  float* gu_partial = nullptr;    // (shares, T, 2n)
+  float* partial = nullptr;       // (ranges, T, d), zeroed
 };
 
-// Task c: neurons [c * chunk, (c + 1) * chunk) for every token, into partial[c].
+// Two phases, each split for streaming: (A) task a takes a 1/A share of every token's kept channels and adds
+// their whole gate_up rows (2F' values, contiguous) into its own gu partial (T, 2F'); (B) task b takes a range
+// of neurons, sums the A partials over it, applies act and the neuron threshold, and adds the kept neurons'
+// rows of down into its own output partial (T, d). The caller sums the B partials.
 template <typename W>
-MOM_INLINE void select_chunk_impl(const SelectRows& job, int64_t c) {
-  const int64_t lo = c * kSelectChunk, hi = std::min(job.n, lo + kSelectChunk), m = hi - lo, stride = 2 * job.n;
-  const W* gu = static_cast<const W*>(job.gate_up) + 2 * lo;
-  const W* down = static_cast<const W*>(job.down);
-  float acc[2 * kSelectChunk];
-  float h[kSelectChunk];
+MOM_INLINE void gate_up_share_impl(const SelectRows& job, int64_t a) {
+  const int64_t stride = 2 * job.n;
+  const W* gu = static_cast<const W*>(job.gate_up);
   for (int64_t t = 0; t < job.T; ++t) {
-    std::fill(acc, acc + 2 * m, 0.0f);
-    const int32_t* j = job.kept.data() + job.ptr[t];
-    const float* v = job.val.data() + job.ptr[t];
+    float* acc = job.gu_partial + (a * job.T + t) * stride;
+    std::fill(acc, acc + stride, 0.0f);
     const int64_t nk = job.ptr[t + 1] - job.ptr[t];
-    int64_t p = 0;
-    for (; p + 4 <= nk; p += 4)
+    const int64_t p0 = job.ptr[t] + nk * a / job.shares, p1 = job.ptr[t] + nk * (a + 1) / job.shares;
+    const int32_t* j = job.kept.data();
+    const float* v = job.val.data();
+    int64_t p = p0;
+    for (; p + 4 <= p1; p += 4)
       acc_rows4<W>(acc, gu + j[p] * stride, gu + j[p + 1] * stride, gu + j[p + 2] * stride, gu + j[p + 3] * stride, v[p],
-                   v[p + 1], v[p + 2], v[p + 3], 2 * m);
-    for (; p < nk; ++p) acc_row<W>(acc, gu + j[p] * stride, v[p], 2 * m);
-    activate_pairs(acc, m, job.act, h);
-    float* out = job.partial + (c * job.T + t) * job.d;
+                   v[p + 1], v[p + 2], v[p + 3], stride);
+    for (; p < p1; ++p) acc_row<W>(acc, gu + j[p] * stride, v[p], stride);
+  }
+}
+
+template <typename W>
+MOM_INLINE void down_range_impl(const SelectRows& job, int64_t b) {
+  const int64_t lo = job.n * b / job.ranges / 16 * 16, hi = b + 1 == job.ranges ? job.n : job.n * (b + 1) / job.ranges / 16 * 16;
+  const int64_t m = hi - lo, stride = 2 * job.n;
+  const W* down = static_cast<const W*>(job.down);
+  std::vector<float> gu(static_cast<size_t>(2 * m)), h(static_cast<size_t>(m));
+  for (int64_t t = 0; t < job.T; ++t) {
+    const float* first = job.gu_partial + t * stride + 2 * lo;
+    std::copy(first, first + 2 * m, gu.begin());
+    for (int64_t a = 1; a < job.shares; ++a) {
+      const float* part = job.gu_partial + (a * job.T + t) * stride + 2 * lo;
+      for (int64_t q = 0; q < 2 * m; ++q) gu[q] += part[q];
+    }
+    activate_pairs(gu.data(), m, job.act, h.data());
+    float* out = job.partial + (b * job.T + t) * job.d;
     for (int64_t i = 0; i < m; ++i)
       if (std::fabs(h[i]) > job.h_thr[lo + i]) axpy_row<W>(out, down + (lo + i) * job.d, h[i], job.d);
   }
 }
 
-MOM_MULTIVERSION void select_chunk(const SelectRows& job, int64_t c, const float*) { select_chunk_impl<float>(job, c); }
-MOM_MULTIVERSION void select_chunk(const SelectRows& job, int64_t c, const bf16*) { select_chunk_impl<bf16>(job, c); }
-MOM_MULTIVERSION void select_chunk(const SelectRows& job, int64_t c, const f16*) { select_chunk_impl<f16>(job, c); }
+MOM_MULTIVERSION void gate_up_share(const SelectRows& job, int64_t a, const float*) { gate_up_share_impl<float>(job, a); }
+MOM_MULTIVERSION void gate_up_share(const SelectRows& job, int64_t a, const bf16*) { gate_up_share_impl<bf16>(job, a); }
+MOM_MULTIVERSION void gate_up_share(const SelectRows& job, int64_t a, const f16*) { gate_up_share_impl<f16>(job, a); }
+MOM_MULTIVERSION void down_range(const SelectRows& job, int64_t b, const float*) { down_range_impl<float>(job, b); }
+MOM_MULTIVERSION void down_range(const SelectRows& job, int64_t b, const bf16*) { down_range_impl<bf16>(job, b); }
+MOM_MULTIVERSION void down_range(const SelectRows& job, int64_t b, const f16*) { down_range_impl<f16>(job, b); }
 
 template <typename W>
-void select_task(void* data, size_t task) {
-  select_chunk(*static_cast<const SelectRows*>(data), static_cast<int64_t>(task), static_cast<const W*>(nullptr));
+void share_task(void* data, size_t task) {
+  gate_up_share(*static_cast<const SelectRows*>(data), static_cast<int64_t>(task), static_cast<const W*>(nullptr));
+}
+template <typename W>
+void range_task(void* data, size_t task) {
+  down_range(*static_cast<const SelectRows*>(data), static_cast<int64_t>(task), static_cast<const W*>(nullptr));
+}
+
+OrtStatus* parallel(const OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_t tasks, void* data) {
+  if (tasks == 1) {
+    fn(data, 0);
+    return nullptr;
+  }
+  return g_api->KernelContext_ParallelFor(ctx, fn, static_cast<size_t>(tasks), 0, data);
 }
 
 // The row path: out (T, d) f32 = the layer on x (T, d) f32.
 OrtStatus* select_rows_path(const OrtKernelContext* ctx, SelectRows& job, ONNXTensorElementDataType wtype, float* out) {
-  const int64_t tasks = (job.n + kSelectChunk - 1) / kSelectChunk;
-  std::vector<float> partial(static_cast<size_t>(tasks * job.T * job.d), 0.0f);
+  job.shares = target_tasks();
+  job.ranges = std::max<int64_t>(1, std::min<int64_t>(target_tasks(), job.n / 16));
+  std::vector<float> gu_partial(static_cast<size_t>(job.shares * job.T * 2 * job.n));
+  std::vector<float> partial(static_cast<size_t>(job.ranges * job.T * job.d), 0.0f);
+  job.gu_partial = gu_partial.data();
   job.partial = partial.data();
-  void (*fn)(void*, size_t) = wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT      ? select_task<float>
-                              : wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ? select_task<bf16>
-                                                                                : select_task<f16>;
-  if (tasks == 1) {
-    fn(&job, 0);
-  } else {
-    MOM_RETURN_IF(g_api->KernelContext_ParallelFor(ctx, fn, static_cast<size_t>(tasks), 0, &job));
-  }
+  const bool f32 = wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, b16 = wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
+  MOM_RETURN_IF(parallel(ctx, f32 ? share_task<float> : b16 ? share_task<bf16> : share_task<f16>, job.shares, &job));
+  MOM_RETURN_IF(parallel(ctx, f32 ? range_task<float> : b16 ? range_task<bf16> : range_task<f16>, job.ranges, &job));
   const int64_t size = job.T * job.d;
   std::memcpy(out, partial.data(), static_cast<size_t>(size) * 4);
-  for (int64_t c = 1; c < tasks; ++c) {
-    const float* part = partial.data() + c * size;
+  for (int64_t b = 1; b < job.ranges; ++b) {
+    const float* part = partial.data() + b * size;
     for (int64_t q = 0; q < size; ++q) out[q] += part[q];
   }
   return nullptr;
@@ -965,6 +1000,81 @@ OrtStatus* select_ffn_compute(void* kernel, OrtKernelContext* ctx) try {
   return g_api->CreateStatus(ORT_FAIL, (std::string("momcompress::SelectFFN: ") + e.what()).c_str());
 }
 
+// ---------------------------------------------------------------------------------------- SelectHidden
+// h = act(gu[:, 0::2]) * gu[:, 1::2], zeroed where |h| <= h_threshold: the middle of a SelectFFN layer between
+// two MatMuls (export/select_op.py puts it there for calls with many tokens), one pass over gu.
+struct SelectHiddenKernel {
+  Act act = Act::Silu;
+};
+
+struct HiddenAnyJob {
+  const void* gu;  // (T, 2n) of type
+  void* out;       // (T, n) of type
+  ONNXTensorElementDataType type;
+  const float* h_thr;
+  int64_t T, n, per_task;
+  Act act;
+};
+
+MOM_MULTIVERSION void hidden_any_tokens(const HiddenAnyJob& job, int64_t t0, int64_t t1) {
+  std::vector<float> row, h(static_cast<size_t>(job.n));
+  if (job.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) row.resize(static_cast<size_t>(2 * job.n));
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* gu;
+    if (job.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      gu = static_cast<const float*>(job.gu) + t * 2 * job.n;
+    } else {
+      Tensor src;
+      src.type = job.type;
+      src.data = static_cast<const char*>(job.gu) + t * 2 * job.n * 2;  // 16-bit values
+      load_f32(src, 2 * job.n, row.data());
+      gu = row.data();
+    }
+    float* dst = job.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? static_cast<float*>(job.out) + t * job.n : h.data();
+    activate_pairs(gu, job.n, job.act, dst);
+    for (int64_t i = 0; i < job.n; ++i) dst[i] = std::fabs(dst[i]) > job.h_thr[i] ? dst[i] : 0.0f;
+    if (job.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      store(dst, job.n, job.type, static_cast<char*>(job.out) + t * job.n * 2);
+  }
+}
+
+void hidden_any_task(void* data, size_t task) {
+  const auto& job = *static_cast<const HiddenAnyJob*>(data);
+  const int64_t t0 = static_cast<int64_t>(task) * job.per_task;
+  hidden_any_tokens(job, t0, std::min(job.T, t0 + job.per_task));
+}
+
+OrtStatus* select_hidden_compute(void* kernel, OrtKernelContext* ctx) try {
+  const auto& k = *static_cast<SelectHiddenKernel*>(kernel);
+  const std::string op = "SelectHidden";
+  Tensor gu, h_thr;
+  MOM_RETURN_IF(get_input(ctx, 0, &gu));
+  MOM_RETURN_IF(get_input(ctx, 1, &h_thr));
+  MOM_RETURN_IF(expect(op, "gu", gu, 2, true));
+  MOM_RETURN_IF(expect(op, "h_threshold", h_thr, 1, false, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT));
+  const int64_t T = gu.dim(0), n = h_thr.dim(0);
+  if (gu.dim(1) != 2 * n)
+    return fail("momcompress::SelectHidden: gu must be (T, 2F') with F' = " + std::to_string(n) + " (h_threshold's length), got " +
+                shape_str(gu.shape));
+  const int64_t shape[2] = {T, n};
+  OrtValue* out = nullptr;
+  MOM_RETURN_IF(g_api->KernelContext_GetOutput(ctx, 0, shape, 2, &out));
+  void* data = nullptr;
+  MOM_RETURN_IF(g_api->GetTensorMutableData(out, &data));
+  if (T == 0 || n == 0) return nullptr;
+  HiddenAnyJob job{gu.data, data, gu.type, static_cast<const float*>(h_thr.data), T, n, 0, k.act};
+  const int64_t tasks = std::min<int64_t>(T, target_tasks());
+  job.per_task = (T + tasks - 1) / tasks;
+  const int64_t ntasks = (T + job.per_task - 1) / job.per_task;
+  if (ntasks == 1) hidden_any_task(&job, 0);
+  else MOM_RETURN_IF(g_api->KernelContext_ParallelFor(ctx, hidden_any_task, static_cast<size_t>(ntasks), 0, &job));
+  return nullptr;
+} catch (const std::bad_alloc&) {
+  return g_api->CreateStatus(ORT_FAIL, "momcompress::SelectHidden: out of memory");
+} catch (const std::exception& e) {
+  return g_api->CreateStatus(ORT_FAIL, (std::string("momcompress::SelectHidden: ") + e.what()).c_str());
+}
+
 // ---------------------------------------------------------------------------------------- OrtCustomOp glue
 // Every input is declared "any type" so that a wrong type reaches our checks (a clear message) instead of
 // failing kernel matching; the output takes x's type and shape (InferOutputShapeFn).
@@ -973,6 +1083,7 @@ struct OpDef : OrtCustomOp {
   size_t inputs;
   bool last_optional;  // the last input (accumulate) is optional
   bool any_float_x;    // x may be float, float16 or bfloat16 (else float only)
+  bool halve_last = false;  // the output is (T, x's columns / 2) (SelectHidden), else x's shape
 };
 
 OrtStatus* infer_output(const OrtCustomOp* base, OrtShapeInferContext* ctx) {
@@ -995,6 +1106,18 @@ OrtStatus* infer_output(const OrtCustomOp* base, OrtShapeInferContext* ctx) {
     else if (!x.shape.empty() && x.shape.size() != 2)
       s = fail(std::string("momcompress::") + def->name + ": input x must have rank 2 (T, d), got shape " +
                shape_str(x.shape));
+  }
+  if (!s && def->halve_last) {  // SelectHidden: (T, 2F') -> (T, F')
+    OrtTensorTypeAndShapeInfo* out = nullptr;
+    s = g_api->CreateTensorTypeAndShapeInfo(&out);
+    if (!s) s = g_api->SetTensorElementType(out, x.type);
+    std::vector<int64_t> dims = x.shape;
+    if (dims.size() == 2 && dims[1] > 0) dims[1] /= 2;
+    else if (dims.size() == 2) dims[1] = -1;
+    if (!s) s = g_api->SetDimensions(out, dims.data(), dims.size());
+    if (!s) s = g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, out);
+    if (out) g_api->ReleaseTensorTypeAndShapeInfo(out);
+    return s;
   }
   if (!s) s = g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, info);
   return s;  // info belongs to the context (onnxruntime keeps it in a unique_ptr): not released here
@@ -1054,6 +1177,16 @@ OrtStatus* create_select_ffn(const OrtCustomOp*, const OrtApi*, const OrtKernelI
   return g_api->CreateStatus(ORT_FAIL, e.what());
 }
 
+OrtStatus* create_select_hidden(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) try {
+  auto k = new SelectHiddenKernel();
+  OrtStatus* s = read_activation(info, "SelectHidden", &k->act);
+  if (s) { delete k; return s; }
+  *kernel = k;
+  return nullptr;
+} catch (const std::exception& e) {
+  return g_api->CreateStatus(ORT_FAIL, e.what());
+}
+
 void define_op(OpDef& op, const char* name, size_t inputs, bool last_optional, bool any_float_x,
                decltype(OrtCustomOp::CreateKernelV2) create, decltype(OrtCustomOp::KernelComputeV2) compute,
                decltype(OrtCustomOp::KernelDestroy) destroy) {
@@ -1087,7 +1220,7 @@ void define_op(OpDef& op, const char* name, size_t inputs, bool last_optional, b
   op.GetEndVersion = [](const OrtCustomOp*) { return 1; };
 }
 
-OpDef g_mom_experts, g_selected_rows, g_select_ffn;
+OpDef g_mom_experts, g_selected_rows, g_select_ffn, g_select_hidden;
 
 }  // namespace
 
@@ -1117,12 +1250,16 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
             destroy_kernel<SelectedRowsKernel>);
   define_op(g_select_ffn, "SelectFFN", 5, false, true, create_select_ffn, select_ffn_compute,
             destroy_kernel<SelectFFNKernel>);
+  define_op(g_select_hidden, "SelectHidden", 2, false, true, create_select_hidden, select_hidden_compute,
+            destroy_kernel<SelectHiddenKernel>);
+  g_select_hidden.halve_last = true;
   OrtCustomOpDomain* domain = nullptr;
   MOM_RETURN_IF(api->CreateCustomOpDomain(kDomain, &domain));
   // The domain must outlive every session made with these options: it is kept for the life of the process.
   MOM_RETURN_IF(api->CustomOpDomain_Add(domain, &g_mom_experts));
   MOM_RETURN_IF(api->CustomOpDomain_Add(domain, &g_selected_rows));
   MOM_RETURN_IF(api->CustomOpDomain_Add(domain, &g_select_ffn));
+  MOM_RETURN_IF(api->CustomOpDomain_Add(domain, &g_select_hidden));
   return api->AddCustomOpDomain(options, domain);
 }
 
