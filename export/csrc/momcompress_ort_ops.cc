@@ -25,10 +25,11 @@
 //   (export/select_op.py): x_s = x * (|x| > x_threshold); (g, u) = x_s @ gate_up (gate and up interleaved per
 //   neuron); h = act(g) * u; out = (h * (|h| > h_threshold)) @ down. Up to max_tokens tokens per call
 //   (decode), each token reads only the gate_up rows of the channels it keeps and the down rows of the neurons
-//   it keeps, where they lie: tasks are chunks of neurons, each with its own partial output. More tokens
-//   (prefill): the union of the tokens' rows is nearly every row, so the two products run as onnxruntime's own
-//   MatMul (MLAS, invoked from the kernel) over the masked inputs, with the activation and the neuron
-//   threshold fused in between (fp32 weights; 16-bit weights always take the row path).
+//   it keeps, where they lie, in two parallel phases (a share of the kept channels' whole rows per task, then
+//   a range of neurons per task, each with its own partial). More tokens: the union of the tokens' rows is
+//   nearly every row, so the two products run as onnxruntime's own MatMul (invoked from the kernel, weights
+//   not pre-packed) over the masked inputs with the activation and neuron threshold fused in between (fp32;
+//   16-bit weights always take the row path). The export routes many-token calls around this node instead.
 // - SelectHidden (gu, h_threshold): h = act(gu[:, 0::2]) * gu[:, 1::2] zeroed where |h| <= h_threshold, one pass;
 //   the export runs it between two standard MatMuls (weights packed by onnxruntime) for calls with many tokens.
 //
@@ -750,15 +751,43 @@ MOM_INLINE void acc_rows4(float* __restrict acc, const W* __restrict r0, const W
     acc[q] += x0 * to_f32(r0[q]) + x1 * to_f32(r1[q]) + x2 * to_f32(r2[q]) + x3 * to_f32(r3[q]);
 }
 
+// The same, prefetching the next 4 rows (p0..p3, the next pass's) line by line as this pass streams its own:
+// the rows of kept channels are scattered, so the hardware prefetcher restarts at every row.
+template <typename W>
+MOM_INLINE void acc_rows4_ahead(float* __restrict acc, const W* __restrict r0, const W* __restrict r1,
+                                const W* __restrict r2, const W* __restrict r3, float x0, float x1, float x2, float x3,
+                                int64_t n, const W* p0, const W* p1, const W* p2, const W* p3) {
+  constexpr int64_t kLine = 64 / sizeof(W);
+  int64_t q0 = 0;
+  for (; q0 + kLine <= n; q0 += kLine) {
+    __builtin_prefetch(p0 + q0);
+    __builtin_prefetch(p1 + q0);
+    __builtin_prefetch(p2 + q0);
+    __builtin_prefetch(p3 + q0);
+    for (int64_t q = q0; q < q0 + kLine; ++q)
+      acc[q] += x0 * to_f32(r0[q]) + x1 * to_f32(r1[q]) + x2 * to_f32(r2[q]) + x3 * to_f32(r3[q]);
+  }
+  for (int64_t q = q0; q < n; ++q)
+    acc[q] += x0 * to_f32(r0[q]) + x1 * to_f32(r1[q]) + x2 * to_f32(r2[q]) + x3 * to_f32(r3[q]);
+}
+
+// out += hv * r, prefetching the row `ahead` (the next kept neuron's) line by line.
+template <typename W>
+MOM_INLINE void axpy_row_ahead(float* __restrict out, const W* __restrict r, float hv, int64_t d, const W* ahead) {
+  constexpr int64_t kLine = 64 / sizeof(W);
+  int64_t q0 = 0;
+  for (; q0 + kLine <= d; q0 += kLine) {
+    __builtin_prefetch(ahead + q0);
+    for (int64_t q = q0; q < q0 + kLine; ++q) out[q] += hv * to_f32(r[q]);
+  }
+  for (int64_t q = q0; q < d; ++q) out[q] += hv * to_f32(r[q]);
+}
+
 template <typename W>
 MOM_INLINE void acc_row(float* __restrict acc, const W* __restrict r, float xv, int64_t n) {
   for (int64_t q = 0; q < n; ++q) acc[q] += xv * to_f32(r[q]);
 }
 
-template <typename W>
-MOM_INLINE void axpy_row(float* __restrict out, const W* __restrict r, float hv, int64_t d) {
-  for (int64_t q = 0; q < d; ++q) out[q] += hv * to_f32(r[q]);
-}
 
 // The per-token rows: token t keeps channels kept[ptr[t] .. ptr[t+1]) with values val[...].
 struct SelectRows {
@@ -792,6 +821,10 @@ MOM_INLINE void gate_up_share_impl(const SelectRows& job, int64_t a) {
     const int32_t* j = job.kept.data();
     const float* v = job.val.data();
     int64_t p = p0;
+    for (; p + 8 <= p1; p += 4)
+      acc_rows4_ahead<W>(acc, gu + j[p] * stride, gu + j[p + 1] * stride, gu + j[p + 2] * stride, gu + j[p + 3] * stride,
+                         v[p], v[p + 1], v[p + 2], v[p + 3], stride, gu + j[p + 4] * stride, gu + j[p + 5] * stride,
+                         gu + j[p + 6] * stride, gu + j[p + 7] * stride);
     for (; p + 4 <= p1; p += 4)
       acc_rows4<W>(acc, gu + j[p] * stride, gu + j[p + 1] * stride, gu + j[p + 2] * stride, gu + j[p + 3] * stride, v[p],
                    v[p + 1], v[p + 2], v[p + 3], stride);
@@ -805,6 +838,7 @@ MOM_INLINE void down_range_impl(const SelectRows& job, int64_t b) {
   const int64_t m = hi - lo, stride = 2 * job.n;
   const W* down = static_cast<const W*>(job.down);
   std::vector<float> gu(static_cast<size_t>(2 * m)), h(static_cast<size_t>(m));
+  std::vector<int64_t> kept(static_cast<size_t>(m));
   for (int64_t t = 0; t < job.T; ++t) {
     const float* first = job.gu_partial + t * stride + 2 * lo;
     std::copy(first, first + 2 * m, gu.begin());
@@ -814,8 +848,14 @@ MOM_INLINE void down_range_impl(const SelectRows& job, int64_t b) {
     }
     activate_pairs(gu.data(), m, job.act, h.data());
     float* out = job.partial + (b * job.T + t) * job.d;
+    int64_t nk = 0;
     for (int64_t i = 0; i < m; ++i)
-      if (std::fabs(h[i]) > job.h_thr[lo + i]) axpy_row<W>(out, down + (lo + i) * job.d, h[i], job.d);
+      if (std::fabs(h[i]) > job.h_thr[lo + i]) kept[nk++] = i;
+    for (int64_t k = 0; k < nk; ++k) {
+      const int64_t i = kept[k];
+      const W* ahead = down + (lo + kept[k + 1 < nk ? k + 1 : k]) * job.d;
+      axpy_row_ahead<W>(out, down + (lo + i) * job.d, h[i], job.d, ahead);
+    }
   }
 }
 
