@@ -130,22 +130,7 @@ def register_hidden_schema() -> None:
 
 def hidden_function(activation: str, opset: int) -> onnx.FunctionProto:
     """The model-local function ("momcompress", "SelectHidden") with standard ops."""
-    n = helper.make_node
-    nodes = [
-        _const("gu_shape", [0, -1, 2]),
-        n("Reshape", ["gu", "gu_shape"], ["gu3"]),  # (T, F', 2)
-        n("Split", ["gu3"], ["g3", "u3"], axis=2, num_outputs=2),
-        _const("axis_last", [-1]),
-        n("Squeeze", ["g3", "axis_last"], ["g"]),
-        n("Squeeze", ["u3", "axis_last"], ["u"]),
-        *_activation_nodes(activation, "g", "ga", opset),
-        n("Mul", ["ga", "u"], ["hv"]),
-        n("Abs", ["hv"], ["h_abs"]),
-        n("Cast", ["h_abs"], ["h_abs32"], to=TensorProto.FLOAT),
-        n("Greater", ["h_abs32", "h_threshold"], ["h_keep"]),
-        n("CastLike", ["h_keep", "hv"], ["h_keep_h"]),
-        n("Mul", ["hv", "h_keep_h"], ["h"]),
-    ]
+    nodes = _hidden_nodes(activation, opset, "h")
     return helper.make_function(
         DOMAIN, HIDDEN_OP, inputs=["gu", "h_threshold"], outputs=["h"], nodes=nodes,
         opset_imports=[helper.make_opsetid("", opset)], attributes=["activation"],
@@ -213,6 +198,26 @@ def route_by_tokens(model: onnx.ModelProto, row_tokens: int = DEFAULT_ROW_TOKENS
     return count
 
 
+def _hidden_nodes(activation: str, opset: int, out: str) -> list[onnx.NodeProto]:
+    """gu (T, 2F') interleaved -> out (T, F') = act(g) * u, zeroed where |h| <= h_threshold (standard ops)."""
+    n = helper.make_node
+    return [
+        _const("gu_shape", [0, -1, 2]),
+        n("Reshape", ["gu", "gu_shape"], ["gu3"]),  # (T, F', 2)
+        n("Split", ["gu3"], ["g3", "u3"], axis=2, num_outputs=2),
+        _const("axis_last", [-1]),
+        n("Squeeze", ["g3", "axis_last"], ["g"]),
+        n("Squeeze", ["u3", "axis_last"], ["u"]),
+        *_activation_nodes(activation, "g", "ga", opset),
+        n("Mul", ["ga", "u"], ["hv"]),
+        n("Abs", ["hv"], ["h_abs"]),
+        n("Cast", ["h_abs"], ["h_abs32"], to=TensorProto.FLOAT),
+        n("Greater", ["h_abs32", "h_threshold"], ["h_keep"]),
+        n("CastLike", ["h_keep", "hv"], ["h_keep_h"]),
+        n("Mul", ["hv", "h_keep_h"], [out]),
+    ]
+
+
 def function_body(activation: str, opset: int) -> onnx.FunctionProto:
     """The model-local function ("momcompress", "SelectFFN") computing the node with standard ops (masked dense)."""
     n = helper.make_node
@@ -223,19 +228,7 @@ def function_body(activation: str, opset: int) -> onnx.FunctionProto:
         n("CastLike", ["x_keep", "x"], ["x_keep_x"]),
         n("Mul", ["x", "x_keep_x"], ["xs"]),
         n("MatMul", ["xs", "gate_up"], ["gu"]),  # (T, 2F')
-        _const("gu_shape", [0, -1, 2]),
-        n("Reshape", ["gu", "gu_shape"], ["gu3"]),  # (T, F', 2)
-        n("Split", ["gu3"], ["g3", "u3"], axis=2, num_outputs=2),
-        _const("axis_last", [-1]),
-        n("Squeeze", ["g3", "axis_last"], ["g"]),
-        n("Squeeze", ["u3", "axis_last"], ["u"]),
-        *_activation_nodes(activation, "g", "ga", opset),
-        n("Mul", ["ga", "u"], ["h"]),  # (T, F')
-        n("Abs", ["h"], ["h_abs"]),
-        n("Cast", ["h_abs"], ["h_abs32"], to=TensorProto.FLOAT),
-        n("Greater", ["h_abs32", "h_threshold"], ["h_keep"]),
-        n("CastLike", ["h_keep", "h"], ["h_keep_h"]),
-        n("Mul", ["h", "h_keep_h"], ["hs"]),
+        *_hidden_nodes(activation, opset, "hs"),  # (T, F')
         n("MatMul", ["hs", "down"], ["out"]),  # (T, d)
     ]
     return helper.make_function(
