@@ -138,7 +138,7 @@ def hidden_function(activation: str, opset: int) -> onnx.FunctionProto:
     )
 
 
-def _routed(node: onnx.NodeProto, index: int, elem_type: int, d: int) -> list[onnx.NodeProto]:
+def _routed(node: onnx.NodeProto, index: int, elem_type: int) -> list[onnx.NodeProto]:
     """[Shape, Squeeze, LessOrEqual, If] computing node's output by token count (see the section comment)."""
     n = helper.make_node
     x, x_thr, gate_up, down, h_thr = node.input
@@ -150,7 +150,7 @@ def _routed(node: onnx.NodeProto, index: int, elem_type: int, d: int) -> list[on
     del then_node.output[:]
     then_node.output.append(p + "rows_out")
     then_node.name = p + "rows"
-    then_branch = helper.make_graph([then_node], p + "rows", [], [helper.make_tensor_value_info(p + "rows_out", elem_type, [None, d])])
+    then_branch = helper.make_graph([then_node], p + "rows", [], [helper.make_tensor_value_info(p + "rows_out", elem_type, None)])
     else_nodes = [
         n("Abs", [x], [p + "x_abs"], name=p + "x_abs"),
         *([n("Cast", [p + "x_abs"], [p + "x_abs32"], to=TensorProto.FLOAT, name=p + "x_abs32")] if elem_type != TensorProto.FLOAT else []),
@@ -161,7 +161,7 @@ def _routed(node: onnx.NodeProto, index: int, elem_type: int, d: int) -> list[on
         n(HIDDEN_OP, [p + "gu", h_thr], [p + "h"], domain=DOMAIN, activation=activation, name=p + "hidden"),
         n("MatMul", [p + "h", down], [p + "dense_out"], name=p + "down"),
     ]
-    else_branch = helper.make_graph(else_nodes, p + "dense", [], [helper.make_tensor_value_info(p + "dense_out", elem_type, [None, d])])
+    else_branch = helper.make_graph(else_nodes, p + "dense", [], [helper.make_tensor_value_info(p + "dense_out", elem_type, None)])
     return [
         n("Shape", [x], [p + "t1"], start=0, end=1, name=p + "tokens"),
         n("Squeeze", [p + "t1"], [p + "t"], name=p + "t"),
@@ -184,7 +184,7 @@ def route_by_tokens(model: onnx.ModelProto, row_tokens: int = DEFAULT_ROW_TOKENS
             gate_up = inits.get(node.input[2])
             if gate_up is None:
                 raise ValueError(f"SelectFFN node {node.name}: gate_up {node.input[2]!r} is not an initializer")
-            new_nodes += _routed(node, count, gate_up.data_type, gate_up.dims[0])
+            new_nodes += _routed(node, count, gate_up.data_type)
             count += 1
         else:
             new_nodes.append(node)

@@ -1155,6 +1155,11 @@ OrtStatus* infer_output(const OrtCustomOp* base, OrtShapeInferContext* ctx) {
     if (dims.size() == 2 && dims[1] > 0) dims[1] /= 2;
     else if (dims.size() == 2) dims[1] = -1;
     if (!s) s = g_api->SetDimensions(out, dims.data(), dims.size());
+    // unknown dimensions keep the input's symbolic names (an unnamed -1 reads as a fixed size to onnxruntime)
+    std::vector<const char*> names(dims.size(), "");
+    if (!s && !dims.empty()) s = g_api->GetSymbolicDimensions(info, names.data(), names.size());
+    if (!s && names.size() == 2 && dims[1] < 0) names[1] = "";
+    if (!s) s = g_api->SetSymbolicDimensions(out, names.data(), names.size());
     if (!s) s = g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, out);
     if (out) g_api->ReleaseTensorTypeAndShapeInfo(out);
     return s;
