@@ -274,6 +274,40 @@ def test_fused_cpu_kernel_equals_the_reference(activation, tokens):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_auto_path_takes_the_fused_kernel_only_where_it_measured_faster(monkeypatch):
+    """choose_path times the fused kernel against the masked path once (first one-token call) and keeps the
+    faster; MOMCOMPRESS_SELECT_MAX_TOKENS, when set, decides by token count alone."""
+    import time
+
+    from momcompress.kernels import cpu_select
+
+    if not cpu_select.available():
+        pytest.skip("Numba is not installed (pip install 'momcompress[cpu]')")
+    layer = FrozenSelectFFN(16, 32, 32, "silu")
+    torch.nn.init.normal_(layer.gate_up)
+    torch.nn.init.normal_(layer.down)
+    x = torch.randn(1, 16)
+    monkeypatch.delenv("MOMCOMPRESS_SELECT_MAX_TOKENS", raising=False)
+    real = cpu_select.select_ffn_rows
+    for fused_delay, want in ((0.004, "masked"), (0.0, None)):
+        monkeypatch.setattr(cpu_select, "_FUSED_WINS", {})
+
+        def slow(*args, delay=fused_delay):
+            time.sleep(delay)
+            return real(*args)
+
+        monkeypatch.setattr(cpu_select, "select_ffn_rows", slow)
+        got = layer.choose_path(x)
+        if want is None:  # no delay: whichever measured faster, the decision is cached for this thread count
+            assert got in ("fused", "masked") and cpu_select._FUSED_WINS[torch.get_num_threads()] == (got == "fused")
+        else:
+            assert got == want and cpu_select._FUSED_WINS == {torch.get_num_threads(): False}
+        assert layer.choose_path(torch.randn(20, 16)) == "masked"  # more than MAX_TOKENS tokens
+    monkeypatch.setattr(cpu_select, "_FUSED_WINS", {torch.get_num_threads(): False})
+    monkeypatch.setenv("MOMCOMPRESS_SELECT_MAX_TOKENS", "4")
+    assert layer.choose_path(x) == "fused" and layer.choose_path(torch.randn(5, 16)) == "masked"
+
+
 def test_export_runs_in_onnxruntime_and_matches_pytorch(frozen, workdir):
     """export's own checks: one SelectFFN node per layer with its body, logits with and without past, and
     greedy tokens identical to PyTorch (a failed check raises)."""

@@ -38,6 +38,41 @@ def max_tokens() -> int:
     return int(os.environ.get("MOMCOMPRESS_SELECT_MAX_TOKENS", MAX_TOKENS))
 
 
+# Whether the fused kernel beats the masked path on this CPU, measured once per process and thread count at
+# the first one-token call (see fused_wins). On an AMD EPYC it ran a layer at one token in 0.57x dense's
+# time against the masked path's 0.75x; on an Intel Xeon with AMX (oneDNN's dense matmuls twice as fast)
+# in 1.51x against 1.11x (bench_freeze, 2026-12-02 / 03).
+_FUSED_WINS: dict[int, bool] = {}
+MEASURE_REPS = 5
+
+
+def fused_wins(layer, x: torch.Tensor) -> bool:
+    """Whether to run the fused kernel for x (T, d) on layer: by MOMCOMPRESS_SELECT_MAX_TOKENS when set (the
+    user chose), else by timing both paths on one token of x, once per process and thread count (the best
+    of MEASURE_REPS calls each, after a warm-up that also compiles the kernel)."""
+    if "MOMCOMPRESS_SELECT_MAX_TOKENS" in os.environ:
+        return True
+    threads = torch.get_num_threads()
+    if threads not in _FUSED_WINS:
+        import time
+
+        one = x[:1].detach()
+        args = (one, layer.x_threshold, layer.gate_up, layer.down, layer.h_threshold, layer.activation)
+        runs = {"fused": lambda: select_ffn_rows(*args), "masked": lambda: layer.masked(one)}
+        best = {}
+        with torch.no_grad():
+            for name, fn in runs.items():
+                fn()
+                times = []
+                for _ in range(MEASURE_REPS):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+                best[name] = min(times)
+        _FUSED_WINS[threads] = best["fused"] < best["masked"]
+    return _FUSED_WINS[threads]
+
+
 def available() -> bool:
     return _numba() is not None
 

@@ -18,8 +18,9 @@ parameters, plus the d + F' thresholds (its selector).
 Execution paths (`FrozenSelectFFN.path` forces one):
 - masked (any device, any token count): the formula above with dense matmuls over masked inputs; it
   computes the zeros too, at the speed of the dense FFN;
-- fused (CPU, fp32, few tokens, Numba installed): kernels/cpu_select.py reads only the kept channels'
-  rows of gate_up and the kept neurons' rows of down, where they lie;
+- fused (CPU, fp32, few tokens, Numba installed, and measured faster than masked on this CPU at the first
+  one-token call): kernels/cpu_select.py reads only the kept channels' rows of gate_up and the kept
+  neurons' rows of down, where they lie;
 - under torch.export / ONNX export: one `momcompress::select_ffn` node (kernels/select_op.py).
 """
 
@@ -82,10 +83,11 @@ class FrozenSelectFFN(nn.Module):
         return out.view(*lead, self.hidden_size)
 
     def choose_path(self, x: torch.Tensor) -> str:
-        """The path for x (T, d): the fused CPU kernel when it can run and is faster, else masked."""
+        """The path for x (T, d): the fused CPU kernel when it can run, the call has few tokens and the kernel
+        measured faster than the masked path on this CPU (cpu_select.fused_wins), else masked."""
         from momcompress.kernels import cpu_select
 
-        if cpu_select.runs_on(x, self.gate_up) and x.shape[0] <= cpu_select.max_tokens():
+        if cpu_select.runs_on(x, self.gate_up) and x.shape[0] <= cpu_select.max_tokens() and cpu_select.fused_wins(self, x):
             return "fused"
         return "masked"
 
