@@ -354,6 +354,32 @@ def test_debian_archive_is_read_from_both_source_formats(tmp_path):
 
 
 # -- exported models: the kernel against the function body ---------------------------------------------
+def _kernel_agrees_with_body(folder, frozen):
+    """The export at folder with the kernel and with the function body: prefill logits and one decode step
+    within 1e-4 of each other, and the same 32 greedy tokens, also as PyTorch's (momcompress.load(frozen))."""
+    kernel = OrtCausalLM(folder, experts="kernel")
+    body = OrtCausalLM(folder, experts="body")
+    assert (kernel.experts_path, body.experts_path) == (ort_ops.KERNEL, ort_ops.FUNCTION_BODY)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids, mask = prompt_batch(tok)
+    pos = prefill_positions(mask)
+    got_k, past_k = kernel.run(ids, mask, pos, kernel.first_past(2))
+    got_b, past_b = body.run(ids, mask, pos, body.first_past(2))
+    real = mask.astype(bool)
+    assert np.abs(got_k - got_b)[real].max() <= 1e-4
+    nxt = np.full((2, 1), 5, np.int64)  # one decode step on each side's cache
+    mask2 = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+    step_k, _ = kernel.run(nxt, mask2, pos[:, -1:] + 1, past_k)
+    step_b, _ = body.run(nxt, mask2, pos[:, -1:] + 1, past_b)
+    assert np.abs(step_k - step_b).max() <= 1e-4
+    tokens_k = greedy_generate(kernel, ids, mask, 32)
+    assert np.array_equal(tokens_k, greedy_generate(body, ids, mask, 32))
+    assert np.array_equal(tokens_k, torch_generate(momcompress.load(frozen), ids, mask, 32))
+    return kernel
+
+
 def _frozen(workdir, data_file, b: int):
     model_dir = make_tiny_model_dir(workdir / f"model-b{b}", "llama")
     run = workdir / f"run-b{b}"
@@ -372,27 +398,7 @@ def test_kernel_and_function_body_same_logits_and_32_greedy_tokens(library, b, w
     names = [c["name"] for c in manifest["checks"]]
     assert "function body logits close without past (onnxruntime without the kernel)" in names
     assert all(c["ok"] for c in manifest["checks"]) and "MoMExperts: kernel" in names[1]
-    kernel = OrtCausalLM(workdir / f"onnx-b{b}", experts="kernel")
-    body = OrtCausalLM(workdir / f"onnx-b{b}", experts="body")
-    assert (kernel.experts_path, body.experts_path) == (ort_ops.KERNEL, ort_ops.FUNCTION_BODY)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(workdir / f"onnx-b{b}")
-    ids, mask = prompt_batch(tok)
-    pos = prefill_positions(mask)
-    got_k, past_k = kernel.run(ids, mask, pos, kernel.first_past(2))
-    got_b, past_b = body.run(ids, mask, pos, body.first_past(2))
-    real = mask.astype(bool)
-    assert np.abs(got_k - got_b)[real].max() <= 1e-4
-    nxt = np.full((2, 1), 5, np.int64)  # one decode step on each side's cache
-    mask2 = np.concatenate([mask, np.ones_like(nxt)], axis=1)
-    step_k, _ = kernel.run(nxt, mask2, pos[:, -1:] + 1, past_k)
-    step_b, _ = body.run(nxt, mask2, pos[:, -1:] + 1, past_b)
-    assert np.abs(step_k - step_b).max() <= 1e-4
-    tokens_k = greedy_generate(kernel, ids, mask, 32)
-    tokens_b = greedy_generate(body, ids, mask, 32)
-    assert np.array_equal(tokens_k, tokens_b)
-    assert np.array_equal(tokens_k, torch_generate(momcompress.load(frozen), ids, mask, 32))
+    _kernel_agrees_with_body(workdir / f"onnx-b{b}", frozen)
 
 
 def test_missing_library_runs_the_function_body_and_names_the_command(workdir, data_file, monkeypatch, caplog):
@@ -583,26 +589,7 @@ def test_selector_export_kernel_and_function_body_same_logits_and_32_greedy_toke
     assert all(c["ok"] for c in manifest["checks"])
     assert "SelectFFN: kernel" in names[1] and "function body logits close without past (onnxruntime without the kernel)" in names
     assert any(n.startswith("SelectFFN nodes alone") and n.endswith("(kernel)") for n in names)
-    kernel = OrtCausalLM(folder, experts="kernel")
-    body = OrtCausalLM(folder, experts="body")
-    assert (kernel.experts_path, body.experts_path, kernel.custom_op) == (ort_ops.KERNEL, ort_ops.FUNCTION_BODY, "SelectFFN")
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    ids, mask = prompt_batch(tok)
-    pos = prefill_positions(mask)
-    got_k, past_k = kernel.run(ids, mask, pos, kernel.first_past(2))
-    got_b, past_b = body.run(ids, mask, pos, body.first_past(2))
-    real = mask.astype(bool)
-    assert np.abs(got_k - got_b)[real].max() <= 1e-4
-    nxt = np.full((2, 1), 5, np.int64)
-    mask2 = np.concatenate([mask, np.ones_like(nxt)], axis=1)
-    step_k, _ = kernel.run(nxt, mask2, pos[:, -1:] + 1, past_k)
-    step_b, _ = body.run(nxt, mask2, pos[:, -1:] + 1, past_b)
-    assert np.abs(step_k - step_b).max() <= 1e-4
-    tokens_k = greedy_generate(kernel, ids, mask, 32)
-    assert np.array_equal(tokens_k, greedy_generate(body, ids, mask, 32))
-    assert np.array_equal(tokens_k, torch_generate(momcompress.load(frozen), ids, mask, 32))
+    assert _kernel_agrees_with_body(folder, frozen).custom_op == "SelectFFN"
 
 
 def test_selector_export_routes_by_token_count_and_the_switch_can_move(library, workdir, data_file):

@@ -903,27 +903,50 @@ OrtStatus* select_rows_path(const OrtKernelContext* ctx, SelectRows& job, ONNXTe
   return nullptr;
 }
 
-// The many-token path's middle: hs[t] = act(g) * u masked by h_threshold, for tokens [t0, t1).
-struct HiddenJob {
-  const float* gu;  // (T, 2n)
-  float* hs;        // (T, n)
+// h = act(gu[:, 0::2]) * gu[:, 1::2] zeroed where |h| <= h_threshold, token by token: SelectHidden's work, and
+// the middle of SelectFFN's many-token path.
+struct HiddenAnyJob {
+  const void* gu;  // (T, 2n) of type
+  void* out;       // (T, n) of type
+  ONNXTensorElementDataType type;
   const float* h_thr;
   int64_t T, n, per_task;
   Act act;
 };
 
-MOM_MULTIVERSION void hidden_tokens(const HiddenJob& job, int64_t t0, int64_t t1) {
+MOM_MULTIVERSION void hidden_any_tokens(const HiddenAnyJob& job, int64_t t0, int64_t t1) {
+  std::vector<float> row, h(static_cast<size_t>(job.n));
+  if (job.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) row.resize(static_cast<size_t>(2 * job.n));
   for (int64_t t = t0; t < t1; ++t) {
-    float* h = job.hs + t * job.n;
-    activate_pairs(job.gu + t * 2 * job.n, job.n, job.act, h);
-    for (int64_t i = 0; i < job.n; ++i) h[i] = std::fabs(h[i]) > job.h_thr[i] ? h[i] : 0.0f;
+    const float* gu;
+    if (job.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      gu = static_cast<const float*>(job.gu) + t * 2 * job.n;
+    } else {
+      Tensor src;
+      src.type = job.type;
+      src.data = static_cast<const char*>(job.gu) + t * 2 * job.n * 2;  // 16-bit values
+      load_f32(src, 2 * job.n, row.data());
+      gu = row.data();
+    }
+    float* dst = job.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? static_cast<float*>(job.out) + t * job.n : h.data();
+    activate_pairs(gu, job.n, job.act, dst);
+    for (int64_t i = 0; i < job.n; ++i) dst[i] = std::fabs(dst[i]) > job.h_thr[i] ? dst[i] : 0.0f;
+    if (job.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      store(dst, job.n, job.type, static_cast<char*>(job.out) + t * job.n * 2);
   }
 }
 
-void hidden_task(void* data, size_t task) {
-  const auto& job = *static_cast<const HiddenJob*>(data);
+void hidden_any_task(void* data, size_t task) {
+  const auto& job = *static_cast<const HiddenAnyJob*>(data);
   const int64_t t0 = static_cast<int64_t>(task) * job.per_task;
-  hidden_tokens(job, t0, std::min(job.T, t0 + job.per_task));
+  hidden_any_tokens(job, t0, std::min(job.T, t0 + job.per_task));
+}
+
+// Split the tokens over onnxruntime's threads.
+OrtStatus* run_hidden(const OrtKernelContext* ctx, HiddenAnyJob& job) {
+  const int64_t tasks = std::min<int64_t>(job.T, target_tasks());
+  job.per_task = (job.T + tasks - 1) / tasks;
+  return parallel(ctx, hidden_any_task, (job.T + job.per_task - 1) / job.per_task, &job);
 }
 
 // An OrtValue over a float buffer of this shape (the caller releases it; the buffer outlives it).
@@ -963,12 +986,8 @@ OrtStatus* select_dense_path(const SelectFFNKernel& k, OrtKernelContext* ctx, co
   guard.values.push_back(hs_value);
   const OrtValue* first[2] = {xs_value, gate_up};
   MOM_RETURN_IF(g_api->InvokeOp(ctx, k.matmul, first, 2, &gu_value, 1));
-  HiddenJob job{gu.data(), hs.data(), h_thr, T, n, 0, k.act};
-  const int64_t tasks = std::min<int64_t>(T, target_tasks());
-  job.per_task = (T + tasks - 1) / tasks;
-  const int64_t ntasks = (T + job.per_task - 1) / job.per_task;
-  if (ntasks == 1) hidden_task(&job, 0);
-  else MOM_RETURN_IF(g_api->KernelContext_ParallelFor(ctx, hidden_task, static_cast<size_t>(ntasks), 0, &job));
+  HiddenAnyJob job{gu.data(), hs.data(), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, h_thr, T, n, 0, k.act};
+  MOM_RETURN_IF(run_hidden(ctx, job));
   MOM_RETURN_IF(g_api->KernelContext_GetOutput(ctx, 0, x.shape.data(), x.shape.size(), &out));
   const OrtValue* second[2] = {hs_value, down};
   return g_api->InvokeOp(ctx, k.matmul, second, 2, &out, 1);
@@ -1047,43 +1066,6 @@ struct SelectHiddenKernel {
   Act act = Act::Silu;
 };
 
-struct HiddenAnyJob {
-  const void* gu;  // (T, 2n) of type
-  void* out;       // (T, n) of type
-  ONNXTensorElementDataType type;
-  const float* h_thr;
-  int64_t T, n, per_task;
-  Act act;
-};
-
-MOM_MULTIVERSION void hidden_any_tokens(const HiddenAnyJob& job, int64_t t0, int64_t t1) {
-  std::vector<float> row, h(static_cast<size_t>(job.n));
-  if (job.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) row.resize(static_cast<size_t>(2 * job.n));
-  for (int64_t t = t0; t < t1; ++t) {
-    const float* gu;
-    if (job.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
-      gu = static_cast<const float*>(job.gu) + t * 2 * job.n;
-    } else {
-      Tensor src;
-      src.type = job.type;
-      src.data = static_cast<const char*>(job.gu) + t * 2 * job.n * 2;  // 16-bit values
-      load_f32(src, 2 * job.n, row.data());
-      gu = row.data();
-    }
-    float* dst = job.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? static_cast<float*>(job.out) + t * job.n : h.data();
-    activate_pairs(gu, job.n, job.act, dst);
-    for (int64_t i = 0; i < job.n; ++i) dst[i] = std::fabs(dst[i]) > job.h_thr[i] ? dst[i] : 0.0f;
-    if (job.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
-      store(dst, job.n, job.type, static_cast<char*>(job.out) + t * job.n * 2);
-  }
-}
-
-void hidden_any_task(void* data, size_t task) {
-  const auto& job = *static_cast<const HiddenAnyJob*>(data);
-  const int64_t t0 = static_cast<int64_t>(task) * job.per_task;
-  hidden_any_tokens(job, t0, std::min(job.T, t0 + job.per_task));
-}
-
 OrtStatus* select_hidden_compute(void* kernel, OrtKernelContext* ctx) try {
   const auto& k = *static_cast<SelectHiddenKernel*>(kernel);
   const std::string op = "SelectHidden";
@@ -1103,12 +1085,7 @@ OrtStatus* select_hidden_compute(void* kernel, OrtKernelContext* ctx) try {
   MOM_RETURN_IF(g_api->GetTensorMutableData(out, &data));
   if (T == 0 || n == 0) return nullptr;
   HiddenAnyJob job{gu.data, data, gu.type, static_cast<const float*>(h_thr.data), T, n, 0, k.act};
-  const int64_t tasks = std::min<int64_t>(T, target_tasks());
-  job.per_task = (T + tasks - 1) / tasks;
-  const int64_t ntasks = (T + job.per_task - 1) / job.per_task;
-  if (ntasks == 1) hidden_any_task(&job, 0);
-  else MOM_RETURN_IF(g_api->KernelContext_ParallelFor(ctx, hidden_any_task, static_cast<size_t>(ntasks), 0, &job));
-  return nullptr;
+  return run_hidden(ctx, job);
 } catch (const std::bad_alloc&) {
   return g_api->CreateStatus(ORT_FAIL, "momcompress::SelectHidden: out of memory");
 } catch (const std::exception& e) {
