@@ -33,11 +33,17 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from momcompress import native
 from momcompress.errors import ExportError
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "momcompress_ort_ops.cc"
+# The row kernel SelectFFN shares with the PyTorch CPU ops (momcompress/kernels/csrc/select_rows.h).
+KERNELS_CSRC = Path(__file__).resolve().parent.parent / "kernels" / "csrc"
+if not KERNELS_CSRC.is_dir():  # a source checkout: export/ sits beside momcompress/
+    KERNELS_CSRC = Path(__file__).resolve().parent.parent / "momcompress" / "kernels" / "csrc"
+SOURCES = (SOURCE, KERNELS_CSRC / "select_rows.h")
 LIBRARY_NAME = "libmomcompress_ort_ops.so"
 API_VERSION = 21  # the C API the headers we fetch declare (onnxruntime 1.21)
 HEADERS_PACKAGE = "libonnxruntime-dev"
@@ -111,11 +117,9 @@ def find_headers(fetch: bool = True) -> Path:
 
 def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
-    except FileNotFoundError:
-        raise OrtOpsUnavailableError(f"`{cmd[0]}` is not installed here") from None
-    except subprocess.TimeoutExpired:
-        raise OrtOpsUnavailableError(f"`{' '.join(cmd[:3])} ...` took more than 10 minutes") from None
+        return native.run(cmd, cwd=cwd)
+    except native.NativeUnavailableError as exc:
+        raise OrtOpsUnavailableError(str(exc)) from None
 
 
 def debian_archive(root: Path = Path("/etc/apt")) -> tuple[str, str] | None:
@@ -211,22 +215,19 @@ def fetch_headers() -> Path:
 
 # ----------------------------------------------------------------------------- build
 def source_hash() -> str:
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return native.sources_hash(SOURCES)
 
 
 def compiler() -> tuple[str, str]:
     """(compiler command, its version line); OrtOpsUnavailableError when there is none."""
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        raise OrtOpsUnavailableError(f"no C++ compiler `{cxx}` here (install g++, e.g. `apt-get install g++`, or set CXX)")
-    proc = _run([cxx, "--version"])
-    return cxx, (proc.stdout.splitlines() or ["unknown"])[0].strip()
+    try:
+        return native.compiler()
+    except native.NativeUnavailableError as exc:
+        raise OrtOpsUnavailableError(str(exc)) from None
 
 
 def ops_root() -> Path:
-    from momcompress.models import cache_dir
-
-    return cache_dir() / CACHE_SUBDIR
+    return native.cache_root(CACHE_SUBDIR)
 
 
 def build(force: bool = False) -> Path:
@@ -236,27 +237,18 @@ def build(force: bool = False) -> Path:
         OrtOpsUnavailableError: no compiler, or no headers (not fetchable, and no ORT_INCLUDE_DIR).
         OrtOpsError: the compiler failed (its messages are in the error).
     """
-    cxx, version = compiler()
+    compiler()
     include = find_headers()
     api = header_api_version(include)
     headers = hashlib.sha256((include / "onnxruntime_c_api.h").read_bytes()).hexdigest()
-    key = hashlib.sha256("\n".join([version, *CXXFLAGS, str(api), headers]).encode()).hexdigest()[:8]
-    folder = ops_root() / f"{source_hash()}-{key}"
-    library = folder / LIBRARY_NAME
-    if library.is_file() and not force:
-        return library
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=LIBRARY_NAME + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    cmd = [cxx, *CXXFLAGS, f"-I{include}", str(SOURCE), "-o", tmp]
-    log.info("compiling %s (onnxruntime C API %d): %s", SOURCE.name, api, " ".join(cmd))
-    proc = _run(cmd)
-    if proc.returncode != 0:
-        os.remove(tmp)
-        raise OrtOpsError(f"compiling the momcompress onnxruntime ops failed ({cxx} exit {proc.returncode}):\n{proc.stderr.strip()[-4000:]}")
-    os.replace(tmp, library)
-    (folder / "build.txt").write_text(f"{' '.join(cmd)}\n{version}\nonnxruntime C API {api}\n")
-    return library
+    try:
+        return native.build(CACHE_SUBDIR, LIBRARY_NAME, SOURCES, [*CXXFLAGS, f"-I{include}", f"-I{KERNELS_CSRC}"],
+                            compile_only=[SOURCE], key=[str(api), headers], force=force,
+                            describe=f"onnxruntime C API {api}")
+    except native.NativeUnavailableError as exc:
+        raise OrtOpsUnavailableError(str(exc)) from None
+    except native.NativeBuildError as exc:
+        raise OrtOpsError(f"the momcompress onnxruntime ops: {exc}") from None
 
 
 def find_library() -> Path | None:
@@ -269,8 +261,7 @@ def find_library() -> Path | None:
         if not path.is_file():
             raise OrtOpsError(f"{ENV_LIBRARY}={env} is not a file: point it at a {LIBRARY_NAME}, unset it, or set it to off")
         return path
-    found = sorted(ops_root().glob(f"{source_hash()}-*/{LIBRARY_NAME}"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    return native.find(CACHE_SUBDIR, LIBRARY_NAME, SOURCES)
 
 
 def library_api_version(path: Path) -> int:

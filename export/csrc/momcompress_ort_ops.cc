@@ -49,13 +49,7 @@
 #include <thread>
 #include <vector>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__clang__)
-// One build, the best code path for each CPU: AVX-512, AVX2+FMA+F16C, or baseline x86-64 (chosen at load).
-#define MOM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MOM_MULTIVERSION
-#endif
-#define MOM_INLINE inline __attribute__((always_inline))
+#include "select_rows.h"
 
 namespace {
 
@@ -65,95 +59,7 @@ constexpr const char* kDomain = "momcompress";
 constexpr int64_t kTokenTile = 16;  // tokens per tile (the x and output rows of a tile stay in L1/L2)
 constexpr int kLanes = 16;          // independent accumulators per dot product (vectorisable without reassociation)
 
-// ---------------------------------------------------------------------------------------- numbers
-struct bf16 { uint16_t bits; };
-struct f16 { uint16_t bits; };
-
-MOM_INLINE float bits_to_f32(uint32_t w) { float f; std::memcpy(&f, &w, 4); return f; }
-MOM_INLINE uint32_t f32_to_bits(float f) { uint32_t w; std::memcpy(&w, &f, 4); return w; }
-
-MOM_INLINE float to_f32(float v) { return v; }
-MOM_INLINE float to_f32(bf16 v) { return bits_to_f32(static_cast<uint32_t>(v.bits) << 16); }
-// IEEE half -> float without branches (vectorises), after Marat Dukhan's FP16 library (MIT).
-MOM_INLINE float to_f32(f16 v) {
-  const uint32_t w = static_cast<uint32_t>(v.bits) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = bits_to_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormalized = bits_to_f32((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t result = sign | (two_w < (1u << 27) ? f32_to_bits(denormalized) : f32_to_bits(normalized));
-  return bits_to_f32(result);
-}
-
-MOM_INLINE void from_f32(float v, float* out) { *out = v; }
-MOM_INLINE void from_f32(float v, bf16* out) {  // round to nearest even
-  uint32_t w = f32_to_bits(v);
-  if ((w & 0x7FFFFFFFu) > 0x7F800000u) { out->bits = 0x7FC0; return; }
-  w += 0x7FFFu + ((w >> 16) & 1u);
-  out->bits = static_cast<uint16_t>(w >> 16);
-}
-MOM_INLINE void from_f32(float f, f16* out) {  // IEEE round to nearest even (FP16 library)
-  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-  const uint32_t w = f32_to_bits(f);
-  const uint32_t shl1_w = w + w;
-  const uint32_t sign = w & 0x80000000u;
-  uint32_t bias = shl1_w & 0xFF000000u;
-  if (bias < 0x71000000u) bias = 0x71000000u;
-  base = bits_to_f32((bias >> 1) + 0x07800000u) + base;
-  const uint32_t bits = f32_to_bits(base);
-  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  out->bits = static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
-}
-
-enum class Act { Silu = 0, GeluTanh = 1, Gelu = 2 };
-
-MOM_INLINE float activate(float g, Act act) {
-  switch (act) {
-    case Act::Silu: return g / (1.0f + std::exp(-g));
-    case Act::GeluTanh: return 0.5f * g * (1.0f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-    default: return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
-  }
-}
-
-// exp without branches (vectorises), Cephes' expf polynomial with Cody-Waite reduction: relative error
-// about 1e-7 on the clamped range [-87.3, 88.3] (beyond it, the clamp: exp saturates, silu's limits hold).
-MOM_INLINE float vexp(float x) {
-  x = x < -87.3365f ? -87.3365f : (x > 88.3762f ? 88.3762f : x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const uint32_t scale = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  return p * bits_to_f32(scale);
-}
-
-// h[i] = act(gu[2i]) * gu[2i + 1] for i < m (gate and up interleaved).
-MOM_INLINE void activate_pairs(const float* __restrict gu, int64_t m, Act act, float* __restrict h) {
-  switch (act) {
-    case Act::Silu:
-      for (int64_t i = 0; i < m; ++i) {
-        const float g = gu[2 * i];
-        h[i] = g / (1.0f + vexp(-g)) * gu[2 * i + 1];
-      }
-      break;
-    case Act::GeluTanh:
-      for (int64_t i = 0; i < m; ++i) {
-        const float g = gu[2 * i];
-        const float y = 0.7978845608028654f * (g + 0.044715f * g * g * g);
-        const float t = 1.0f - 2.0f / (vexp(2.0f * y) + 1.0f);  // tanh(y)
-        h[i] = 0.5f * g * (1.0f + t) * gu[2 * i + 1];
-      }
-      break;
-    default:
-      for (int64_t i = 0; i < m; ++i) h[i] = activate(gu[2 * i], act) * gu[2 * i + 1];
-  }
-}
+using namespace mom;
 
 // ---------------------------------------------------------------------------------------- the core
 // For one row and N tokens: g[i] = gate . x_i, u[i] = up . x_i (each row element read once for all N).
@@ -743,128 +649,6 @@ struct SelectFFNKernel {
   }
 };
 
-// acc[q] += sum_k xv[k] * rows[k][q] for q < n (4 rows per pass: acc is read and written once per 4 rows).
-template <typename W>
-MOM_INLINE void acc_rows4(float* __restrict acc, const W* __restrict r0, const W* __restrict r1, const W* __restrict r2,
-                          const W* __restrict r3, float x0, float x1, float x2, float x3, int64_t n) {
-  for (int64_t q = 0; q < n; ++q)
-    acc[q] += x0 * to_f32(r0[q]) + x1 * to_f32(r1[q]) + x2 * to_f32(r2[q]) + x3 * to_f32(r3[q]);
-}
-
-// The same, prefetching the next 4 rows (p0..p3, the next pass's) line by line as this pass streams its own:
-// the rows of kept channels are scattered, so the hardware prefetcher restarts at every row.
-template <typename W>
-MOM_INLINE void acc_rows4_ahead(float* __restrict acc, const W* __restrict r0, const W* __restrict r1,
-                                const W* __restrict r2, const W* __restrict r3, float x0, float x1, float x2, float x3,
-                                int64_t n, const W* p0, const W* p1, const W* p2, const W* p3) {
-  constexpr int64_t kLine = 64 / sizeof(W);
-  int64_t q0 = 0;
-  for (; q0 + kLine <= n; q0 += kLine) {
-    __builtin_prefetch(p0 + q0);
-    __builtin_prefetch(p1 + q0);
-    __builtin_prefetch(p2 + q0);
-    __builtin_prefetch(p3 + q0);
-    for (int64_t q = q0; q < q0 + kLine; ++q)
-      acc[q] += x0 * to_f32(r0[q]) + x1 * to_f32(r1[q]) + x2 * to_f32(r2[q]) + x3 * to_f32(r3[q]);
-  }
-  for (int64_t q = q0; q < n; ++q)
-    acc[q] += x0 * to_f32(r0[q]) + x1 * to_f32(r1[q]) + x2 * to_f32(r2[q]) + x3 * to_f32(r3[q]);
-}
-
-// out += hv * r, prefetching the row `ahead` (the next kept neuron's) line by line.
-template <typename W>
-MOM_INLINE void axpy_row_ahead(float* __restrict out, const W* __restrict r, float hv, int64_t d, const W* ahead) {
-  constexpr int64_t kLine = 64 / sizeof(W);
-  int64_t q0 = 0;
-  for (; q0 + kLine <= d; q0 += kLine) {
-    __builtin_prefetch(ahead + q0);
-    for (int64_t q = q0; q < q0 + kLine; ++q) out[q] += hv * to_f32(r[q]);
-  }
-  for (int64_t q = q0; q < d; ++q) out[q] += hv * to_f32(r[q]);
-}
-
-template <typename W>
-MOM_INLINE void acc_row(float* __restrict acc, const W* __restrict r, float xv, int64_t n) {
-  for (int64_t q = 0; q < n; ++q) acc[q] += xv * to_f32(r[q]);
-}
-
-
-// The per-token rows: token t keeps channels kept[ptr[t] .. ptr[t+1]) with values val[...].
-struct SelectRows {
-  int64_t T = 0, d = 0, n = 0;  // tokens, hidden size, stored neurons
-  std::vector<int64_t> ptr;
-  std::vector<int32_t> kept;
-  std::vector<float> val;
-  const float* h_thr = nullptr;
-  Act act = Act::Silu;
-  const void* gate_up = nullptr;  // (d, 2n)
-  const void* down = nullptr;     // (n, d)
-  int64_t shares = 1;             // phase A tasks: shares of each token's kept channels
-  int64_t ranges = 1;             // phase B tasks: ranges of neurons
-  float* gu_partial = nullptr;    // (shares, T, 2n)
-  float* partial = nullptr;       // (ranges, T, d), zeroed
-};
-
-// Two phases, each split for streaming: (A) task a takes a 1/A share of every token's kept channels and adds
-// their whole gate_up rows (2F' values, contiguous) into its own gu partial (T, 2F'); (B) task b takes a range
-// of neurons, sums the A partials over it, applies act and the neuron threshold, and adds the kept neurons'
-// rows of down into its own output partial (T, d). The caller sums the B partials.
-template <typename W>
-MOM_INLINE void gate_up_share_impl(const SelectRows& job, int64_t a) {
-  const int64_t stride = 2 * job.n;
-  const W* gu = static_cast<const W*>(job.gate_up);
-  for (int64_t t = 0; t < job.T; ++t) {
-    float* acc = job.gu_partial + (a * job.T + t) * stride;
-    std::fill(acc, acc + stride, 0.0f);
-    const int64_t nk = job.ptr[t + 1] - job.ptr[t];
-    const int64_t p0 = job.ptr[t] + nk * a / job.shares, p1 = job.ptr[t] + nk * (a + 1) / job.shares;
-    const int32_t* j = job.kept.data();
-    const float* v = job.val.data();
-    int64_t p = p0;
-    for (; p + 8 <= p1; p += 4)
-      acc_rows4_ahead<W>(acc, gu + j[p] * stride, gu + j[p + 1] * stride, gu + j[p + 2] * stride, gu + j[p + 3] * stride,
-                         v[p], v[p + 1], v[p + 2], v[p + 3], stride, gu + j[p + 4] * stride, gu + j[p + 5] * stride,
-                         gu + j[p + 6] * stride, gu + j[p + 7] * stride);
-    for (; p + 4 <= p1; p += 4)
-      acc_rows4<W>(acc, gu + j[p] * stride, gu + j[p + 1] * stride, gu + j[p + 2] * stride, gu + j[p + 3] * stride, v[p],
-                   v[p + 1], v[p + 2], v[p + 3], stride);
-    for (; p < p1; ++p) acc_row<W>(acc, gu + j[p] * stride, v[p], stride);
-  }
-}
-
-template <typename W>
-MOM_INLINE void down_range_impl(const SelectRows& job, int64_t b) {
-  const int64_t lo = job.n * b / job.ranges / 16 * 16, hi = b + 1 == job.ranges ? job.n : job.n * (b + 1) / job.ranges / 16 * 16;
-  const int64_t m = hi - lo, stride = 2 * job.n;
-  const W* down = static_cast<const W*>(job.down);
-  std::vector<float> gu(static_cast<size_t>(2 * m)), h(static_cast<size_t>(m));
-  std::vector<int64_t> kept(static_cast<size_t>(m));
-  for (int64_t t = 0; t < job.T; ++t) {
-    const float* first = job.gu_partial + t * stride + 2 * lo;
-    std::copy(first, first + 2 * m, gu.begin());
-    for (int64_t a = 1; a < job.shares; ++a) {
-      const float* part = job.gu_partial + (a * job.T + t) * stride + 2 * lo;
-      for (int64_t q = 0; q < 2 * m; ++q) gu[q] += part[q];
-    }
-    activate_pairs(gu.data(), m, job.act, h.data());
-    float* out = job.partial + (b * job.T + t) * job.d;
-    int64_t nk = 0;
-    for (int64_t i = 0; i < m; ++i)
-      if (std::fabs(h[i]) > job.h_thr[lo + i]) kept[nk++] = i;
-    for (int64_t k = 0; k < nk; ++k) {
-      const int64_t i = kept[k];
-      const W* ahead = down + (lo + kept[k + 1 < nk ? k + 1 : k]) * job.d;
-      axpy_row_ahead<W>(out, down + (lo + i) * job.d, h[i], job.d, ahead);
-    }
-  }
-}
-
-MOM_MULTIVERSION void gate_up_share(const SelectRows& job, int64_t a, const float*) { gate_up_share_impl<float>(job, a); }
-MOM_MULTIVERSION void gate_up_share(const SelectRows& job, int64_t a, const bf16*) { gate_up_share_impl<bf16>(job, a); }
-MOM_MULTIVERSION void gate_up_share(const SelectRows& job, int64_t a, const f16*) { gate_up_share_impl<f16>(job, a); }
-MOM_MULTIVERSION void down_range(const SelectRows& job, int64_t b, const float*) { down_range_impl<float>(job, b); }
-MOM_MULTIVERSION void down_range(const SelectRows& job, int64_t b, const bf16*) { down_range_impl<bf16>(job, b); }
-MOM_MULTIVERSION void down_range(const SelectRows& job, int64_t b, const f16*) { down_range_impl<f16>(job, b); }
 
 template <typename W>
 void share_task(void* data, size_t task) {
@@ -885,21 +669,12 @@ OrtStatus* parallel(const OrtKernelContext* ctx, void (*fn)(void*, size_t), int6
 
 // The row path: out (T, d) f32 = the layer on x (T, d) f32.
 OrtStatus* select_rows_path(const OrtKernelContext* ctx, SelectRows& job, ONNXTensorElementDataType wtype, float* out) {
-  job.shares = target_tasks();
-  job.ranges = std::max<int64_t>(1, std::min<int64_t>(target_tasks(), job.n / 16));
-  std::vector<float> gu_partial(static_cast<size_t>(job.shares * job.T * 2 * job.n));
-  std::vector<float> partial(static_cast<size_t>(job.ranges * job.T * job.d), 0.0f);
-  job.gu_partial = gu_partial.data();
-  job.partial = partial.data();
+  std::vector<float> gu_partial, partial;
+  plan_tasks(job, target_tasks(), gu_partial, partial);
   const bool f32 = wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, b16 = wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
   MOM_RETURN_IF(parallel(ctx, f32 ? share_task<float> : b16 ? share_task<bf16> : share_task<f16>, job.shares, &job));
   MOM_RETURN_IF(parallel(ctx, f32 ? range_task<float> : b16 ? range_task<bf16> : range_task<f16>, job.ranges, &job));
-  const int64_t size = job.T * job.d;
-  std::memcpy(out, partial.data(), static_cast<size_t>(size) * 4);
-  for (int64_t b = 1; b < job.ranges; ++b) {
-    const float* part = partial.data() + b * size;
-    for (int64_t q = 0; q < size; ++q) out[q] += part[q];
-  }
+  sum_partials(job, out);
   return nullptr;
 }
 
@@ -1037,19 +812,7 @@ OrtStatus* select_ffn_compute(void* kernel, OrtKernelContext* ctx) try {
   job.gate_up = gu.data; job.down = dn.data;
   std::vector<float> xf(static_cast<size_t>(T * d));
   load_f32(x, T * d, xf.data());
-  job.ptr.assign(1, 0);
-  job.kept.reserve(static_cast<size_t>(T * d));
-  job.val.reserve(static_cast<size_t>(T * d));
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t j = 0; j < d; ++j) {
-      const float v = xf[t * d + j];
-      if (std::fabs(v) > xt[j]) {
-        job.kept.push_back(static_cast<int32_t>(j));
-        job.val.push_back(v);
-      }
-    }
-    job.ptr.push_back(static_cast<int64_t>(job.kept.size()));
-  }
+  gather_kept(xf.data(), xt, job);
   std::vector<float> out(static_cast<size_t>(T * d));
   MOM_RETURN_IF(select_rows_path(ctx, job, gu.type, out.data()));
   return finish(ctx, x, out);
