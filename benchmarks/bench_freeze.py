@@ -7,9 +7,10 @@
     flock /tmp/momcompress-cpu.lock python benchmarks/bench_freeze.py ...   # timings need the machine alone
 
 FFN: every layer's FFN run in sequence (so weights come from memory, not cache, as in a real forward)
-on T tokens, for T in --tokens: dense modules, the frozen modules as they dispatch (auto), and with
---paths also each frozen path forced (fused: the Numba kernel that multiplies the selected rows where
-they lie; union: the union of the tokens' blocks, copied first unless it covers most of them; grouped:
+on T tokens, for T in --tokens, each layer on its own input from a forward pass of the dense model (the
+per-token selector reads what the values make it keep, so random inputs would mislead): dense modules, the frozen modules as they dispatch (auto), and with
+--paths also each frozen path forced (native: the compiled row kernel of the per-token selector; fused:
+the Numba kernel that multiplies the selected rows where they lie; union: the union of the tokens' blocks, copied first unless it covers most of them; grouped:
 tokens grouped by expert; masked: every routed row in one GEMM, unselected ones weighted 0), to find
 the crossovers. Decode step: one
 token through the whole model with a KV cache after a --prompt-tokens prompt (per-step time, median
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 import momcompress
+from momcompress.runtime import select_ffn as select_ffn_runtime
 from momcompress.freeze.plan import plan_layer, repack_layer
 from momcompress.hardware import cpu_name
 from momcompress.models import decoder_layers, load_model, resolve_model_dir
@@ -124,17 +126,16 @@ def bench_ffn(dense, models: dict, tokens: list[int], rounds: int, paths: list[s
     """Every layer's FFN in sequence on T tokens: dense, each model as it dispatches (auto), and each model
     forced onto every path of `paths` its layers have."""
     d_mlps = [layer.mlp for layer in decoder_layers(dense)]
-    hidden = d_mlps[0].gate_proj.in_features
     rows = []
     for T in tokens:
-        x = torch.randn(1, T, hidden)
+        xs = mlp_inputs(dense, T)  # each layer's real input (the selector's reads depend on the values)
         reps = max(1, int(16 / max(T, 1) ** 0.5))
 
         def run(mlps, layers=None, path=None):
             if path:
                 _set_path(layers, path)
             with torch.no_grad():
-                for m in mlps:
+                for m, x in zip(mlps, xs):
                     m(x)
             if path:
                 _set_path(layers, "auto")
@@ -148,6 +149,25 @@ def bench_ffn(dense, models: dict, tokens: list[int], rounds: int, paths: list[s
                     fns[f"{name}_{path}"] = lambda mlps=mlps, layers=layers, path=path: run(mlps, layers, path)
         rows.append({"tokens": T, **_row(_interleaved(fns, rounds, reps), "dense")})
     return rows
+
+
+def mlp_inputs(dense, tokens: int, seed: int = 0, context: int = 32) -> list[torch.Tensor]:
+    """What each decoder layer's MLP receives for the last `tokens` of a forward pass of the dense model over
+    context + tokens random token ids (not the first positions: their hidden states are unlike the rest's):
+    (1, tokens, d) per layer, detached."""
+    vocab = dense.config.vocab_size
+    ids = torch.randint(3, vocab, (1, context + tokens), generator=torch.Generator().manual_seed(seed))
+    mlps = [layer.mlp for layer in decoder_layers(dense)]
+    got: list[torch.Tensor] = [None] * len(mlps)  # type: ignore[list-item]
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: got.__setitem__(i, args[0][:, -tokens:].detach().clone()))
+             for i, m in enumerate(mlps)]
+    try:
+        with torch.no_grad():
+            dense(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
 
 
 def bench_breakdown(dense, frozen, tokens: int, rounds: int) -> dict:
@@ -255,11 +275,12 @@ def describe(name: str, model, source: str, ratio) -> dict:
                     shared_blocks_layer0=l0.shared_gate.shape[0] // l0.block_size, routed_blocks_layer0=l0.routed_gate.shape[0],
                     fused_cpu_max_tokens=l0.fused_cpu_max_tokens, dtype=str(l0.routed_gate.dtype))
     elif sel:
-        from momcompress.kernels import cpu_select
+        from momcompress.kernels import cpu_native, cpu_select
 
         l0 = sel[0]
-        info.update(kind="selector", stored_neurons_layer0=l0.num_neurons, width=l0.width,
-                    fused_cpu_max_tokens=cpu_select.max_tokens() if cpu_select.available() else 0, dtype=str(l0.gate_up.dtype))
+        kernel = "native" if cpu_native.available() else "fused" if cpu_select.available() else "none"
+        info.update(kind="selector", stored_neurons_layer0=l0.num_neurons, width=l0.width, row_kernel=kernel,
+                    dtype=str(l0.gate_up.dtype))
     return info
 
 
@@ -350,6 +371,12 @@ def main(argv=None) -> int:
         print(f"  {'dense':<12} {gen['dense']['tok_s']:.1f} tok/s")
         for name in models:
             print(f"  {name:<12} {gen[name]['tok_s']:.1f} tok/s  ratio {gen[name]['ratio']:.3f} [{gen[name]['ratio_min']:.2f}-{gen[name]['ratio_max']:.2f}]")
+    for name, model in models.items():
+        chosen = select_ffn_runtime.auto_decisions(model)
+        if chosen:
+            out["info"].setdefault("auto_paths", {})[name] = chosen
+            print(f"\n{name}: auto's paths, measured in place per layer (layers per path): "
+                  + "; ".join(f"{k}: " + ", ".join(f"{p} {n}" for p, n in v.items()) for k, v in chosen.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

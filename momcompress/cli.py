@@ -383,32 +383,49 @@ def export(model, output, dense, experts_body, opset, atol, rtol, new_tokens, pr
 
 @main.command("build-ops")
 @click.option("--force", is_flag=True, help="Rebuild even when a library for this source is cached.")
-@click.option("--require", is_flag=True, help="Exit 1 when the library cannot be built here (default: say why and exit 0).")
-@click.option("--status", "show_status", is_flag=True, help="Only print which library would be used; build nothing.")
+@click.option("--require", is_flag=True, help="Exit 1 when a library cannot be built here (default: say why and exit 0).")
+@click.option("--status", "show_status", is_flag=True, help="Only print which libraries would be used; build nothing.")
 def build_ops(force, require, show_status):
-    """Build the compiled onnxruntime kernels of the momcompress ops (MoMExperts, SelectedRowsFFN).
+    """Build the compiled kernels: the onnxruntime ops (MoMExperts, SelectedRowsFFN, SelectFFN, SelectHidden)
+    and the PyTorch CPU ops (the per-token selector's row kernel).
 
-    Fetches onnxruntime's C API headers (Debian's libonnxruntime-dev via apt-get download + dpkg -x, no
-    root; or $ORT_INCLUDE_DIR), compiles export/csrc/momcompress_ort_ops.cc with g++ ($CXX) and caches the
-    library under the momcompress cache. Exports and `validate --onnx` then register it in onnxruntime.
-    Without a compiler or the headers it says why and exits 0 (exports run the ONNX function body);
-    a failed compilation exits 1.
+    The onnxruntime ops need onnxruntime's C API headers (Debian's libonnxruntime-dev via apt-get download +
+    dpkg -x, no root; or $ORT_INCLUDE_DIR); both compile with g++ ($CXX) and are cached under the momcompress
+    cache. Exports and `validate --onnx` register the first in onnxruntime; `momcompress.load` models use the
+    second. Without a compiler or the headers it says why and exits 0 (exports run the ONNX function body, the
+    PyTorch runtime its other paths); a failed compilation exits 1.
     """
+    from momcompress import native
     from momcompress.export import ort_ops
+    from momcompress.kernels import cpu_native
 
+    if show_status:
+        cpu = cpu_native.find_library()
+        click.echo(json.dumps({"onnxruntime": ort_ops.status(),
+                               "cpu": {"source_hash": native.sources_hash(cpu_native.SOURCES),
+                                       "cache": str(native.cache_root(cpu_native.CACHE_SUBDIR)),
+                                       "library": str(cpu) if cpu else None}}, indent=2))
+        return
     try:
-        if show_status:
-            click.echo(json.dumps(ort_ops.status(), indent=2))
-            return
         path = ort_ops.build(force=force)
+        click.echo(f"momcompress onnxruntime ops: {path} (onnxruntime C API {ort_ops.library_api_version(path)})")
     except ort_ops.OrtOpsUnavailableError as exc:
         if require:
             _fail(exc)
         click.echo(f"momcompress ops not built: {exc}. Exports still run (the ONNX function body, slower).", err=True)
-        return
     except MomcompressError as exc:
         _fail(exc)
-    click.echo(f"momcompress onnxruntime ops: {path} (onnxruntime C API {ort_ops.library_api_version(path)})")
+    try:
+        path = cpu_native.build(force=force)
+        cpu_native.load(path)
+        click.echo(f"momcompress CPU ops (PyTorch): {path}")
+    except native.NativeUnavailableError as exc:
+        if require:
+            _fail(exc)
+        click.echo(f"momcompress CPU ops not built: {exc}. The PyTorch runtime still runs (the Numba kernel or the "
+                   "masked path, slower).", err=True)
+    except MomcompressError as exc:
+        _fail(exc)
 
 
 if __name__ == "__main__":

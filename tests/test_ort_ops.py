@@ -327,6 +327,7 @@ def test_build_without_compiler_or_headers_says_why(tmp_path, monkeypatch):
         ort_ops.build()
     res = CliRunner().invoke(main, ["build-ops"])
     assert res.exit_code == 0 and "momcompress ops not built" in res.output and "function body" in res.output
+    assert "momcompress CPU ops not built" in res.output and "masked path" in res.output
     res = CliRunner().invoke(main, ["build-ops", "--require"])
     assert res.exit_code == 1 and "no C++ compiler" in res.output
     monkeypatch.delenv("CXX")
@@ -334,7 +335,9 @@ def test_build_without_compiler_or_headers_says_why(tmp_path, monkeypatch):
     with pytest.raises(ort_ops.OrtOpsUnavailableError, match="holds no onnxruntime_c_api.h"):
         ort_ops.build()
     res = CliRunner().invoke(main, ["build-ops", "--status"])
-    assert res.exit_code == 0 and json.loads(res.output)["library"] is None  # this test's cache is empty
+    status = json.loads(res.output)
+    assert res.exit_code == 0 and status["onnxruntime"]["library"] is None  # this test's cache is empty
+    assert set(status["cpu"]) == {"source_hash", "cache", "library"}
     monkeypatch.setenv(ort_ops.ENV_LIBRARY, str(tmp_path / "missing.so"))
     with pytest.raises(ort_ops.OrtOpsError, match="is not a file"):
         ort_ops.find_library()

@@ -274,38 +274,33 @@ def test_fused_cpu_kernel_equals_the_reference(activation, tokens):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_auto_path_takes_the_fused_kernel_only_where_it_measured_faster(monkeypatch):
-    """choose_path times the fused kernel against the masked path once (first one-token call) and keeps the
-    faster; MOMCOMPRESS_SELECT_MAX_TOKENS, when set, decides by token count alone."""
-    import time
-
-    from momcompress.kernels import cpu_select
+def test_auto_path_falls_back_to_the_numba_kernel_without_the_compiled_one(monkeypatch):
+    """MOMCOMPRESS_CPU_OPS=off (or no compiler): auto's row kernel is the Numba one, tried against masked in place
+    like the compiled one (tests/test_cpu_native.py has the measuring itself)."""
+    from momcompress.kernels import cpu_native, cpu_select
+    from momcompress.runtime import select_ffn as runtime
 
     if not cpu_select.available():
         pytest.skip("Numba is not installed (pip install 'momcompress[cpu]')")
-    layer = FrozenSelectFFN(16, 32, 32, "silu")
-    torch.nn.init.normal_(layer.gate_up)
-    torch.nn.init.normal_(layer.down)
-    x = torch.randn(1, 16)
-    monkeypatch.delenv("MOMCOMPRESS_SELECT_MAX_TOKENS", raising=False)
-    real = cpu_select.select_ffn_rows
-    for fused_delay, want in ((0.004, "masked"), (0.0, None)):
-        monkeypatch.setattr(cpu_select, "_FUSED_WINS", {})
-
-        def slow(*args, delay=fused_delay):
-            time.sleep(delay)
-            return real(*args)
-
-        monkeypatch.setattr(cpu_select, "select_ffn_rows", slow)
-        got = layer.choose_path(x)
-        if want is None:  # no delay: whichever measured faster, the decision is cached for this thread count
-            assert got in ("fused", "masked") and cpu_select._FUSED_WINS[torch.get_num_threads()] == (got == "fused")
-        else:
-            assert got == want and cpu_select._FUSED_WINS == {torch.get_num_threads(): False}
-        assert layer.choose_path(torch.randn(20, 16)) == "masked"  # more than MAX_TOKENS tokens
-    monkeypatch.setattr(cpu_select, "_FUSED_WINS", {torch.get_num_threads(): False})
-    monkeypatch.setenv("MOMCOMPRESS_SELECT_MAX_TOKENS", "4")
-    assert layer.choose_path(x) == "fused" and layer.choose_path(torch.randn(5, 16)) == "masked"
+    monkeypatch.setenv(cpu_native.ENV_LIBRARY, "off")
+    monkeypatch.delenv(runtime.ENV_MAX_TOKENS, raising=False)
+    cpu_native.reset()
+    try:
+        layer = FrozenSelectFFN(16, 32, 32, "silu")
+        torch.nn.init.normal_(layer.gate_up)
+        torch.nn.init.normal_(layer.down)
+        x = torch.randn(1, 16)
+        assert layer.row_kernel(x) == "fused"
+        tried = []
+        real = layer.run_path
+        monkeypatch.setattr(layer, "run_path", lambda path, x: tried.append(path) or real(path, x))
+        with torch.no_grad():
+            for _ in range(2 * (runtime.TRIALS + 1)):
+                torch.testing.assert_close(layer(x), layer.masked(x), rtol=1e-4, atol=1e-5)
+        assert sorted(set(tried)) == ["fused", "masked"]
+        assert list(layer.decisions().values())[0] in ("fused", "masked")
+    finally:
+        cpu_native.reset()
 
 
 def test_export_runs_in_onnxruntime_and_matches_pytorch(frozen, workdir):

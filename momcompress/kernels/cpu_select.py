@@ -1,4 +1,7 @@
-"""The per-token selector FFN on CPU for few tokens, reading only the kept rows where they lie.
+"""The per-token selector FFN on CPU for few tokens, reading only the kept rows where they lie (Numba).
+
+The compiled kernel (cpu_native.py) does the same reads and is the first choice; this one runs where no C++
+compiler is there to build it. FrozenSelectFFN's auto path measures which one, and up to how many tokens.
 
 The masked path of `FrozenSelectFFN` multiplies every row (a dense matmul over masked inputs). This
 kernel, compiled by Numba (optional: `pip install 'momcompress[cpu]'`), reads for each token only
@@ -27,50 +30,7 @@ from momcompress.kernels.cpu_fused import ACTIVATION_CODES, _numba
 # Neurons per chunk: the chunk's slice of a gate_up row (2 x CHUNK floats) stays in cache across a
 # call's tokens, and a 1536-neuron layer gives 8 chunks for 2 threads to balance.
 CHUNK_NEURONS = 192
-# Up to this many tokens per call the kernel runs (more: the masked path's dense matmuls win, since the
-# union of many tokens' kept rows is nearly every row). Overridden by MOMCOMPRESS_SELECT_MAX_TOKENS.
-MAX_TOKENS = 8
 PARALLEL = os.environ.get("MOMCOMPRESS_CPU_FUSED_PARALLEL", "1") != "0"
-
-
-def max_tokens() -> int:
-    """Most tokens per call for which the fused kernel runs (MOMCOMPRESS_SELECT_MAX_TOKENS, else MAX_TOKENS)."""
-    return int(os.environ.get("MOMCOMPRESS_SELECT_MAX_TOKENS", MAX_TOKENS))
-
-
-# Whether the fused kernel beats the masked path on this CPU, measured once per process and thread count at
-# the first one-token call (see fused_wins). On an AMD EPYC it ran a layer at one token in 0.57x dense's
-# time against the masked path's 0.75x; on an Intel Xeon with AMX (oneDNN's dense matmuls twice as fast)
-# in 1.51x against 1.11x (bench_freeze, 2026-12-02 / 03).
-_FUSED_WINS: dict[int, bool] = {}
-MEASURE_REPS = 5
-
-
-def fused_wins(layer, x: torch.Tensor) -> bool:
-    """Whether to run the fused kernel for x (T, d) on layer: by MOMCOMPRESS_SELECT_MAX_TOKENS when set (the
-    user chose), else by timing both paths on one token of x, once per process and thread count (the best
-    of MEASURE_REPS calls each, after a warm-up that also compiles the kernel)."""
-    if "MOMCOMPRESS_SELECT_MAX_TOKENS" in os.environ:
-        return True
-    threads = torch.get_num_threads()
-    if threads not in _FUSED_WINS:
-        import time
-
-        one = x[:1].detach()
-        args = (one, layer.x_threshold, layer.gate_up, layer.down, layer.h_threshold, layer.activation)
-        runs = {"fused": lambda: select_ffn_rows(*args), "masked": lambda: layer.masked(one)}
-        best = {}
-        with torch.no_grad():
-            for name, fn in runs.items():
-                fn()
-                times = []
-                for _ in range(MEASURE_REPS):
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append(time.perf_counter() - t0)
-                best[name] = min(times)
-        _FUSED_WINS[threads] = best["fused"] < best["masked"]
-    return _FUSED_WINS[threads]
 
 
 def available() -> bool:

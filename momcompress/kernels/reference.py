@@ -176,7 +176,7 @@ def select_ffn_reference(x: torch.Tensor, x_threshold: torch.Tensor, gate_up: to
                          h_threshold: torch.Tensor, activation: str) -> torch.Tensor:
     """The layer's function on x (T, d) with dense matmuls over masked inputs: (T, d)."""
     xs = x * (x.abs() > x_threshold).to(x.dtype)
-    gu = (xs @ gate_up).view(x.shape[0], -1, 2)  # (T, F', 2) interleaved gate, up
+    gu = (xs @ gate_up).view(x.shape[0], gate_up.shape[1] // 2, 2)  # (T, F', 2) interleaved gate, up
     h = ACTIVATIONS[activation](gu[..., 0]) * gu[..., 1]  # (T, F')
     h = h * (h.abs() > h_threshold).to(h.dtype)
     return h @ down

@@ -18,20 +18,40 @@ parameters, plus the d + F' thresholds (its selector).
 Execution paths (`FrozenSelectFFN.path` forces one):
 - masked (any device, any token count): the formula above with dense matmuls over masked inputs; it
   computes the zeros too, at the speed of the dense FFN;
-- fused (CPU, fp32, few tokens, Numba installed, and measured faster than masked on this CPU at the first
-  one-token call): kernels/cpu_select.py reads only the kept channels' rows of gate_up and the kept
-  neurons' rows of down, where they lie;
+- native (CPU, fp32 x, fp32/bf16/fp16 tables; a C++ compiler once): kernels/cpu_native.py, the compiled
+  row kernel: each token reads only the kept channels' rows of gate_up and the kept neurons' rows of
+  down, where they lie, on torch's OpenMP threads;
+- fused (CPU, fp32, Numba installed): kernels/cpu_select.py, the same reads compiled by Numba (the
+  fallback where the compiled library cannot be built);
 - under torch.export / ONNX export: one `momcompress::select_ffn` node (kernels/select_op.py).
+
+`auto` picks, per layer, by measuring in place (the weights' cache state, the layer's own sparsity and the
+machine's load are those of real use; a layer whose tokens keep most rows is better off masked):
+- more than MAX_TRIAL_TOKENS tokens per call: masked (the union of the tokens' rows is nearly every row);
+- otherwise, per token-count bucket (1, 2, 3-4, 5-8, 9-16) and thread count, the layer's first calls
+  alternate between the row kernel (native, else fused) and masked, timing each; after TRIALS timed calls
+  of each (and one untimed warm-up each), the faster by median is kept for that bucket. Both paths compute
+  the same function (to fp32 rounding), so the trial calls' outputs are as good as any.
+`MOMCOMPRESS_SELECT_MAX_TOKENS=N` decides by token count alone instead: the row kernel up to N tokens.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import time
+
 import torch
 from torch import nn
 
+from momcompress.kernels import cpu_native, cpu_select
 from momcompress.kernels.reference import ACTIVATIONS, select_ffn_reference
 
-PATHS = ("auto", "masked", "fused")
+PATHS = ("auto", "masked", "native", "fused")
+TRIAL_BUCKETS = (1, 2, 4, 8, 16)  # a call of T tokens falls in the first bucket >= T
+MAX_TRIAL_TOKENS = TRIAL_BUCKETS[-1]
+TRIALS = 3
+ENV_MAX_TOKENS = "MOMCOMPRESS_SELECT_MAX_TOKENS"
 
 
 def _tracing() -> bool:
@@ -54,6 +74,12 @@ class FrozenSelectFFN(nn.Module):
         self.register_buffer("x_threshold", torch.zeros(d, dtype=torch.float32, device=device))
         self.register_buffer("h_threshold", torch.zeros(n, dtype=torch.float32, device=device))
         self.path = "auto"
+        # auto's measurements: (bucket, threads, kernel) -> {"kernel": [s...], "masked": [s...]} while trying,
+        # and the path kept once decided (see the module docstring).
+        self._trials: dict[tuple[int, int, str], dict[str, list[float]]] = {}
+        self._decided: dict[tuple[int, int, str], str] = {}
+        self._kernel_for: dict[tuple, str | None] = {}  # row_kernel's answers
+        self._native = None  # (the tables' addresses and dtypes, cpu_native.RowKernel) once the native path ran
         self.track_stats = False
         self.last_ratio: torch.Tensor | None = None  # (T,) fraction of the dense FFN's parameters each token read
         self.last_kept: tuple[torch.Tensor, torch.Tensor] | None = None  # (T,) kept channels, (T,) kept neurons
@@ -71,25 +97,88 @@ class FrozenSelectFFN(nn.Module):
         elif self.track_stats:
             out = self._masked_with_stats(xf)
         else:
-            path = self.path if self.path != "auto" else self.choose_path(xf)
-            if path == "fused":
-                from momcompress.kernels import cpu_select
-
-                out = cpu_select.select_ffn_rows(xf, self.x_threshold, self.gate_up, self.down, self.h_threshold, self.activation)
-            elif path == "masked":
-                out = self.masked(xf)
-            else:
-                raise ValueError(f"FrozenSelectFFN.path must be one of {PATHS}, got {path!r}")
+            out = self.run_auto(xf) if self.path == "auto" else self.run_path(self.path, xf)
         return out.view(*lead, self.hidden_size)
 
-    def choose_path(self, x: torch.Tensor) -> str:
-        """The path for x (T, d): the fused CPU kernel when it can run, the call has few tokens and the kernel
-        measured faster than the masked path on this CPU (cpu_select.fused_wins), else masked."""
-        from momcompress.kernels import cpu_select
+    def run_path(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """The layer on x (T, d) by the named path (see PATHS)."""
+        if path == "native":
+            return self.native_kernel()(x)
+        if path == "fused":
+            return cpu_select.select_ffn_rows(x, self.x_threshold, self.gate_up, self.down, self.h_threshold, self.activation)
+        if path == "masked":
+            return self.masked(x)
+        raise ValueError(f"FrozenSelectFFN.path must be one of {PATHS}, got {path!r}")
 
-        if cpu_select.runs_on(x, self.gate_up) and x.shape[0] <= cpu_select.max_tokens() and cpu_select.fused_wins(self, x):
-            return "fused"
-        return "masked"
+    def native_kernel(self):
+        """The compiled kernel prepared for this layer's tables (kept until a table is replaced)."""
+        key = (self.gate_up.data_ptr(), self.down.data_ptr(), self.x_threshold.data_ptr(), self.h_threshold.data_ptr(),
+               self.gate_up.dtype, self.down.dtype)
+        if self._native is None or self._native[0] != key:
+            kernel = cpu_native.RowKernel(self.x_threshold, self.gate_up, self.down, self.h_threshold, self.activation)
+            self._native = (key, kernel)
+        return self._native[1]
+
+    def row_kernel(self, x: torch.Tensor) -> str | None:
+        """The row kernel that can run x (T, d) here: "native" (compiled, built at first use when a compiler is
+        there), else "fused" (Numba), else None. Remembered per kind of call (dtypes, devices, autograd)."""
+        key = (x.dtype, x.device.type, self.gate_up.dtype, self.gate_up.device.type, self.gate_up.is_contiguous(),
+               self.down.is_contiguous(), torch.is_grad_enabled() and x.requires_grad)
+        if key not in self._kernel_for:
+            kernel = None
+            if cpu_native.runs_on(x, self.gate_up, self.down) and cpu_native.available():
+                kernel = "native"
+            elif cpu_select.runs_on(x, self.gate_up):
+                kernel = "fused"
+            self._kernel_for[key] = kernel
+        return self._kernel_for[key]
+
+    def _auto_key(self, x: torch.Tensor) -> tuple[tuple[int, int, str] | None, str]:
+        """(the measurement key of x's call, or None when no measuring is needed; the path when it is decided)."""
+        T = x.shape[0]
+        kernel = self.row_kernel(x) if T <= MAX_TRIAL_TOKENS or os.environ.get(ENV_MAX_TOKENS) else None
+        if kernel is None:
+            return None, "masked"
+        env = os.environ.get(ENV_MAX_TOKENS, "").strip()
+        if env:
+            try:
+                return None, kernel if T <= int(env) else "masked"
+            except ValueError:
+                raise ValueError(f"{ENV_MAX_TOKENS} must be a whole number of tokens, got {env!r}") from None
+        bucket = next(b for b in TRIAL_BUCKETS if b >= T)
+        key = (bucket, torch.get_num_threads(), kernel)
+        if key in self._decided:
+            return None, self._decided[key]
+        return key, kernel
+
+    def choose_path(self, x: torch.Tensor) -> str:
+        """The path auto takes for x (T, d) now (during a bucket's trials: the one to try next)."""
+        key, kernel = self._auto_key(x)
+        if key is None:
+            return kernel
+        trials = self._trials.setdefault(key, {"kernel": [], "masked": []})
+        return kernel if len(trials["kernel"]) <= len(trials["masked"]) else "masked"
+
+    def run_auto(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on x by auto's choice, timing the call while the choice is being measured."""
+        key, kernel = self._auto_key(x)
+        if key is None:
+            return self.run_path(kernel, x)
+        trials = self._trials.setdefault(key, {"kernel": [], "masked": []})
+        which = "kernel" if len(trials["kernel"]) <= len(trials["masked"]) else "masked"
+        path = kernel if which == "kernel" else "masked"
+        t0 = time.perf_counter()
+        out = self.run_path(path, x)
+        trials[which].append(time.perf_counter() - t0)
+        if min(len(v) for v in trials.values()) > TRIALS:  # the first of each was the warm-up
+            med = {k: statistics.median(v[1:]) for k, v in trials.items()}
+            self._decided[key] = kernel if med["kernel"] < med["masked"] else "masked"
+            del self._trials[key]
+        return out
+
+    def decisions(self) -> dict[str, str]:
+        """auto's decisions so far: {"T<=1 @2 threads": "native", ...}."""
+        return {f"T<={b} @{t} threads": path for (b, t, _), path in sorted(self._decided.items())}
 
     def masked(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on x (T, d) with dense matmuls over masked inputs (computes the zeros too)."""
@@ -113,6 +202,16 @@ class FrozenSelectFFN(nn.Module):
     def router_params(self) -> int:
         """No router: the selector's thresholds play its part in the cost (validate counts them)."""
         return self.selector_params()
+
+
+def auto_decisions(model: nn.Module) -> dict[str, dict[str, int]]:
+    """What auto chose in the model's selector layers so far: {"T<=1 @2 threads": {"native": 27, "masked": 3}}."""
+    out: dict[str, dict[str, int]] = {}
+    for layer in select_layers(model):
+        for key, path in layer.decisions().items():
+            out.setdefault(key, {})
+            out[key][path] = out[key].get(path, 0) + 1
+    return out
 
 
 def select_layers(model: nn.Module) -> list[FrozenSelectFFN]:

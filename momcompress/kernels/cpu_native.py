@@ -1,0 +1,236 @@
+"""The compiled CPU row kernel of the per-token selector FFN, for the PyTorch runtime.
+
+`csrc/momcompress_cpu_ops.cc` (with `csrc/select_rows.h`, the same row kernel onnxruntime's SelectFFN op
+runs) reads, for each token, only the gate_up rows of the channels it keeps and the down rows of the neurons
+it keeps, where they lie, on torch's own OpenMP threads. On an Intel Xeon with AMX, where oneDNN's dense
+matmuls are fast, it ran the default model's 30 FFN layers at one token in 0.64x dense's time, where the
+Numba kernel (cpu_select.py) took 0.94x and the masked path 1.11x.
+
+It needs only a C++ compiler: `momcompress build-ops` builds it (the README's install line runs that), and
+the first call that wants it builds it too when a compiler is there (a few seconds, once per machine and
+source). The library is cached under `$MOMCOMPRESS_CACHE/cpu-ops/`; `$MOMCOMPRESS_CPU_OPS` overrides (a
+library path, or `off`: never use it). Without it the runtime falls back to the Numba kernel or the masked
+path, and says once how to get it.
+
+    from momcompress.kernels import cpu_native
+    if cpu_native.runs_on(x, gate_up, down) and cpu_native.available():
+        y = cpu_native.select_ffn_rows(x, x_threshold, gate_up, down, h_threshold, "silu")
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from momcompress import native
+from momcompress.errors import MomcompressError
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = CSRC / "momcompress_cpu_ops.cc"
+SOURCES = (SOURCE, CSRC / "select_rows.h")
+LIBRARY_NAME = "libmomcompress_cpu_ops.so"
+CACHE_SUBDIR = "cpu-ops"
+ENV_LIBRARY = "MOMCOMPRESS_CPU_OPS"
+ABI = 2  # momcompress_cpu_ops_abi() of the library this module calls
+# -fopenmp: the kernel's threads come from the OpenMP runtime torch has loaded (same soname, one runtime).
+CXXFLAGS = ("-std=c++17", "-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-fvisibility=hidden", "-fopenmp")
+BUILD_COMMAND = "momcompress build-ops"
+WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+
+
+class CpuOpsError(MomcompressError):
+    """The compiled CPU ops cannot be built, loaded, or called as asked."""
+
+
+def build(force: bool = False) -> Path:
+    """Compile the library (cached; force: again) and return its path.
+
+    Raises:
+        native.NativeUnavailableError: no C++ compiler. CpuOpsError: the compiler failed.
+    """
+    try:
+        return native.build(CACHE_SUBDIR, LIBRARY_NAME, SOURCES, [*CXXFLAGS, f"-I{CSRC}"], compile_only=[SOURCE],
+                            force=force, describe="momcompress CPU ops for PyTorch")
+    except native.NativeUnavailableError:
+        raise
+    except native.NativeBuildError as exc:
+        raise CpuOpsError(f"the momcompress CPU ops: {exc}") from None
+
+
+def find_library() -> Path | None:
+    """The library built from this source ($MOMCOMPRESS_CPU_OPS overrides), or None (not built / `off`)."""
+    env = os.environ.get(ENV_LIBRARY, "").strip()
+    if env.lower() == "off":
+        return None
+    if env:
+        path = Path(env)
+        if not path.is_file():
+            raise CpuOpsError(f"{ENV_LIBRARY}={env} is not a file: point it at a {LIBRARY_NAME}, unset it, or set it to off")
+        return path
+    return native.find(CACHE_SUBDIR, LIBRARY_NAME, SOURCES)
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Load the library at path and check its entry point; CpuOpsError when it is not ours or of another ABI."""
+    try:
+        lib = ctypes.CDLL(str(path))
+        abi = int(lib.momcompress_cpu_ops_abi())
+    except (OSError, AttributeError) as exc:
+        raise CpuOpsError(f"{path} is not a momcompress CPU ops library ({exc}): rebuild it with `{BUILD_COMMAND} --force`") from None
+    if abi != ABI:
+        raise CpuOpsError(f"{path} has entry points of version {abi}, this momcompress calls version {ABI}: "
+                          f"rebuild it with `{BUILD_COMMAND} --force`")
+    fn = lib.momcompress_select_ffn_rows
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(_Layer), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.momcompress_cpu_ops_last_error.restype = ctypes.c_char_p
+    return lib
+
+
+class _Layer(ctypes.Structure):
+    """MomSelectLayer of momcompress_cpu_ops.cc."""
+
+    _fields_ = [("d", ctypes.c_int64), ("n", ctypes.c_int64), ("x_threshold", ctypes.c_void_p),
+                ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p), ("h_threshold", ctypes.c_void_p),
+                ("weight_type", ctypes.c_int32), ("act", ctypes.c_int32)]
+
+
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}  # "lib": the loaded library, or None after a failed attempt; "why": the reason
+
+
+def library(build_if_missing: bool = True) -> ctypes.CDLL | None:
+    """The loaded library, or None when it is off, missing and not buildable here (the reason is logged once).
+
+    The first call finds the library, building it when it is missing and a compiler is there
+    (build_if_missing); later calls return the same answer.
+    """
+    if "lib" in _STATE:  # every call after the first: no lock
+        return _STATE["lib"]  # type: ignore[return-value]
+    with _LOCK:
+        if "lib" in _STATE:
+            return _STATE["lib"]  # type: ignore[return-value]
+        path, why = None, None
+        if os.environ.get(ENV_LIBRARY, "").strip().lower() == "off":
+            why = f"{ENV_LIBRARY}=off"
+        else:
+            try:
+                path = find_library()
+                if path is None and build_if_missing:
+                    log.info("building the momcompress CPU ops (once per machine and source)")
+                    path = build()
+            except (native.NativeBuildError, CpuOpsError) as exc:
+                why = str(exc)
+        lib = None
+        if path is not None:
+            try:
+                lib = load(path)
+            except CpuOpsError as exc:
+                why = str(exc)
+        elif why is None:
+            why = f"not built: run `{BUILD_COMMAND}`"
+        if lib is None:
+            log.warning("the compiled CPU kernel of the selector FFN is not available (%s); the Numba kernel or the "
+                        "masked path runs instead (same results, slower)", why)
+        _STATE["lib"], _STATE["why"] = lib, why
+        return lib
+
+
+def unavailable_reason() -> str | None:
+    """Why library() returned None (None when it is loaded or not yet looked for)."""
+    return _STATE.get("why")  # type: ignore[return-value]
+
+
+def reset() -> None:
+    """Forget the loaded library (tests; a later call looks again)."""
+    with _LOCK:
+        _STATE.clear()
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def runs_on(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether the kernel can take x (T, d) with these tables: CPU, fp32 x, float32/bfloat16/float16 tables of
+    one type, contiguous, no autograd (does not look for the library: see available())."""
+    return (
+        x.device.type == "cpu" and gate_up.device.type == "cpu" and x.dtype == torch.float32
+        and gate_up.dtype in WEIGHT_TYPES and down.dtype == gate_up.dtype
+        and gate_up.is_contiguous() and down.is_contiguous()
+        and not (torch.is_grad_enabled() and (x.requires_grad or gate_up.requires_grad))
+    )
+
+
+class RowKernel:
+    """One frozen selector layer prepared for the kernel: its tables checked once and their addresses kept
+    (they are read in place; an in-place update of the tables is seen, a replaced tensor needs a new RowKernel).
+
+    Args:
+        x_threshold: (d,). gate_up: (d, 2F') contiguous, gate and up interleaved. down: (F', d) contiguous, of
+        gate_up's dtype (float32, bfloat16 or float16), on CPU. h_threshold: (F',).
+        activation: "silu", "gelu_tanh" or "gelu".
+    Raises:
+        CpuOpsError: the library is not available, or the tables do not fit (the message says which).
+    """
+
+    def __init__(self, x_threshold: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, h_threshold: torch.Tensor,
+                 activation: str):
+        lib = library()
+        if lib is None:
+            raise CpuOpsError(f"the compiled CPU kernel is not available ({unavailable_reason()})")
+        if gate_up.dim() != 2 or down.dim() != 2:
+            raise CpuOpsError(f"the selector kernel expects gate_up (d, 2F') and down (F', d); got {tuple(gate_up.shape)} "
+                              f"and {tuple(down.shape)}")
+        n, d = down.shape
+        if gate_up.shape != (d, 2 * n):
+            raise CpuOpsError(f"the selector kernel: gate_up must be (d, 2F') = ({d}, {2 * n}) for down ({n}, {d}); got "
+                              f"{tuple(gate_up.shape)}")
+        if x_threshold.shape != (d,) or h_threshold.shape != (n,):
+            raise CpuOpsError(f"the selector kernel: x_threshold must be ({d},) and h_threshold ({n},); got "
+                              f"{tuple(x_threshold.shape)} and {tuple(h_threshold.shape)}")
+        if (gate_up.device.type != "cpu" or down.dtype != gate_up.dtype or gate_up.dtype not in WEIGHT_TYPES
+                or not gate_up.is_contiguous() or not down.is_contiguous()):
+            raise CpuOpsError(f"the selector kernel reads CPU tables, contiguous, of one type in "
+                              f"{sorted(str(t) for t in WEIGHT_TYPES)}; got gate_up {gate_up.dtype} on {gate_up.device} "
+                              f"(contiguous: {gate_up.is_contiguous()}), down {down.dtype} (contiguous: {down.is_contiguous()})")
+        if activation not in ACTIVATION_CODES:
+            raise CpuOpsError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+        self.d, self.n = d, n
+        # Keep what the kernel reads alive (thresholds as contiguous fp32: the buffers themselves when they are).
+        self.tensors = (x_threshold.detach().to(torch.float32).contiguous(), gate_up.detach(), down.detach(),
+                        h_threshold.detach().to(torch.float32).contiguous())
+        xt, gu, dn, ht = self.tensors
+        self.layer = _Layer(d, n, xt.data_ptr(), gu.data_ptr(), dn.data_ptr(), ht.data_ptr(), WEIGHT_TYPES[gu.dtype],
+                            ACTIVATION_CODES[activation])
+        self._ref = ctypes.byref(self.layer)
+        self._fn = lib.momcompress_select_ffn_rows
+        self._lib = lib
+
+    def __call__(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """The layer on x (T, d) float32 CPU (no autograd): (T, d) float32."""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.d or x.device.type != "cpu":
+            raise CpuOpsError(f"the selector kernel takes x (T, {self.d}) float32 on CPU; got {tuple(x.shape)} {x.dtype} "
+                              f"on {x.device}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise CpuOpsError("the selector kernel has no backward: call it under torch.no_grad() (or use the masked path)")
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], self.d, dtype=torch.float32)
+        if self._fn(self._ref, x.shape[0], x.data_ptr(), out.data_ptr(), threads or torch.get_num_threads()) != 0:
+            raise CpuOpsError(f"the selector kernel failed: {self._lib.momcompress_cpu_ops_last_error().decode(errors='replace')}")
+        return out
+
+
+def select_ffn_rows(x: torch.Tensor, x_threshold: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                    h_threshold: torch.Tensor, activation: str, threads: int | None = None) -> torch.Tensor:
+    """The selector FFN on x (T, d) float32, reading only each token's kept rows: (T, d) float32 (see RowKernel
+    for the tables; a layer called often keeps its RowKernel instead of calling this)."""
+    return RowKernel(x_threshold, gate_up, down, h_threshold, activation)(x, threads)

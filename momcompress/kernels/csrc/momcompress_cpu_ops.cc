@@ -1,0 +1,104 @@
+// momcompress's compiled CPU ops for the PyTorch runtime (built by `momcompress build-ops`, or at first use;
+// loaded with ctypes by momcompress/kernels/cpu_native.py).
+//
+// momcompress_select_ffn_rows: the per-token selector FFN of a frozen layer on few tokens (decode), reading
+// only the rows each token keeps, where they lie (select_rows.h has the algorithm). It runs on OpenMP threads:
+// loaded into a process that has imported torch, the library binds to the OpenMP runtime torch already loaded
+// (one runtime, one thread pool: torch's ops and this kernel take turns on the same threads instead of
+// fighting over the cores).
+
+#include <omp.h>
+
+#include <cstdint>
+#include <exception>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "select_rows.h"
+
+#define MOM_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+using namespace mom;
+
+// Table element types, as the Python side passes them.
+enum WeightType { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+template <typename W>
+void run(SelectRows& job, int threads) {
+  const W* tag = nullptr;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t a = 0; a < job.shares; ++a) gate_up_share(job, a, tag);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < job.ranges; ++b) down_range(job, b, tag);
+  }
+}
+
+thread_local std::string g_error;  // the calling thread's last error (momcompress_cpu_ops_last_error)
+
+}  // namespace
+
+// A frozen selector layer as the Python side prepares it once (cpu_native.RowKernel): the tables stay where
+// they are, only their addresses are kept.
+struct MomSelectLayer {
+  int64_t d;                // hidden size
+  int64_t n;                // stored neurons
+  const float* x_threshold; // (d,)
+  const void* gate_up;      // (d, 2n) of weight_type, gate and up interleaved per neuron
+  const void* down;         // (n, d) of weight_type
+  const float* h_threshold; // (n,)
+  int32_t weight_type;      // 0 float32, 1 bfloat16, 2 float16
+  int32_t act;              // 0 silu, 1 gelu (tanh), 2 gelu (erf)
+};
+
+// The version of the entry points' signatures and of MomSelectLayer (cpu_native.py refuses another).
+MOM_EXPORT int momcompress_cpu_ops_abi() { return 2; }
+
+// OpenMP's thread count for the next parallel region of the calling thread: torch.get_num_threads() when the
+// library shares torch's OpenMP runtime (tests check that it does).
+MOM_EXPORT int momcompress_cpu_ops_omp_max_threads() { return omp_get_max_threads(); }
+
+// The message of the calling thread's last failed call.
+MOM_EXPORT const char* momcompress_cpu_ops_last_error() { return g_error.c_str(); }
+
+// out (T, d) f32 = the layer on x (T, d) f32 (both contiguous). threads <= 0: OpenMP's default.
+// Returns 0, or 1 with a message in momcompress_cpu_ops_last_error() (bad layer, out of memory).
+MOM_EXPORT int momcompress_select_ffn_rows(const MomSelectLayer* layer, int64_t T, const float* x, float* out,
+                                           int threads) try {
+  const MomSelectLayer& l = *layer;
+  if (l.weight_type != kF32 && l.weight_type != kBF16 && l.weight_type != kF16) {
+    g_error = "unknown weight type (0 float32, 1 bfloat16, 2 float16)";
+    return 1;
+  }
+  if (l.act < 0 || l.act > 2) {
+    g_error = "unknown activation code (0 silu, 1 gelu_tanh, 2 gelu)";
+    return 1;
+  }
+  if (threads <= 0) threads = omp_get_max_threads();
+  if (T <= 0 || l.n <= 0) {
+    std::fill(out, out + (T > 0 ? T * l.d : 0), 0.0f);
+    return 0;
+  }
+  // Kept per calling thread between calls: the lists and partials reuse their memory (no malloc per layer).
+  thread_local SelectRows job;
+  thread_local std::vector<float> gu_partial, partial;
+  job.T = T; job.d = l.d; job.n = l.n; job.h_thr = l.h_threshold; job.act = static_cast<Act>(l.act);
+  job.gate_up = l.gate_up; job.down = l.down;
+  gather_kept(x, l.x_threshold, job);
+  plan_tasks(job, threads, gu_partial, partial);
+  if (l.weight_type == kF32) run<float>(job, threads);
+  else if (l.weight_type == kBF16) run<bf16>(job, threads);
+  else run<f16>(job, threads);
+  sum_partials(job, out);
+  return 0;
+} catch (const std::bad_alloc&) {
+  g_error = "out of memory";
+  return 1;
+} catch (const std::exception& e) {
+  g_error = e.what();
+  return 1;
+}

@@ -1,0 +1,208 @@
+"""The compiled CPU row kernel of the per-token selector FFN (momcompress/kernels/cpu_native.py) and the
+PyTorch runtime's use of it: results against the torch reference, the build and cache, bad input, and the
+auto path's in-place measurement."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from momcompress import native
+from momcompress.kernels import cpu_native
+from momcompress.kernels.reference import select_ffn_reference
+from momcompress.runtime import select_ffn as runtime
+from momcompress.runtime.select_ffn import FrozenSelectFFN
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """The library, built into this test session's cache if needed (a compiler is required: g++)."""
+    try:
+        cpu_native.build()
+    except native.NativeUnavailableError as exc:
+        pytest.skip(f"no C++ compiler: {exc}")
+    cpu_native.reset()
+    got = cpu_native.library(build_if_missing=False)
+    assert got is not None, cpu_native.unavailable_reason()
+    return got
+
+
+def _layer_tensors(d, n, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    gate_up = (torch.randn(d, 2 * n, generator=g) / d**0.5).to(dtype)
+    down = (torch.randn(n, d, generator=g) / n**0.5).to(dtype)
+    x_thr = torch.rand(d, generator=g) * 0.8
+    x_thr[0] = -1.0  # a shared channel
+    x_thr[1] = float("inf")  # a pruned one
+    h_thr = torch.rand(n, generator=g) * 0.2
+    h_thr[:5] = -1.0
+    return x_thr, gate_up, down, h_thr
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+@pytest.mark.parametrize("tokens", [0, 1, 2, 3, 5, 8, 17, 70])
+def test_kernel_equals_the_reference(lib, activation, tokens):
+    """One token (the per-token streams) and many (rows read once for the tokens that keep them, more tokens
+    than one pass of 64 at 70), odd sizes (n not a multiple of 16, d not of 16)."""
+    d, n = 40, 203
+    x_thr, gate_up, down, h_thr = _layer_tensors(d, n, tokens)
+    x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(100 + tokens))
+    x[:, 2] = 0.0  # a channel no token keeps
+    want = select_ffn_reference(x, x_thr, gate_up, down, h_thr, activation)
+    got = cpu_native.select_ffn_rows(x, x_thr, gate_up, down, h_thr, activation)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for threads in (1, 3):  # the split into tasks does not change the result beyond rounding
+        torch.testing.assert_close(cpu_native.select_ffn_rows(x, x_thr, gate_up, down, h_thr, activation, threads=threads),
+                                   want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_16_bit_tables(lib, dtype, tokens):
+    """16-bit tables are read as they are and multiplied in fp32: the reference on the same (rounded) weights."""
+    d, n = 64, 96
+    x_thr, gate_up, down, h_thr = _layer_tensors(d, n, 7, dtype)
+    x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(3))
+    want = select_ffn_reference(x, x_thr, gate_up.float(), down.float(), h_thr, "silu")
+    got = cpu_native.select_ffn_rows(x, x_thr, gate_up, down, h_thr, "silu")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_is_refused_clearly(lib):
+    d, n = 16, 32
+    x_thr, gate_up, down, h_thr = _layer_tensors(d, n, 0)
+    x = torch.randn(2, d)
+    with pytest.raises(cpu_native.CpuOpsError, match=r"gate_up must be \(d, 2F'\)"):
+        cpu_native.select_ffn_rows(x, x_thr, gate_up[:, :-2], down, h_thr, "silu")
+    with pytest.raises(cpu_native.CpuOpsError, match="h_threshold"):
+        cpu_native.select_ffn_rows(x, x_thr, gate_up, down, h_thr[:-1], "silu")
+    with pytest.raises(cpu_native.CpuOpsError, match="of one type"):
+        cpu_native.select_ffn_rows(x, x_thr, gate_up, down.double(), h_thr, "silu")
+    with pytest.raises(cpu_native.CpuOpsError, match="contiguous"):
+        cpu_native.select_ffn_rows(x, x_thr, gate_up.t().contiguous().t(), down, h_thr, "silu")
+    with pytest.raises(cpu_native.CpuOpsError, match="activation must be one of"):
+        cpu_native.select_ffn_rows(x, x_thr, gate_up, down, h_thr, "relu")
+    with pytest.raises(cpu_native.CpuOpsError, match=r"takes x \(T, 16\) float32"):
+        cpu_native.select_ffn_rows(x.double(), x_thr, gate_up, down, h_thr, "silu")
+    with pytest.raises(cpu_native.CpuOpsError, match=r"takes x \(T, 16\)"):
+        cpu_native.select_ffn_rows(torch.randn(2, d + 1), x_thr, gate_up, down, h_thr, "silu")
+    with pytest.raises(cpu_native.CpuOpsError, match="no backward"):
+        cpu_native.select_ffn_rows(x.requires_grad_(), x_thr, gate_up, down, h_thr, "silu")
+
+
+def test_build_is_cached_and_found_by_source(lib, tmp_path, monkeypatch):
+    path = cpu_native.build()
+    mtime = path.stat().st_mtime_ns
+    assert cpu_native.build() == path and path.stat().st_mtime_ns == mtime  # cached
+    assert cpu_native.find_library() == path
+    assert path.parent.name.startswith(native.sources_hash(cpu_native.SOURCES))
+    monkeypatch.setenv(cpu_native.ENV_LIBRARY, str(tmp_path / "missing.so"))
+    with pytest.raises(cpu_native.CpuOpsError, match="is not a file"):
+        cpu_native.find_library()
+    not_ours = tmp_path / "libnot_ours.so"
+    not_ours.write_bytes(b"not a library")
+    with pytest.raises(cpu_native.CpuOpsError, match="is not a momcompress CPU ops library.*build-ops --force"):
+        cpu_native.load(not_ours)
+
+
+def test_missing_library_falls_back_with_one_message(monkeypatch, caplog, tmp_path):
+    """No compiler and no cached library: auto runs the other paths, the reason is logged once, and forcing the
+    native path says how to get it."""
+    monkeypatch.setenv("MOMCOMPRESS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    cpu_native.reset()
+    try:
+        layer = FrozenSelectFFN(16, 32, 32, "silu")
+        torch.nn.init.normal_(layer.gate_up)
+        torch.nn.init.normal_(layer.down)
+        x = torch.randn(1, 16)
+        with caplog.at_level("WARNING"), torch.no_grad():
+            assert layer.row_kernel(x) in ("fused", None)
+            layer(x)
+            layer(x)
+        assert sum("not available" in r.message for r in caplog.records) == 1
+        assert "no C++ compiler" in cpu_native.unavailable_reason()
+        layer.path = "native"
+        with pytest.raises(cpu_native.CpuOpsError, match="no C\\+\\+ compiler"), torch.no_grad():
+            layer(x)
+        monkeypatch.delenv("CXX")
+        monkeypatch.setenv(cpu_native.ENV_LIBRARY, "off")
+        cpu_native.reset()
+        assert cpu_native.library() is None and "MOMCOMPRESS_CPU_OPS=off" in cpu_native.unavailable_reason()
+    finally:
+        cpu_native.reset()
+
+
+def test_layer_runs_the_kernel_and_follows_replaced_tables(lib):
+    layer = FrozenSelectFFN(24, 48, 40, "silu")
+    x_thr, gate_up, down, h_thr = _layer_tensors(24, 40, 5)
+    layer.gate_up.data.copy_(gate_up)
+    layer.down.data.copy_(down)
+    layer.x_threshold.copy_(x_thr)
+    layer.h_threshold.copy_(h_thr)
+    x = torch.randn(3, 24)
+    layer.path = "native"
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.masked(x), rtol=1e-4, atol=1e-5)
+        layer.down.data = layer.down.data * 2  # a new tensor: the prepared kernel must not read the old one
+        torch.testing.assert_close(layer(x), layer.masked(x), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_measures_in_place_and_keeps_the_faster(lib, monkeypatch):
+    """auto alternates the row kernel and masked on a bucket's first calls (one warm-up each, then TRIALS timed),
+    keeps the faster per bucket and thread count, and never tries the kernel above MAX_TRIAL_TOKENS tokens;
+    MOMCOMPRESS_SELECT_MAX_TOKENS decides by token count instead."""
+    monkeypatch.delenv(runtime.ENV_MAX_TOKENS, raising=False)
+    layer = FrozenSelectFFN(16, 32, 32, "silu")
+    torch.nn.init.normal_(layer.gate_up)
+    torch.nn.init.normal_(layer.down)
+    calls = []
+    real = layer.run_path
+
+    def spy(path, x, delay={"native": 0.0, "masked": 0.02}):
+        calls.append(path)
+        time.sleep(delay.get(path, 0.0))
+        return real(path, x)
+
+    monkeypatch.setattr(layer, "run_path", spy)
+    with torch.no_grad():
+        for _ in range(2 * (runtime.TRIALS + 1)):
+            layer(torch.randn(1, 16))
+        assert calls == ["native", "masked"] * (runtime.TRIALS + 1)
+        assert layer.decisions() == {f"T<=1 @{torch.get_num_threads()} threads": "native"}
+        calls.clear()
+        layer(torch.randn(1, 16))
+        assert calls == ["native"]
+        calls.clear()
+        layer(torch.randn(runtime.MAX_TRIAL_TOKENS + 1, 16))
+        assert calls == ["masked"]  # many tokens: masked, nothing measured
+        # a bucket where the kernel is the slower one
+        slow = {"native": 0.02, "masked": 0.0}
+        monkeypatch.setattr(layer, "run_path", lambda path, x: spy(path, x, slow))
+        for _ in range(2 * (runtime.TRIALS + 1)):
+            layer(torch.randn(3, 16))
+        assert layer.decisions()[f"T<=4 @{torch.get_num_threads()} threads"] == "masked"
+        calls.clear()
+        monkeypatch.setenv(runtime.ENV_MAX_TOKENS, "20")
+        layer(torch.randn(3, 16))
+        layer(torch.randn(17, 16))
+        assert calls == ["native", "native"]
+        monkeypatch.setenv(runtime.ENV_MAX_TOKENS, "many")
+        with pytest.raises(ValueError, match="whole number"):
+            layer(torch.randn(3, 16))
+    out = runtime.auto_decisions(torch.nn.Sequential(layer))
+    assert out[f"T<=1 @{torch.get_num_threads()} threads"] == {"native": 1}
+
+
+def test_kernel_shares_torchs_openmp_runtime(lib):
+    """The kernel's threads are torch's: torch.set_num_threads reaches the library's OpenMP runtime (a second
+    runtime, as Numba's omp layer brings, would keep its own count and its own spinning threads)."""
+    before = torch.get_num_threads()
+    try:
+        for n in (3, 1):
+            torch.set_num_threads(n)
+            assert lib.momcompress_cpu_ops_omp_max_threads() == n
+    finally:
+        torch.set_num_threads(before)
