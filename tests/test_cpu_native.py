@@ -206,3 +206,24 @@ def test_kernel_shares_torchs_openmp_runtime(lib):
             assert lib.momcompress_cpu_ops_omp_max_threads() == n
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+def test_masked_path_with_the_compiled_middle_equals_the_reference(lib, activation):
+    """Many tokens: torch's matmuls around the compiled activation-and-threshold pass; the reference's result."""
+    d, n = 40, 203
+    x_thr, gate_up, down, h_thr = _layer_tensors(d, n, 11)
+    layer = FrozenSelectFFN(d, n, n, activation)
+    layer.gate_up.data.copy_(gate_up)
+    layer.down.data.copy_(down)
+    layer.x_threshold.copy_(x_thr)
+    layer.h_threshold.copy_(h_thr)
+    x = torch.randn(300, d, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert layer.row_kernel(x) == "native"
+        got = layer.masked(x)
+    torch.testing.assert_close(got, select_ffn_reference(x, x_thr, gate_up, down, h_thr, activation), rtol=1e-4, atol=1e-5)
+    with torch.enable_grad():  # autograd: the torch reference (no backward through the compiled pass)
+        xg = x[:3].clone().requires_grad_()
+        layer.masked(xg).sum().backward()
+    assert xg.grad is not None

@@ -704,8 +704,7 @@ MOM_MULTIVERSION void hidden_any_tokens(const HiddenAnyJob& job, int64_t t0, int
       gu = row.data();
     }
     float* dst = job.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? static_cast<float*>(job.out) + t * job.n : h.data();
-    activate_pairs(gu, job.n, job.act, dst);
-    for (int64_t i = 0; i < job.n; ++i) dst[i] = std::fabs(dst[i]) > job.h_thr[i] ? dst[i] : 0.0f;
+    hidden_thresholded(gu, 0, 1, job.n, job.act, job.h_thr, dst);
     if (job.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
       store(dst, job.n, job.type, static_cast<char*>(job.out) + t * job.n * 2);
   }

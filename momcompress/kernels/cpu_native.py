@@ -38,7 +38,7 @@ SOURCES = (SOURCE, CSRC / "select_rows.h")
 LIBRARY_NAME = "libmomcompress_cpu_ops.so"
 CACHE_SUBDIR = "cpu-ops"
 ENV_LIBRARY = "MOMCOMPRESS_CPU_OPS"
-ABI = 2  # momcompress_cpu_ops_abi() of the library this module calls
+ABI = 3  # momcompress_cpu_ops_abi() of the library this module calls
 # -fopenmp: the kernel's threads come from the OpenMP runtime torch has loaded (same soname, one runtime).
 CXXFLAGS = ("-std=c++17", "-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-fvisibility=hidden", "-fopenmp")
 BUILD_COMMAND = "momcompress build-ops"
@@ -92,6 +92,10 @@ def load(path: Path) -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.POINTER(_Layer), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.momcompress_cpu_ops_last_error.restype = ctypes.c_char_p
+    hidden = lib.momcompress_select_hidden
+    hidden.restype = ctypes.c_int
+    hidden.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.c_int]
     return lib
 
 
@@ -212,6 +216,7 @@ class RowKernel:
         self.layer = _Layer(d, n, xt.data_ptr(), gu.data_ptr(), dn.data_ptr(), ht.data_ptr(), WEIGHT_TYPES[gu.dtype],
                             ACTIVATION_CODES[activation])
         self._ref = ctypes.byref(self.layer)
+        self._act = ACTIVATION_CODES[activation]
         self._fn = lib.momcompress_select_ffn_rows
         self._lib = lib
 
@@ -227,6 +232,22 @@ class RowKernel:
         if self._fn(self._ref, x.shape[0], x.data_ptr(), out.data_ptr(), threads or torch.get_num_threads()) != 0:
             raise CpuOpsError(f"the selector kernel failed: {self._lib.momcompress_cpu_ops_last_error().decode(errors='replace')}")
         return out
+
+
+    def masked(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """The layer on x (T, d) float32 by dense matmuls over the masked input (torch's, for many tokens), with the
+        activation and the neuron threshold in one compiled pass between them (fp32 tables): (T, d) float32."""
+        xt, gu_table, down, ht = self.tensors
+        if gu_table.dtype != torch.float32 or x.dtype != torch.float32:
+            raise CpuOpsError(f"the compiled masked path takes float32 x and tables; got {x.dtype} and {gu_table.dtype}")
+        xs = x * (x.abs() > xt)
+        gu = (xs @ gu_table).contiguous()
+        h = torch.empty(x.shape[0], self.n, dtype=torch.float32)
+        rc = self._lib.momcompress_select_hidden(gu.data_ptr(), x.shape[0], self.n, ht.data_ptr(), self._act, h.data_ptr(),
+                                                 threads or torch.get_num_threads())
+        if rc != 0:
+            raise CpuOpsError(f"the selector kernel failed: {self._lib.momcompress_cpu_ops_last_error().decode(errors='replace')}")
+        return h @ down
 
 
 def select_ffn_rows(x: torch.Tensor, x_threshold: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,

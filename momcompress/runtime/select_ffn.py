@@ -181,7 +181,10 @@ class FrozenSelectFFN(nn.Module):
         return {f"T<={b} @{t} threads": path for (b, t, _), path in sorted(self._decided.items())}
 
     def masked(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer on x (T, d) with dense matmuls over masked inputs (computes the zeros too)."""
+        """The layer on x (T, d) with dense matmuls over masked inputs (computes the zeros too); on CPU with the
+        compiled ops, the activation and neuron threshold between the two matmuls run as one compiled pass."""
+        if self.gate_up.dtype == torch.float32 and self.row_kernel(x) == "native":
+            return self.native_kernel().masked(x)
         return select_ffn_reference(x, self.x_threshold, self.gate_up, self.down, self.h_threshold, self.activation)
 
     def _masked_with_stats(self, x: torch.Tensor) -> torch.Tensor:

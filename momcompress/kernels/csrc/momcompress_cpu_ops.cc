@@ -56,11 +56,27 @@ struct MomSelectLayer {
 };
 
 // The version of the entry points' signatures and of MomSelectLayer (cpu_native.py refuses another).
-MOM_EXPORT int momcompress_cpu_ops_abi() { return 2; }
+MOM_EXPORT int momcompress_cpu_ops_abi() { return 3; }
 
 // OpenMP's thread count for the next parallel region of the calling thread: torch.get_num_threads() when the
 // library shares torch's OpenMP runtime (tests check that it does).
 MOM_EXPORT int momcompress_cpu_ops_omp_max_threads() { return omp_get_max_threads(); }
+
+// h (T, n) = act(gu[:, 0::2]) * gu[:, 1::2] zeroed where |h| <= h_threshold, gu (T, 2n) f32 (the masked path's
+// middle, one pass instead of torch's strided activation, product, comparison and product). Returns 0, or 1.
+MOM_EXPORT int momcompress_select_hidden(const float* gu, int64_t T, int64_t n, const float* h_threshold, int act,
+                                         float* h, int threads) {
+  if (act < 0 || act > 2) {
+    g_error = "unknown activation code (0 silu, 1 gelu_tanh, 2 gelu)";
+    return 1;
+  }
+  if (threads <= 0) threads = omp_get_max_threads();
+  const int64_t per = std::max<int64_t>(1, (T + threads - 1) / threads);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t0 = 0; t0 < T; t0 += per)
+    hidden_thresholded(gu, t0, std::min(T, t0 + per), n, static_cast<Act>(act), h_threshold, h);
+  return 0;
+}
 
 // The message of the calling thread's last failed call.
 MOM_EXPORT const char* momcompress_cpu_ops_last_error() { return g_error.c_str(); }

@@ -120,6 +120,17 @@ MOM_INLINE void activate_pairs(const float* __restrict gu, int64_t m, Act act, f
   }
 }
 
+// h = act(gu[:, 0::2]) * gu[:, 1::2], zeroed where |h| <= h_thr, for tokens [t0, t1) of gu (T, 2n) -> h (T, n),
+// in one pass: the middle of a selector layer whose two products run as dense matmuls (many tokens).
+MOM_MULTIVERSION void hidden_thresholded(const float* gu, int64_t t0, int64_t t1, int64_t n, Act act,
+                                         const float* h_thr, float* h) {
+  for (int64_t t = t0; t < t1; ++t) {
+    float* dst = h + t * n;
+    activate_pairs(gu + t * 2 * n, n, act, dst);
+    for (int64_t i = 0; i < n; ++i) dst[i] = std::fabs(dst[i]) > h_thr[i] ? dst[i] : 0.0f;
+  }
+}
+
 // acc[q] += sum_k xv[k] * rows[k][q] for q < n (4 rows per pass: acc is read and written once per 4 rows).
 template <typename W>
 MOM_INLINE void acc_rows4(float* __restrict acc, const W* __restrict r0, const W* __restrict r1, const W* __restrict r2,
