@@ -30,6 +30,7 @@ from momcompress import __version__
 from momcompress.config import LearnConfig
 from momcompress.errors import ConfigError, DataError, RunDirError, TrainingDivergedError
 from momcompress.fsutil import atomic_dir_write
+from momcompress.hardware import ThreadGovernor
 from momcompress.learn import distributed as ddp
 from momcompress.learn.lagrangian import RatioController, routing_histogram, solve_offset
 from momcompress.learn.layerwise import collect_pool, layerwise_loss, pool_batch
@@ -529,6 +530,10 @@ def _train_loop(learner: Learner, train, batch_for_step, paths: RunPaths, rank: 
             learner.pool = collect_pool(learner.model, learner.layers, pool_seqs, cfg.batch_size, learner.compute_dtype)
     t_last, tokens_since = time.time(), 0
     logf = open(paths.partial / LOG_FILE, "a") if main_rank else None
+    # On a shared CPU, as many threads as cores other programs leave free (hardware.ThreadGovernor).
+    governor = ThreadGovernor() if learner.device.type == "cpu" and world == 1 else None
+    if governor is not None:
+        _report_threads(governor.settle())
     try:
         while learner.step < cfg.total_steps:
             if learner.step < cfg.layerwise_steps:
@@ -542,6 +547,9 @@ def _train_loop(learner: Learner, train, batch_for_step, paths: RunPaths, rank: 
             now = time.time()
             metrics["tok_per_s"] = tokens_since / max(now - t_last, 1e-9)
             t_last, tokens_since = now, 0
+            metrics["threads"] = torch.get_num_threads()
+            if governor is not None:
+                _report_threads(governor.update())
             records.append(metrics)
             if main_rank:
                 logf.write(json.dumps(metrics) + "\n")
@@ -571,7 +579,15 @@ def _train_loop(learner: Learner, train, batch_for_step, paths: RunPaths, rank: 
         bar.close()
         if logf:
             logf.close()
+        if governor is not None:
+            torch.set_num_threads(governor.max_threads)  # the caller's count again
     return records
+
+
+def _report_threads(change) -> None:
+    if change is not None:
+        old, new, others = change
+        tqdm.write(f"threads {old} -> {new}: other programs used {others:.1f} cores", file=sys.stderr)
 
 
 def _trim_log(path: Path, step: int) -> None:
