@@ -71,6 +71,21 @@ def find(subdir: str, library: str, sources: Sequence[Path]) -> Path | None:
     return found[-1] if found else None
 
 
+def find_library(subdir: str, library: str, sources: Sequence[Path], env: str,
+                 error: type[MomcompressError] = NativeBuildError) -> Path | None:
+    """The library $env names (a path), None when $env is `off`, else the one built from these sources (or None).
+    A path that is not a file raises `error`."""
+    value = os.environ.get(env, "").strip()
+    if value.lower() == "off":
+        return None
+    if value:
+        path = Path(value)
+        if not path.is_file():
+            raise error(f"{env}={value} is not a file: point it at a {library}, unset it, or set it to off")
+        return path
+    return find(subdir, library, sources)
+
+
 def build(subdir: str, library: str, sources: Sequence[Path], flags: Sequence[str], *, compile_only: Sequence[Path],
           key: Sequence[str] = (), force: bool = False, describe: str = "") -> Path:
     """Compile compile_only (with the other sources as headers) into the cached library; return its path.

@@ -67,15 +67,7 @@ def build(force: bool = False) -> Path:
 
 def find_library() -> Path | None:
     """The library built from this source ($MOMCOMPRESS_CPU_OPS overrides), or None (not built / `off`)."""
-    env = os.environ.get(ENV_LIBRARY, "").strip()
-    if env.lower() == "off":
-        return None
-    if env:
-        path = Path(env)
-        if not path.is_file():
-            raise CpuOpsError(f"{ENV_LIBRARY}={env} is not a file: point it at a {LIBRARY_NAME}, unset it, or set it to off")
-        return path
-    return native.find(CACHE_SUBDIR, LIBRARY_NAME, SOURCES)
+    return native.find_library(CACHE_SUBDIR, LIBRARY_NAME, SOURCES, ENV_LIBRARY, CpuOpsError)
 
 
 def load(path: Path) -> ctypes.CDLL:
