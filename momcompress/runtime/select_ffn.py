@@ -151,25 +151,21 @@ class FrozenSelectFFN(nn.Module):
             return None, self._decided[key]
         return key, kernel
 
-    def choose_path(self, x: torch.Tensor) -> str:
-        """The path auto takes for x (T, d) now (during a bucket's trials: the one to try next)."""
-        key, kernel = self._auto_key(x)
-        if key is None:
-            return kernel
+    def _trial_side(self, key: tuple[int, int, str]) -> str:
+        """Which side a bucket's next trial call runs: "kernel" or "masked" (alternating, the kernel first)."""
         trials = self._trials.setdefault(key, {"kernel": [], "masked": []})
-        return kernel if len(trials["kernel"]) <= len(trials["masked"]) else "masked"
+        return "kernel" if len(trials["kernel"]) <= len(trials["masked"]) else "masked"
 
     def run_auto(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on x by auto's choice, timing the call while the choice is being measured."""
         key, kernel = self._auto_key(x)
         if key is None:
             return self.run_path(kernel, x)
-        trials = self._trials.setdefault(key, {"kernel": [], "masked": []})
-        which = "kernel" if len(trials["kernel"]) <= len(trials["masked"]) else "masked"
-        path = kernel if which == "kernel" else "masked"
+        side = self._trial_side(key)
         t0 = time.perf_counter()
-        out = self.run_path(path, x)
-        trials[which].append(time.perf_counter() - t0)
+        out = self.run_path(kernel if side == "kernel" else "masked", x)
+        trials = self._trials[key]
+        trials[side].append(time.perf_counter() - t0)
         if min(len(v) for v in trials.values()) > TRIALS:  # the first of each was the warm-up
             med = {k: statistics.median(v[1:]) for k, v in trials.items()}
             self._decided[key] = kernel if med["kernel"] < med["masked"] else "masked"
