@@ -3,8 +3,8 @@
 `csrc/momcompress_cpu_ops.cc` (with `csrc/select_rows.h`, the same row kernel onnxruntime's SelectFFN op
 runs) reads, for each token, only the gate_up rows of the channels it keeps and the down rows of the neurons
 it keeps, where they lie, on torch's own OpenMP threads. On an Intel Xeon with AMX, where oneDNN's dense
-matmuls are fast, it ran the default model's 30 FFN layers at one token in 0.64x dense's time, where the
-Numba kernel (cpu_select.py) took 0.94x and the masked path 1.11x.
+matmuls are fast, it ran the default model's 30 FFN layers at one token in 0.47-0.66x dense's time
+(bench_freeze, three runs; the README's "Speed"), where the Numba kernel (cpu_select.py) had been 1.5x.
 
 It needs only a C++ compiler: `momcompress build-ops` builds it (the README's install line runs that), and
 the first call that wants it builds it too when a compiler is there (a few seconds, once per machine and
@@ -29,6 +29,7 @@ import torch
 
 from momcompress import native
 from momcompress.errors import MomcompressError
+from momcompress.kernels.cpu_fused import ACTIVATION_CODES  # the same codes as the C++ Act enum
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ ABI = 3  # momcompress_cpu_ops_abi() of the library this module calls
 CXXFLAGS = ("-std=c++17", "-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-fvisibility=hidden", "-fopenmp")
 BUILD_COMMAND = "momcompress build-ops"
 WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-ACTIVATION_CODES = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
 
 class CpuOpsError(MomcompressError):
@@ -221,9 +221,12 @@ class RowKernel:
             raise CpuOpsError("the selector kernel has no backward: call it under torch.no_grad() (or use the masked path)")
         x = x.contiguous()
         out = torch.empty(x.shape[0], self.d, dtype=torch.float32)
-        if self._fn(self._ref, x.shape[0], x.data_ptr(), out.data_ptr(), threads or torch.get_num_threads()) != 0:
-            raise CpuOpsError(f"the selector kernel failed: {self._lib.momcompress_cpu_ops_last_error().decode(errors='replace')}")
+        self._check(self._fn(self._ref, x.shape[0], x.data_ptr(), out.data_ptr(), threads or torch.get_num_threads()))
         return out
+
+    def _check(self, rc: int) -> None:
+        if rc != 0:
+            raise CpuOpsError(f"the selector kernel failed: {self._lib.momcompress_cpu_ops_last_error().decode(errors='replace')}")
 
 
     def masked(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
@@ -235,10 +238,8 @@ class RowKernel:
         xs = x * (x.abs() > xt)
         gu = (xs @ gu_table).contiguous()
         h = torch.empty(x.shape[0], self.n, dtype=torch.float32)
-        rc = self._lib.momcompress_select_hidden(gu.data_ptr(), x.shape[0], self.n, ht.data_ptr(), self._act, h.data_ptr(),
-                                                 threads or torch.get_num_threads())
-        if rc != 0:
-            raise CpuOpsError(f"the selector kernel failed: {self._lib.momcompress_cpu_ops_last_error().decode(errors='replace')}")
+        self._check(self._lib.momcompress_select_hidden(gu.data_ptr(), x.shape[0], self.n, ht.data_ptr(), self._act,
+                                                        h.data_ptr(), threads or torch.get_num_threads()))
         return h @ down
 
 
