@@ -133,8 +133,12 @@ def learn(model, output, config_file, tokens, resume, overwrite, **flags):
               help="The source model folder, if it moved since learn ran (its sha256 must match).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per forward pass while measuring.")
+@click.option("--table-dtype", type=click.Choice(["model", "bfloat16", "float16"]), default="model", show_default=True,
+              help="Per-token selector runs: dtype of the FFN tables. bfloat16 / float16 in an fp32 model halve the bytes "
+                   "a token reads (the row kernels still multiply in fp32); the reported perplexity is the rounded tables'.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT folder.")
-def freeze(run_dir, output, target, tolerance, tokens, data, uniform_experts, model_dir, device, batch_size, overwrite):
+def freeze(run_dir, output, target, tolerance, tokens, data, uniform_experts, model_dir, device, batch_size, table_dtype,
+           overwrite):
     """Freeze the learn run RUN_DIR into a loadable sparse model folder.
 
     Picks deterministic gates whose activation ratio, measured with the real router on calibration tokens,
@@ -149,7 +153,7 @@ def freeze(run_dir, output, target, tolerance, tokens, data, uniform_experts, mo
     try:
         m = run_freeze(
             run_dir, output, target=target, tokens=tokens, data=data, tolerance=tolerance, uniform_experts=uniform_experts,
-            model=model_dir, overwrite=overwrite, device=device, batch_size=batch_size,
+            model=model_dir, overwrite=overwrite, device=device, batch_size=batch_size, table_dtype=table_dtype,
         )
     except MomcompressError as exc:
         _fail(exc)
@@ -174,6 +178,9 @@ def freeze(run_dir, output, target, tolerance, tokens, data, uniform_experts, mo
         f"{p['model_active_per_token']:,} of {p['dense_model_active_per_token']:,} "
         f"({p['model_active_per_token'] / p['dense_model_active_per_token']:.3f}, incl. attention, embedding row, lm_head)"
     )
+    if m.get("checks", {}).get("table_rounding_logits_rel_diff") is not None:
+        click.echo(f"FFN tables in {m['table_dtype']}: half the bytes per parameter read; logits "
+                   f"{m['checks']['table_rounding_logits_rel_diff']:.2e} apart from the unrounded tables'")
     ppl = m["perplexity"]
     click.echo(f"held-out perplexity: dense {ppl['dense']:.2f}, frozen {ppl['frozen']:.2f} ({ppl['tokens']} tokens)")
     click.echo(f"wrote {output}")

@@ -311,6 +311,9 @@ def test_cli_prints_split_and_writes_folder(llama_frozen, tmp_path):
     assert "threshold" in res.output and (tmp_path / "f" / "manifest.json").is_file()
     res = _cli(run, "-o", tmp_path / "f")
     assert res.exit_code == 1 and "exists" in res.output and "--overwrite" in res.output
+    res = _cli(run, "-o", tmp_path / "g", "--table-dtype", "bfloat16")  # the selector's option, not expert masks'
+    assert res.exit_code == 1 and "--table-dtype applies to per-token selector runs" in res.output
+    assert not (tmp_path / "g").exists()
 
 
 @pytest.mark.parametrize("damage", ["no_masks", "corrupt_masks", "corrupt_manifest", "no_weights", "bad_perm"])

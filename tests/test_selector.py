@@ -235,6 +235,64 @@ def test_frozen_folder_loads_with_momcompress_and_plain_transformers_alike(froze
         torch.testing.assert_close(ours(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def frozen_bf16(run, workdir):
+    _, out, _ = run
+    fdir = workdir / "frozen-bf16"
+    return fdir, momcompress.freeze(out, fdir, table_dtype="bfloat16")
+
+
+def test_bf16_tables_halve_the_ffn_bytes_and_keep_the_model_fp32(frozen, frozen_bf16):
+    """freeze --table-dtype bfloat16: gate_up and down stored as bf16 (the rest fp32), loaded as such; the row kernel
+    and the masked path (fp32 copies of the tables) compute the same function, within bf16 rounding of the fp32-table
+    model, and plain transformers (which widens the tables as it loads them) computes it too."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    _, f32_dir, f32_manifest = frozen
+    fdir, manifest = frozen_bf16
+    assert manifest["table_dtype"] == "bfloat16" and f32_manifest["table_dtype"] == "float32"
+    assert manifest["checks"]["table_rounding_logits_rel_diff"] < 0.05
+    assert manifest["checks"]["logits_max_rel_diff"] <= 1e-4  # the repack itself is still checked with fp32 tables
+    with safe_open(str(fdir / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {v for k, v in dtypes.items() if k.endswith(("mlp.gate_up", "mlp.down"))} == {"BF16"}
+    assert {v for k, v in dtypes.items() if k.endswith(("threshold", "embed_tokens.weight", "q_proj.weight"))} == {"F32"}
+    assert abs(manifest["perplexity"]["frozen"] / f32_manifest["perplexity"]["frozen"] - 1) < 0.02
+
+    ours, ref = momcompress.load(fdir), momcompress.load(f32_dir)
+    layer = ours.model.layers[0].mlp
+    assert layer.gate_up.dtype == layer.down.dtype == torch.bfloat16 and ours.model.embed_tokens.weight.dtype == torch.float32
+    ids = torch.randint(3, 200, (1, 24))
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        got = {}
+        for path in ("masked", "native") if layer.row_kernel(torch.zeros(1, 64)) == "native" else ("masked",):
+            for m in ours.model.layers:
+                m.mlp.path = path
+            got[path] = ours(input_ids=ids).logits
+            assert got[path].dtype == torch.float32
+            assert float((got[path] - want).abs().max() / want.abs().max()) < 0.05, path
+        plain = AutoModelForCausalLM.from_pretrained(fdir, trust_remote_code=True)(input_ids=ids).logits
+    torch.testing.assert_close(got["masked"], plain, rtol=1e-5, atol=1e-5)
+    if "native" in got:
+        torch.testing.assert_close(got["native"], got["masked"], rtol=1e-4, atol=1e-4)
+    assert layer.gate_up.dtype == torch.bfloat16  # the masked path's fp32 copies sit beside the tables
+    assert layer.tables_for(torch.zeros(1, 64))[0].dtype == torch.float32
+
+
+def test_table_dtype_is_refused_where_it_does_not_apply(run, tmp_path):
+    from momcompress.freeze.freezer import narrow_tables
+
+    _, out, _ = run
+    with pytest.raises(ConfigError, match="table dtype must be one of"):
+        momcompress.freeze(out, tmp_path / "f", table_dtype="int8")
+    layer = FrozenSelectFFN(8, 16, 16, "silu", dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match="needs an fp32 model"):
+        narrow_tables([layer], torch.float16, torch.bfloat16)
+    assert narrow_tables([layer], torch.bfloat16, torch.bfloat16) is None and not (tmp_path / "f").exists()
+
+
 def test_plan_classifies_shared_per_token_and_pruned_neurons():
     from momcompress.freeze.select_plan import ALWAYS, plan_select_layer, repack_select_layer
 
@@ -394,6 +452,23 @@ def test_validate_counts_the_selector_reads(frozen, tmp_path):
     assert sparse["router"] == sum(64 + layer["neurons"] for layer in section["layers"])
     measured = report["activation_ratio"]["measured"]
     assert sparse["ffn"] == pytest.approx(measured * 2 * 3 * 64 * 128, rel=1e-3)
+
+
+def test_validate_reports_the_bytes_16_bit_tables_read(frozen, frozen_bf16, tmp_path):
+    from conftest import write_text_data
+
+    from momcompress.validate.report import format_summary
+
+    model_dir = frozen[0]
+    held = write_text_data(tmp_path / "held.txt", repeats=30)
+    held.write_text(held.read_text().replace("river", "stream"))
+    reports = [momcompress.validate(fdir, dense=model_dir, output=tmp_path / name, data=str(held), task_names="none",
+                                    measure_speed=False, seq_len=32, heldout_tokens=256, progress=False)
+               for name, fdir in (("f32", frozen[1]), ("bf16", frozen_bf16[0]))]
+    f32, bf16 = (r["activation_ratio"] for r in reports)
+    assert f32["bytes_ratio"] is None and "FFN bytes read" not in format_summary(reports[0])
+    assert bf16["table_dtype"] == "bfloat16" and bf16["bytes_ratio"] == pytest.approx(bf16["measured"] / 2)
+    assert "FFN bytes read per token (bfloat16 tables)" in format_summary(reports[1])
 
 
 def test_freeze_layer_check_allows_threshold_ties_not_repacking_errors():

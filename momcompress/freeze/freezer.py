@@ -48,6 +48,8 @@ RUN_FILES = ("manifest.json", "masks.safetensors")
 # bf16 / fp16 round every matmul to 8 / 11 mantissa bits and the two models sum in different orders
 # (a tiny bf16 b = 1 run measured 5.5e-3), so their bounds are a few units of the dtype's epsilon.
 LOGITS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 4 * 2.0**-7, torch.float16: 8 * 2.0**-10}
+# freeze --table-dtype: the selector FFN tables' dtype ("model": the model's own).
+TABLE_DTYPES = {"model": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -309,6 +311,7 @@ def freeze(
     overwrite: bool = False,
     device: str = "auto",
     batch_size: int = 8,
+    table_dtype: str = "model",
 ) -> dict:
     """Freeze the learn run RUN_DIR into the model folder OUTPUT and return its manifest.
 
@@ -324,6 +327,9 @@ def freeze(
         overwrite: replace an existing OUTPUT.
         device: "auto", "cpu", "cuda" or "cuda:N".
         batch_size: windows per forward pass while measuring.
+        table_dtype: per-token selector runs: dtype of the FFN tables (gate_up, down): "model" (as the model),
+            or "bfloat16" / "float16" in an fp32 model, which halves the bytes a token reads (the row kernels
+            multiply in fp32; the thresholds stay fp32). The held-out perplexity is measured with the rounded tables.
     """
     from momcompress.learn.distributed import local_device
 
@@ -339,10 +345,16 @@ def freeze(
         raise ConfigError(f"tolerance must be in (0, 0.5), got {tolerance}")
     model_dir = resolve_source(run, model)
     dev = local_device(device)
+    if table_dtype not in TABLE_DTYPES:
+        raise ConfigError(f"table dtype must be one of {sorted(TABLE_DTYPES)}, got {table_dtype!r}")
     if not run.experts:
         if uniform_experts:
             raise ConfigError("--uniform-experts applies to expert-mask runs only; this run learned the per-token selector")
-        return _freeze_selector(run, run_dir, out, target, tokens, data, tolerance, model_dir, dev, batch_size, t_start)
+        return _freeze_selector(run, run_dir, out, target, tokens, data, tolerance, model_dir, dev, batch_size, t_start,
+                                TABLE_DTYPES[table_dtype])
+    if table_dtype != "model":
+        raise ConfigError("--table-dtype applies to per-token selector runs (learn --selector activations); this run "
+                          "learned expert masks: freeze without it")
     learned, tokenizer, dense_parts = load_learned(run, model_dir, dev)
     learned.eval()
     fit, seqs = fit_and_heldout_tokens(run, tokenizer, tokens, data)
@@ -503,7 +515,7 @@ def _keep_counts(model, seqs: torch.Tensor, batch_size: int) -> list[list]:
 
 
 def _freeze_selector(run: LearnedRun, run_dir, out: Path, target: float, tokens, data, tolerance: float, model_dir: Path,
-                     dev, batch_size: int, t_start: float) -> dict:
+                     dev, batch_size: int, t_start: float, table_dtype: torch.dtype | None = None) -> dict:
     """freeze() for a per-token selector run: fit one threshold offset, classify, repack, check, write."""
     from momcompress.freeze.select_plan import plan_select_layer, repack_select_layer
     from momcompress.learn.selector import match_select_target, select_layers, set_offset
@@ -545,6 +557,12 @@ def _freeze_selector(run: LearnedRun, run_dir, out: Path, target: float, tokens,
     log.info("frozen vs learned: layer outputs within %.1e on %.4f of the tokens (worst layer), logits %.2e apart "
              "(hard thresholds: a score on the threshold may flip with the summation order, and the flip travels on)",
              rtol, layer_check["worst_matching_fraction"], rel_diff)
+    table_diff = None
+    if narrow_tables(frozen_select_layers(frozen), table_dtype, dtype):
+        table_diff = float((_logits(frozen, check, dev) - logits).abs().max() / logits.abs().max().clamp_min(1e-12))
+        names = str(table_dtype).removeprefix("torch."), str(dtype).removeprefix("torch.")
+        log.info("FFN tables stored as %s: logits %.2e apart from the %s tables' (held-out perplexity below: with "
+                 "the %s tables)", names[0], table_diff, names[1], names[0])
     ratio, ratio_per_layer, selector_reads = measure_frozen_select_ratio(frozen, seqs, batch_size)
     ppl_frozen = perplexity(frozen, seqs, batch_size)
     note = ratio_rule.heldout_note(target, matched, ratio, tolerance)
@@ -558,6 +576,7 @@ def _freeze_selector(run: LearnedRun, run_dir, out: Path, target: float, tokens,
         "format_version": FORMAT_VERSION,
         "selector": "activations",
         "activation": activation,
+        "table_dtype": str(table_dtype or dtype).removeprefix("torch."),
         "target": target,
         "measured_ratio": ratio,
         "fit_ratio": matched,
@@ -574,6 +593,7 @@ def _freeze_selector(run: LearnedRun, run_dir, out: Path, target: float, tokens,
         "source_model_hash": run.manifest["source_model_hash"],
         "architecture": frozen.config.model_type,
         "num_layers": len(plans),
+        "table_dtype": str(table_dtype or dtype).removeprefix("torch."),
         "threshold": {
             "offset": offset,
             "rule": f"per layer, input channel j is read when |x_j| * ||[W_gate; W_up][:, j]|| > exp(theta_x {offset:+.4f}) and "
@@ -602,7 +622,8 @@ def _freeze_selector(run: LearnedRun, run_dir, out: Path, target: float, tokens,
         },
         "checks": {"logits_max_rel_diff": rel_diff, "logits_rtol": rtol, "checked_on": "fit windows",
                    "layer_outputs_rtol": rtol, "layer_outputs_matching_fraction": layer_check["worst_matching_fraction"],
-                   "layer_outputs_allowed_flips": SELECT_FLIP_FRACTION},
+                   "layer_outputs_allowed_flips": SELECT_FLIP_FRACTION,
+                   "table_rounding_logits_rel_diff": table_diff},
         "perplexity": {"dense": ppl_dense, "frozen": ppl_frozen, "tokens": n_tokens},
     }
     log.info("frozen: measured ratio %.4f, perplexity dense %.2f vs frozen %.2f", ratio, ppl_dense, ppl_frozen)
@@ -611,6 +632,20 @@ def _freeze_selector(run: LearnedRun, run_dir, out: Path, target: float, tokens,
 
 
 @torch.no_grad()
+def narrow_tables(layers, table_dtype: torch.dtype | None, model_dtype: torch.dtype) -> bool | None:
+    """Store the selector layers' gate_up and down tables in table_dtype (freeze --table-dtype); True when they
+    changed, None when table_dtype is None or the model's own dtype. 16-bit tables are for fp32 models only."""
+    if table_dtype is None or table_dtype == model_dtype:
+        return None
+    if model_dtype != torch.float32:
+        raise ConfigError(f"--table-dtype {str(table_dtype).removeprefix('torch.')} needs an fp32 model; this one is "
+                          f"{str(model_dtype).removeprefix('torch.')} (its tables are 16-bit already): freeze without it")
+    for m in layers:
+        m.gate_up = torch.nn.Parameter(m.gate_up.detach().to(table_dtype).contiguous(), requires_grad=False)
+        m.down = torch.nn.Parameter(m.down.detach().to(table_dtype).contiguous(), requires_grad=False)
+    return True
+
+
 def measure_frozen_select_ratio(model, seqs: torch.Tensor, batch_size: int) -> tuple[float, list[float], int]:
     """Measured read fraction of a frozen selector model over seqs: (mean, per layer, selector reads per token)."""
     from momcompress.runtime.select_ffn import select_layers as frozen_select_layers

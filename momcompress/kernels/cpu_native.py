@@ -229,11 +229,18 @@ class RowKernel:
             raise CpuOpsError(f"the selector kernel failed: {self._lib.momcompress_cpu_ops_last_error().decode(errors='replace')}")
 
 
-    def masked(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    def masked(self, x: torch.Tensor, gate_up: torch.Tensor | None = None, down: torch.Tensor | None = None,
+               threads: int | None = None) -> torch.Tensor:
         """The layer on x (T, d) float32 by dense matmuls over the masked input (torch's, for many tokens), with the
-        activation and the neuron threshold in one compiled pass between them (fp32 tables): (T, d) float32."""
-        xt, gu_table, down, ht = self.tensors
-        if gu_table.dtype != torch.float32 or x.dtype != torch.float32:
+        activation and the neuron threshold in one compiled pass between them (fp32 tables: the layer's, or
+        gate_up and down given here, e.g. fp32 copies of 16-bit ones): (T, d) float32."""
+        xt, gu_table, dn_table, ht = self.tensors
+        gu_table = gu_table if gate_up is None else gate_up
+        down = dn_table if down is None else down
+        if gu_table.shape != (self.d, 2 * self.n) or down.shape != (self.n, self.d):
+            raise CpuOpsError(f"the compiled masked path: gate_up must be ({self.d}, {2 * self.n}) and down "
+                              f"({self.n}, {self.d}); got {tuple(gu_table.shape)} and {tuple(down.shape)}")
+        if gu_table.dtype != torch.float32 or down.dtype != torch.float32 or x.dtype != torch.float32:
             raise CpuOpsError(f"the compiled masked path takes float32 x and tables; got {x.dtype} and {gu_table.dtype}")
         xs = x * (x.abs() > xt)
         gu = (xs @ gu_table).contiguous()

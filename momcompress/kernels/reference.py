@@ -172,11 +172,17 @@ def expert_rows(top_w, top_i, expert_block_scale, block_size: int) -> tuple[torc
     return rows, scale
 
 
+def table_matmul(a: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """a @ table in a's dtype: a 16-bit table beside fp32 activations (freeze --table-dtype) is widened, so the
+    products are those of the rounded weights and the unrounded activations, as in the row kernels."""
+    return a @ (table if table.dtype == a.dtype else table.to(a.dtype))
+
+
 def select_ffn_reference(x: torch.Tensor, x_threshold: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                          h_threshold: torch.Tensor, activation: str) -> torch.Tensor:
     """The layer's function on x (T, d) with dense matmuls over masked inputs: (T, d)."""
     xs = x * (x.abs() > x_threshold).to(x.dtype)
-    gu = (xs @ gate_up).view(x.shape[0], gate_up.shape[1] // 2, 2)  # (T, F', 2) interleaved gate, up
+    gu = table_matmul(xs, gate_up).view(x.shape[0], gate_up.shape[1] // 2, 2)  # (T, F', 2) interleaved gate, up
     h = ACTIVATIONS[activation](gu[..., 0]) * gu[..., 1]  # (T, F')
     h = h * (h.abs() > h_threshold).to(h.dtype)
-    return h @ down
+    return table_matmul(h, down)

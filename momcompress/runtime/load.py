@@ -118,7 +118,9 @@ def _load_selector(path: Path, config, state: dict, device, dtype):
     del build_config.momcompress
     if hasattr(build_config, "auto_map"):
         del build_config.auto_map
-    stored = next((t.dtype for k, t in state.items() if k.endswith("mlp.gate_up") or k.endswith("embed_tokens.weight")), torch.float32)
+    # The model's dtype from the embeddings; the FFN tables may be stored narrower (freeze --table-dtype).
+    stored = next((t.dtype for k, t in state.items() if k.endswith("embed_tokens.weight")), torch.float32)
+    tables = next((t.dtype for k, t in state.items() if k.endswith("mlp.gate_up")), stored)
     model = AutoModelForCausalLM.from_config(build_config, dtype=stored)
     model.config.intermediate_size = config.intermediate_size
     model.config.momcompress = section
@@ -130,7 +132,7 @@ def _load_selector(path: Path, config, state: dict, device, dtype):
             n = int(plan["neurons"])
         except (KeyError, TypeError, ValueError):
             raise ModelLoadError(f"{path}: layer {i} of the momcompress section lacks its neuron count; freeze again") from None
-        layer.mlp = FrozenSelectFFN(config.hidden_size, config.intermediate_size, n, section["activation"], dtype=stored)
+        layer.mlp = FrozenSelectFFN(config.hidden_size, config.intermediate_size, n, section["activation"], dtype=tables)
     return load_weights(model, state, path, config, device, dtype, remedy="freeze again")
 
 

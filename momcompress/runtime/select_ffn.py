@@ -11,13 +11,17 @@ One layer holds, for hidden size d and F' stored neurons (the FFN's neurons minu
                            -1 for a channel every calibration token kept: shared; inf: pruned)
     h_threshold  (F',) fp32 neuron i is read when |h_i| > h_threshold[i] (exp(theta_h) / ||W_down[:, i]||;
                            -1 for shared neurons)
+gate_up and down are in the model's dtype, or 16-bit in an fp32 model frozen with `--table-dtype` (half the
+bytes a token reads; the row kernels multiply in fp32).
 For a token x: x_s = x * (|x| > x_threshold); (g, u) = x_s @ gate_up; h = act(g) * u;
 y = (h * (|h| > h_threshold)) @ down. The token reads 2 F' kept_x + d kept_h of the dense FFN's 3 F d
 parameters, plus the d + F' thresholds (its selector).
 
 Execution paths (`FrozenSelectFFN.path` forces one):
 - masked (any device, any token count): the formula above with dense matmuls over masked inputs; it
-  computes the zeros too, at the speed of the dense FFN;
+  computes the zeros too, at the speed of the dense FFN (16-bit tables: over fp32 copies of the tables, made at
+  the first masked call and kept, because torch's CPU GEMMs have no fp32-activation x 16-bit-weight form and
+  a bf16 GEMM would round x, h and the products' sums to bf16);
 - native (CPU, fp32 x, fp32/bf16/fp16 tables; a C++ compiler once): kernels/cpu_native.py, the compiled
   row kernel: each token reads only the kept channels' rows of gate_up and the kept neurons' rows of
   down, where they lie, on torch's OpenMP threads;
@@ -80,6 +84,7 @@ class FrozenSelectFFN(nn.Module):
         self._decided: dict[tuple[int, int, str], str] = {}
         self._kernel_for: dict[tuple, str | None] = {}  # row_kernel's answers
         self._native = None  # (the tables' addresses and dtypes, cpu_native.RowKernel) once the native path ran
+        self._wide = None  # (the tables' addresses, fp32 gate_up, fp32 down): 16-bit tables widened for masked
         self.track_stats = False
         self.last_ratio: torch.Tensor | None = None  # (T,) fraction of the dense FFN's parameters each token read
         self.last_kept: tuple[torch.Tensor, torch.Tensor] | None = None  # (T,) kept channels, (T,) kept neurons
@@ -179,19 +184,31 @@ class FrozenSelectFFN(nn.Module):
     def masked(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on x (T, d) with dense matmuls over masked inputs (computes the zeros too); on CPU with the
         compiled ops, the activation and neuron threshold between the two matmuls run as one compiled pass."""
-        if self.gate_up.dtype == torch.float32 and self.row_kernel(x) == "native":
-            return self.native_kernel().masked(x)
-        return select_ffn_reference(x, self.x_threshold, self.gate_up, self.down, self.h_threshold, self.activation)
+        gate_up, down = self.tables_for(x)
+        if gate_up.dtype == torch.float32 and self.row_kernel(x) == "native":
+            return self.native_kernel().masked(x, gate_up, down)
+        return select_ffn_reference(x, self.x_threshold, gate_up, down, self.h_threshold, self.activation)
+
+    def tables_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up, down) for dense matmuls with x: the tables, or for fp32 x beside 16-bit tables their fp32
+        copies (made once, dropped when a table is replaced)."""
+        if x.dtype != torch.float32 or self.gate_up.dtype == torch.float32:
+            return self.gate_up, self.down
+        key = (self.gate_up.data_ptr(), self.down.data_ptr(), self.gate_up.device)
+        if self._wide is None or self._wide[0] != key:
+            self._wide = (key, self.gate_up.detach().float(), self.down.detach().float())
+        return self._wide[1], self._wide[2]
 
     def _masked_with_stats(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.tables_for(x)
         keep_x = x.abs() > self.x_threshold  # (T, d)
-        gu = ((x * keep_x.to(x.dtype)) @ self.gate_up).view(x.shape[0], -1, 2)  # (T, F', 2)
+        gu = ((x * keep_x.to(x.dtype)) @ gate_up).view(x.shape[0], -1, 2)  # (T, F', 2)
         h = ACTIVATIONS[self.activation](gu[..., 0]) * gu[..., 1]
         keep_h = h.abs() > self.h_threshold  # (T, F')
         kx, kh = keep_x.sum(-1).float(), keep_h.sum(-1).float()
         self.last_kept = (kx, kh)
         self.last_ratio = (2.0 * self.num_neurons * kx + self.hidden_size * kh) / (3.0 * self.hidden_size * self.width)
-        return (h * keep_h.to(h.dtype)) @ self.down
+        return (h * keep_h.to(h.dtype)) @ down
 
     # -- sizes --------------------------------------------------------------------------------------
     def selector_params(self) -> int:

@@ -109,6 +109,9 @@ def format_summary(report: dict) -> str:
                          _num(avg["sparse"][metric]), f"retention {_num(avg['retention'][metric])}"])
     ratio = report["activation_ratio"]["measured"]
     rows.append(["FFN activation ratio (parameters read per token)", "1.000", _num(ratio), _num(ratio)])
+    if report["activation_ratio"].get("bytes_ratio") is not None:
+        b = report["activation_ratio"]["bytes_ratio"]
+        rows.append([f"FFN bytes read per token ({report['activation_ratio']['table_dtype']} tables)", "1.000", _num(b), _num(b)])
     rows.append(["active parameters per token", _count(c["dense"]["params"]), _count(c["sparse"]["params"]),
                  _num(c["params_ratio"])])
     rows.append([f"FLOPs per token (context {c['context']})", _count(c["dense"]["flops"]), _count(c["sparse"]["flops"]),

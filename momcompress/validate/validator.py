@@ -149,6 +149,15 @@ def _eval_windows(tokenizer, data: str | None, text_field: str | None, seq_len: 
     return pack_tokens(tokenizer, texts, seq_len, tokens)  # (S, L); DataError when not one window
 
 
+def _bytes_ratio(ratio: float, table_dtype: str | None, dtype: torch.dtype) -> float | None:
+    """FFN bytes a token reads over dense's when the frozen FFN tables are narrower than the model (freeze
+    --table-dtype), else None (the parameter ratio says it all)."""
+    tables = getattr(torch, table_dtype, None) if table_dtype else None
+    if tables is None or tables.itemsize >= dtype.itemsize:
+        return None
+    return ratio * tables.itemsize / dtype.itemsize
+
+
 def method_name(manifest: dict) -> str:
     """The method a frozen folder holds: its manifest's "method", else "mom" for `freeze` output."""
     if manifest.get("method"):
@@ -529,6 +538,8 @@ def validate(
             "measured": sum(ratio_per_layer) / len(ratio_per_layer), "per_layer": ratio_per_layer,
             "blocks_read_per_layer": blocks_read, "tokens": rec.tokens, "num_blocks": section.get("num_blocks"),
             "frozen_manifest": manifest.get("measured_ratio"), "target": section.get("target"),
+            "table_dtype": section.get("table_dtype"),
+            "bytes_ratio": _bytes_ratio(sum(ratio_per_layer) / len(ratio_per_layer), section.get("table_dtype"), dtype),
             "definition": "fraction of FFN blocks (parameters) a token reads, shared plus the union of its top-k "
                           "experts' routed blocks, averaged over the perplexity tokens and the layers",
         },
