@@ -213,9 +213,9 @@ def check_select_nodes(path: Path, model, tokenizer, selectors, experts: str = "
     worst_tie = 0.0
     for i, (node, layer, x) in enumerate(zip(nodes, selectors, inputs)):
         x = x[real] if x.shape[0] == real.shape[0] else x
-        dtype = layer.gate_up.dtype
+        dtype = x.dtype  # the model's; the tables may be 16-bit in an fp32 model
         if dtype not in (torch.float32, torch.float16):
-            return Check(name, False, f"layer {i}: weights in {dtype}; this check runs float32 and float16 models")
+            return Check(name, False, f"layer {i}: activations in {dtype}; this check runs float32 and float16 models")
         elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(str(dtype).removeprefix("torch.")))
         d = x.shape[-1]
         one = helper.make_node(select_op.OP_TYPE, ["x", *node.input[1:]], ["out"], domain=op.DOMAIN)
@@ -233,7 +233,7 @@ def check_select_nodes(path: Path, model, tokenizer, selectors, experts: str = "
         with torch.no_grad():
             ref = layer.masked(x).float()
             keep_x = x.abs().float() > layer.x_threshold
-            gu = ((x * keep_x.to(x.dtype)) @ layer.gate_up).float().view(x.shape[0], -1, 2)
+            gu = ((x * keep_x.to(x.dtype)) @ layer.tables_for(x)[0]).float().view(x.shape[0], -1, 2)
             h = ACTIVATIONS[layer.activation](gu[..., 0]) * gu[..., 1]
         err = torch.stack([(torch.from_numpy(got).float() - ref).abs().amax(-1) for got in outputs]).amax(0)
         bad = err > SELECT_LAYER_RTOL * ref.abs().max().clamp_min(1e-12)

@@ -4,7 +4,9 @@ DESIGN.md, "Per-token selection" and "Export". The node
 
     out = SelectFFN(x, x_threshold, gate_up, down, h_threshold)
       x (T, d) FFN input; x_threshold (d,) fp32; gate_up (d, 2F') gate and up transposed, interleaved per
-      neuron (column 2i: neuron i's gate, 2i + 1: its up); down (F', d); h_threshold (F',) fp32
+      neuron (column 2i: neuron i's gate, 2i + 1: its up); down (F', d); h_threshold (F',) fp32;
+      gate_up and down in x's type, or 16-bit in an fp32 model (freeze --table-dtype: the kernel reads them as
+      they are, half the bytes; the function body and the MatMul branch below widen them first)
       attributes: activation ("silu" | "gelu_tanh" | "gelu"), plugin_namespace, plugin_version
     x_s = x * (|x| > x_threshold); (g, u) = x_s @ gate_up; h = act(g) * u; out = (h * (|h| > h_threshold)) @ down
 
@@ -39,8 +41,8 @@ def register_schema() -> None:
     inputs = [
         Param("x", "T", "(T, d) FFN input"),
         Param("x_threshold", "tensor(float)", "(d,) channel j is read when |x_j| > x_threshold[j]"),
-        Param("gate_up", "T", "(d, 2F') gate and up weights transposed, interleaved per neuron"),
-        Param("down", "T", "(F', d) down projection transposed"),
+        Param("gate_up", "W", "(d, 2F') gate and up weights transposed, interleaved per neuron"),
+        Param("down", "W", "(F', d) down projection transposed"),
         Param("h_threshold", "tensor(float)", "(F',) neuron i is read when |h_i| > h_threshold[i]"),
     ]
     Attr, A = defs.OpSchema.Attribute, defs.OpSchema.AttrType
@@ -48,7 +50,9 @@ def register_schema() -> None:
         OP_TYPE, DOMAIN, DOMAIN_VERSION, "Per-token selector FFN of a frozen momcompress model.",
         inputs=inputs,
         outputs=[Param("out", "T", "(T, d) FFN output")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "model dtype")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "model dtype"),
+                          ("W", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"],
+                           "table dtype: the model's, or 16-bit in an fp32 model (freeze --table-dtype)")],
         attributes=[
             Attr("activation", A.STRING, "silu, gelu_tanh or gelu", required=False),
             Attr("plugin_namespace", A.STRING, "TensorRT plugin namespace", required=False),
@@ -138,8 +142,10 @@ def hidden_function(activation: str, opset: int) -> onnx.FunctionProto:
     )
 
 
-def _routed(node: onnx.NodeProto, index: int, elem_type: int) -> list[onnx.NodeProto]:
-    """[Shape, Squeeze, LessOrEqual, If] computing node's output by token count (see the section comment)."""
+def _routed(node: onnx.NodeProto, index: int, elem_type: int, table_type: int) -> list[onnx.NodeProto]:
+    """[Shape, Squeeze, LessOrEqual, If] computing node's output by token count (see the section comment).
+    elem_type: x's; table_type: gate_up's and down's (16-bit tables in an fp32 model are widened for the MatMuls:
+    a Cast of an initializer, which onnxruntime folds once per session)."""
     n = helper.make_node
     x, x_thr, gate_up, down, h_thr = node.input
     out = node.output[0]
@@ -151,7 +157,13 @@ def _routed(node: onnx.NodeProto, index: int, elem_type: int) -> list[onnx.NodeP
     then_node.output.append(p + "rows_out")
     then_node.name = p + "rows"
     then_branch = helper.make_graph([then_node], p + "rows", [], [helper.make_tensor_value_info(p + "rows_out", elem_type, None)])
+    widen = []
+    if table_type != elem_type:
+        widen = [n("Cast", [gate_up], [p + "gate_up_wide"], to=elem_type, name=p + "gate_up_wide"),
+                 n("Cast", [down], [p + "down_wide"], to=elem_type, name=p + "down_wide")]
+        gate_up, down = p + "gate_up_wide", p + "down_wide"
     else_nodes = [
+        *widen,
         n("Abs", [x], [p + "x_abs"], name=p + "x_abs"),
         *([n("Cast", [p + "x_abs"], [p + "x_abs32"], to=TensorProto.FLOAT, name=p + "x_abs32")] if elem_type != TensorProto.FLOAT else []),
         n("Greater", [p + ("x_abs32" if elem_type != TensorProto.FLOAT else "x_abs"), x_thr], [p + "x_keep"], name=p + "x_keep"),
@@ -184,7 +196,7 @@ def route_by_tokens(model: onnx.ModelProto, row_tokens: int = DEFAULT_ROW_TOKENS
             gate_up = inits.get(node.input[2])
             if gate_up is None:
                 raise ValueError(f"SelectFFN node {node.name}: gate_up {node.input[2]!r} is not an initializer")
-            new_nodes += _routed(node, count, gate_up.data_type)
+            new_nodes += _routed(node, count, model_elem_type(model, gate_up.data_type), gate_up.data_type)
             count += 1
         else:
             new_nodes.append(node)
@@ -218,18 +230,33 @@ def _hidden_nodes(activation: str, opset: int, out: str) -> list[onnx.NodeProto]
     ]
 
 
-def function_body(activation: str, opset: int) -> onnx.FunctionProto:
-    """The model-local function ("momcompress", "SelectFFN") computing the node with standard ops (masked dense)."""
+def model_elem_type(model: onnx.ModelProto, default: int) -> int:
+    """The model's activation type: its first output's (logits, or a one-layer graph's out), else default."""
+    elem = model.graph.output[0].type.tensor_type.elem_type if model.graph.output else 0
+    return elem or default
+
+
+def table_elem_type(model: onnx.ModelProto) -> int | None:
+    """The SelectFFN nodes' table type (their first node's gate_up initializer), None without such nodes."""
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    return next((inits.get(node.input[2]) for node in select_nodes(model)), None)
+
+
+def function_body(activation: str, opset: int, widen_tables: bool = False) -> onnx.FunctionProto:
+    """The model-local function ("momcompress", "SelectFFN") computing the node with standard ops (masked dense);
+    widen_tables: the tables are 16-bit in an fp32 model, cast to x's type before the MatMuls."""
     n = helper.make_node
+    gate_up, down = ("gate_up_x", "down_x") if widen_tables else ("gate_up", "down")
     nodes = [
+        *([n("CastLike", ["gate_up", "x"], [gate_up]), n("CastLike", ["down", "x"], [down])] if widen_tables else []),
         n("Abs", ["x"], ["x_abs"]),
         n("Cast", ["x_abs"], ["x_abs32"], to=TensorProto.FLOAT),
         n("Greater", ["x_abs32", "x_threshold"], ["x_keep"]),  # (T, d)
         n("CastLike", ["x_keep", "x"], ["x_keep_x"]),
         n("Mul", ["x", "x_keep_x"], ["xs"]),
-        n("MatMul", ["xs", "gate_up"], ["gu"]),  # (T, 2F')
+        n("MatMul", ["xs", gate_up], ["gu"]),  # (T, 2F')
         *_hidden_nodes(activation, opset, "hs"),  # (T, F')
-        n("MatMul", ["hs", "down"], ["out"]),  # (T, d)
+        n("MatMul", ["hs", down], ["out"]),  # (T, d)
     ]
     return helper.make_function(
         DOMAIN, OP_TYPE, inputs=list(INPUT_NAMES), outputs=["out"], nodes=nodes,
@@ -244,7 +271,9 @@ def attach_function(model: onnx.ModelProto, activation: str) -> None:
     keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name in (OP_TYPE, HIDDEN_OP))]
     del model.functions[:]
     model.functions.extend(keep)
-    model.functions.append(function_body(activation, opset))
+    tables = table_elem_type(model)
+    widen = tables is not None and tables != model_elem_type(model, tables)
+    model.functions.append(function_body(activation, opset, widen))
     model.functions.append(hidden_function(activation, opset))
     register_hidden_schema()
     if not any(o.domain == DOMAIN for o in model.opset_import):

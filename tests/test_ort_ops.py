@@ -623,6 +623,39 @@ def test_selector_export_routes_by_token_count_and_the_switch_can_move(library, 
     assert max(np.abs(a - logits[0]).max() for a in logits) <= 1e-4
 
 
+def test_selector_export_with_bf16_tables(library, workdir, data_file):
+    """freeze --table-dtype bfloat16: the file keeps the tables in bf16 (the rest fp32); the kernel reads them as they
+    are, the body and the MatMul branch widen them; kernel and body agree, on both branches, and give PyTorch's 32
+    greedy tokens."""
+    from momcompress.export import select_op
+
+    _frozen_selector(workdir, data_file)
+    frozen = workdir / "frozen-select-bf16"
+    momcompress.freeze(workdir / "run-select", frozen, table_dtype="bfloat16")
+    folder = workdir / "onnx-select-bf16"
+    manifest = momcompress.export(frozen, folder, new_tokens=32)
+    assert all(c["ok"] for c in manifest["checks"]) and manifest["validation"]["experts_path"] == ort_ops.KERNEL
+    model = onnx.load(str(folder / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = select_op.select_nodes(model)
+    assert {inits[n.input[2]].data_type for n in nodes} == {inits[n.input[3]].data_type for n in nodes} == {TensorProto.BFLOAT16}
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    body = next(f for f in model.functions if f.name == select_op.OP_TYPE)
+    assert [n.op_type for n in body.node[:2]] == ["CastLike", "CastLike"]
+    assert sum(n.op_type == "Cast" and n.name.endswith("_wide") for n in select_op.iter_nodes(model.graph)) == 2 * len(nodes)
+    _kernel_agrees_with_body(folder, frozen)
+    from transformers import AutoTokenizer
+
+    ids, mask = prompt_batch(AutoTokenizer.from_pretrained(folder))
+    pos, real = prefill_positions(mask), mask.astype(bool)
+    logits = []
+    for experts in ("kernel", "body"):
+        for row_tokens in (0, 10**6):  # always MatMul (widened tables), always SelectFFN
+            lm = OrtCausalLM(folder, experts=experts, initializers={select_op.ROW_TOKENS_NAME: np.array(row_tokens, np.int64)})
+            logits.append(lm.run(ids, mask, pos, lm.first_past(2))[0][real])
+    assert max(np.abs(a - logits[0]).max() for a in logits) <= 1e-4
+
+
 def test_select_hidden_kernel_equals_its_function_body(library):
     """SelectHidden alone: the kernel and its function body (fp32), and the kernel in bf16."""
     from momcompress.export import select_op
