@@ -16,7 +16,7 @@ the crossovers. Decode step: one
 token through the whole model with a KV cache after a --prompt-tokens prompt (per-step time, median
 over --new-tokens steps). Generation: greedy decoding of --new-tokens tokens, batch 1.
 Every model given (--frozen, repeatable: expert-mask or per-token selector folders; --synthetic: the
-synthetic expert plan below) is a column next to dense. Every variant is timed in the same rounds, interleaved (round i times each variant once, in turn),
+synthetic expert plan below; --dense-ffn-dtype: dense with 16-bit FFN weights) is a column next to dense. Every variant is timed in the same rounds, interleaved (round i times each variant once, in turn),
 after a warm-up; the report gives the median over rounds with the min-max spread, and ratios to dense
 (< 1 is faster). Threads are pinned (--threads, default 2) for torch and Numba. The header names the CPU.
 
@@ -51,6 +51,29 @@ from momcompress.runtime.select_ffn import select_layers
 def sparse_layers(model) -> list:
     """The frozen FFN layers of a model: expert-mask (FrozenMoMFFN) or per-token selector (FrozenSelectFFN)."""
     return frozen_layers(model) or select_layers(model)
+
+
+class NarrowDenseFFN(torch.nn.Module):
+    """A dense FFN with its weights stored in a 16-bit dtype (the rest of the model fp32): the input is rounded to
+    it and the output widened back. With --dense-ffn-dtype, the fair reference for a selector frozen with
+    --table-dtype: what the same 16-bit FFN weights give without any sparsity."""
+
+    def __init__(self, mlp: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.mlp, self.dtype = mlp.to(dtype), dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x.to(self.dtype)).to(x.dtype)
+
+
+def narrow_dense(dense, dtype: torch.dtype):
+    """A copy of the dense model whose FFNs are NarrowDenseFFN in dtype."""
+    import copy
+
+    model = copy.deepcopy(dense)
+    for layer in decoder_layers(model):
+        layer.mlp = NarrowDenseFFN(layer.mlp, dtype)
+    return model.eval()
 
 
 def layer_paths(model) -> tuple[str, ...]:
@@ -145,7 +168,7 @@ def bench_ffn(dense, models: dict, tokens: list[int], rounds: int, paths: list[s
             mlps, layers = [layer.mlp for layer in decoder_layers(model)], sparse_layers(model)
             fns[name] = lambda mlps=mlps, layers=layers: run(mlps, layers, "auto")
             for path in paths:
-                if path in layer_paths(model):
+                if layers and path in layer_paths(model):
                     fns[f"{name}_{path}"] = lambda mlps=mlps, layers=layers, path=path: run(mlps, layers, path)
         rows.append({"tokens": T, **_row(_interleaved(fns, rounds, reps), "dense")})
     return rows
@@ -307,6 +330,9 @@ def main(argv=None) -> int:
     p.add_argument("--breakdown", default="", help="token counts at which to time each stage of the masked path of the "
                                                    "first expert-mask model (comma-separated)")
     p.add_argument("--skip", default="", help="skip parts, comma-separated: ffn,decode,generate")
+    p.add_argument("--dense-ffn-dtype", choices=["bfloat16", "float16"],
+                   help="also time the dense model with its FFN weights in this dtype (column dense_<dtype>ffn): the "
+                        "reference for a selector frozen with --table-dtype, whose tables are 16-bit too")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -331,6 +357,10 @@ def main(argv=None) -> int:
         infos.append(describe(name, models[name], "synthetic", args.ratio))
     dense, _ = load_model(dense_dir)
     dense.eval()
+    if args.dense_ffn_dtype:
+        name = f"dense_{'bf16' if args.dense_ffn_dtype == 'bfloat16' else 'fp16'}ffn"
+        models[name] = narrow_dense(dense, getattr(torch, args.dense_ffn_dtype))
+        infos.append({"name": name, "source": str(dense_dir), "kind": "dense", "ffn_dtype": args.dense_ffn_dtype})
     for model in models.values():
         model.eval()
     info = {"cpu": cpu_name(), "dense": str(dense_dir), "d": dense.config.hidden_size, "F": dense.config.intermediate_size,

@@ -51,6 +51,22 @@ def test_selector_and_experts_columns_in_one_run(frozen_pair, tmp_path, capsys):
     assert f"CPU {cpu_name()}" in err
 
 
+def test_bf16_tables_beside_dense_with_bf16_ffn(frozen_pair, tmp_path):
+    """A selector frozen with --table-dtype bfloat16 and its fair reference, dense with bf16 FFN weights, as columns."""
+    model, frozen = frozen_pair
+    bf16 = tmp_path / "frozen-bf16"
+    momcompress.freeze(Path(frozen["selector"]).parent / "run-selector", bf16, tolerance=0.1, table_dtype="bfloat16")
+    js = tmp_path / "bench.json"
+    argv = ["--frozen", str(bf16), "--dense", str(model), "--dense-ffn-dtype", "bfloat16", "--tokens", "1,4", "--paths", "masked",
+            "--rounds", "1", "--prompt-tokens", "4", "--new-tokens", "2", "--threads", "1", "--json", str(js)]
+    assert _bench().main(argv) == 0
+    out = json.loads(js.read_text())
+    assert [(m["name"], m.get("dtype", m.get("ffn_dtype"))) for m in out["models"]] == [
+        ("selector", "torch.bfloat16"), ("dense_bf16ffn", "bfloat16")]
+    assert {"selector", "selector_masked", "dense_bf16ffn"} <= set(out["ffn"][0]) and "dense_bf16ffn_masked" not in out["ffn"][0]
+    assert out["decode_step"]["dense_bf16ffn"]["ratio"] > 0
+
+
 def test_a_folder_without_frozen_layers_is_refused(frozen_pair, tmp_path):
     model, _ = frozen_pair
     with pytest.raises(SystemExit):
