@@ -23,6 +23,8 @@ counts (shared, routed_stored, entries) that fix these shapes.
 A folder frozen from the per-token selector (section "selector": "activations") holds instead, per layer
 with F' stored neurons: gate_up (d, 2F') (gate and up transposed, interleaved per neuron), down (F', d),
 x_threshold (d,) and h_threshold (F',) fp32; `SelectFFN` below computes it (section "layers" gives F').
+Frozen with `--table-dtype bfloat16` (or float16), gate_up and down are stored 16-bit; loading into the fp32
+model widens them, so this file computes the rounded weights' function in fp32, as momcompress's kernels do.
 """
 
 from __future__ import annotations
