@@ -631,7 +631,6 @@ def _freeze_selector(run: LearnedRun, run_dir, out: Path, target: float, tokens,
     return manifest
 
 
-@torch.no_grad()
 def narrow_tables(layers, table_dtype: torch.dtype | None, model_dtype: torch.dtype) -> bool | None:
     """Store the selector layers' gate_up and down tables in table_dtype (freeze --table-dtype); True when they
     changed, None when table_dtype is None or the model's own dtype. 16-bit tables are for fp32 models only."""
@@ -646,6 +645,7 @@ def narrow_tables(layers, table_dtype: torch.dtype | None, model_dtype: torch.dt
     return True
 
 
+@torch.no_grad()
 def measure_frozen_select_ratio(model, seqs: torch.Tensor, batch_size: int) -> tuple[float, list[float], int]:
     """Measured read fraction of a frozen selector model over seqs: (mean, per layer, selector reads per token)."""
     from momcompress.runtime.select_ffn import select_layers as frozen_select_layers
