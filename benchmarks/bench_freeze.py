@@ -302,8 +302,9 @@ def describe(name: str, model, source: str, ratio) -> dict:
 
         l0 = sel[0]
         kernel = "native" if cpu_native.available() else "fused" if cpu_select.available() else "none"
+        amx = l0.gate_up.dtype == torch.bfloat16 and cpu_native.amx_usable()
         info.update(kind="selector", stored_neurons_layer0=l0.num_neurons, width=l0.width, row_kernel=kernel,
-                    dtype=str(l0.gate_up.dtype))
+                    masked_products="amx (bf16 tables, fp32-exact split)" if amx else "torch fp32", dtype=str(l0.gate_up.dtype))
     return info
 
 

@@ -227,3 +227,85 @@ def test_masked_path_with_the_compiled_middle_equals_the_reference(lib, activati
         xg = x[:3].clone().requires_grad_()
         layer.masked(xg).sum().backward()
     assert xg.grad is not None
+
+
+# -- the AMX products for bf16 tables (csrc/amx_select.h) ------------------------------------------------------------
+
+@pytest.fixture()
+def amx(lib):
+    if not lib.momcompress_amx_usable():
+        pytest.skip("this CPU has no AMX-BF16 (or the OS does not grant the tile state): the AMX path cannot run here")
+    return lib
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
+@pytest.mark.parametrize("d,n,tokens", [(40, 203, 1), (40, 203, 33), (64, 96, 7), (576, 1536, 70), (100, 77, 300)])
+def test_amx_layer_equals_fp32_arithmetic_on_the_bf16_tables(amx, activation, d, n, tokens):
+    """Sizes that are not multiples of the 32-wide blocks (padding), token counts inside one block and over
+    several; against the reference in float64 on the same bf16 tables: the split activations keep fp32-like
+    accuracy (a single bf16 rounding of x and h would be about 1e-3 off)."""
+    x_thr, gate_up, down, h_thr = _layer_tensors(d, n, tokens, torch.bfloat16)
+    x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(5 + tokens))
+    x[:, 3] = 0.0
+    layer = cpu_native.AmxLayer(x_thr, gate_up, down, h_thr, activation)
+    got = layer(x)
+    exact = select_ffn_reference(x.double(), x_thr.double(), gate_up.double(), down.double(), h_thr.double(), activation)
+    fp32 = select_ffn_reference(x, x_thr, gate_up.float(), down.float(), h_thr, activation)
+    err = ((got.double() - exact).norm() / exact.norm()).item()
+    assert err < 2e-5, err
+    torch.testing.assert_close(got, fp32, rtol=1e-4, atol=1e-4)
+    for threads in (1, 3):
+        torch.testing.assert_close(layer(x, threads=threads), got, rtol=1e-5, atol=1e-6)
+
+
+def test_amx_layer_refuses_what_it_cannot_run(amx):
+    x_thr, gate_up, down, h_thr = _layer_tensors(32, 48, 0, torch.bfloat16)
+    with pytest.raises(cpu_native.CpuOpsError, match="bfloat16 tables"):
+        cpu_native.AmxLayer(x_thr, gate_up.float(), down.float(), h_thr, "silu")
+    with pytest.raises(cpu_native.CpuOpsError, match="gate_up must be"):
+        cpu_native.AmxLayer(x_thr, gate_up[:, :-2], down, h_thr, "silu")
+    layer = cpu_native.AmxLayer(x_thr, gate_up, down, h_thr, "silu")
+    with pytest.raises(cpu_native.CpuOpsError, match="float32"):
+        layer(torch.randn(2, 32, dtype=torch.float64))
+    with pytest.raises(cpu_native.CpuOpsError, match="no backward"):
+        layer(torch.randn(2, 32, requires_grad=True))
+
+
+def _bf16_layer(d, n, seed):
+    x_thr, gate_up, down, h_thr = _layer_tensors(d, n, seed, torch.bfloat16)
+    layer = FrozenSelectFFN(d, n, n, "silu", dtype=torch.bfloat16)
+    layer.gate_up.data.copy_(gate_up)
+    layer.down.data.copy_(down)
+    layer.x_threshold.copy_(x_thr)
+    layer.h_threshold.copy_(h_thr)
+    return layer, (x_thr, gate_up, down, h_thr)
+
+
+def test_masked_path_of_bf16_tables_runs_amx_where_it_can(lib, monkeypatch):
+    """fp32 x beside bf16 tables: the masked path multiplies the packed bf16 tables by AMX where the CPU has it (no
+    fp32 copies made), else fp32 copies; MOMCOMPRESS_AMX=off forces the copies. Same results either way."""
+    layer, (x_thr, gate_up, down, h_thr) = _bf16_layer(48, 80, 3)
+    x = torch.randn(40, 48, generator=torch.Generator().manual_seed(1))
+    want = select_ffn_reference(x, x_thr, gate_up.float(), down.float(), h_thr, "silu")
+    with torch.no_grad():
+        got = layer.masked(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if lib.momcompress_amx_usable():
+        assert layer._amx is not None and layer._wide is None
+    else:
+        assert layer._amx is None and layer._wide is not None
+    monkeypatch.setenv(cpu_native.ENV_AMX, "off")
+    assert not cpu_native.amx_usable()
+    other, _ = _bf16_layer(48, 80, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(other.masked(x), want, rtol=1e-4, atol=1e-4)
+    assert other._amx is None and other._wide is not None
+
+
+def test_amx_path_follows_replaced_tables(amx):
+    layer, _ = _bf16_layer(32, 64, 4)
+    x = torch.randn(20, 32)
+    with torch.no_grad():
+        first = layer.masked(x)
+        layer.down.data = layer.down.data * 2  # a new tensor: the packed copy must be made again
+        torch.testing.assert_close(layer.masked(x), first * 2, rtol=1e-4, atol=1e-4)

@@ -35,14 +35,15 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "momcompress_cpu_ops.cc"
-SOURCES = (SOURCE, CSRC / "select_rows.h")
+SOURCES = (SOURCE, CSRC / "select_rows.h", CSRC / "amx_select.h")
 LIBRARY_NAME = "libmomcompress_cpu_ops.so"
 CACHE_SUBDIR = "cpu-ops"
 ENV_LIBRARY = "MOMCOMPRESS_CPU_OPS"
-ABI = 3  # momcompress_cpu_ops_abi() of the library this module calls
+ABI = 4  # momcompress_cpu_ops_abi() of the library this module calls
 # -fopenmp: the kernel's threads come from the OpenMP runtime torch has loaded (same soname, one runtime).
 CXXFLAGS = ("-std=c++17", "-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-fvisibility=hidden", "-fopenmp")
 BUILD_COMMAND = "momcompress build-ops"
+ENV_AMX = "MOMCOMPRESS_AMX"  # `off`: never use the AMX products (AmxLayer)
 WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -84,6 +85,14 @@ def load(path: Path) -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.POINTER(_Layer), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.momcompress_cpu_ops_last_error.restype = ctypes.c_char_p
+    lib.momcompress_amx_usable.restype = ctypes.c_int
+    lib.momcompress_amx_packed_size.restype = ctypes.c_int64
+    lib.momcompress_amx_packed_size.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.momcompress_amx_pack.restype = ctypes.c_int
+    lib.momcompress_amx_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    amx = lib.momcompress_select_ffn_amx
+    amx.restype = ctypes.c_int
+    amx.argtypes = [ctypes.POINTER(_AmxLayer), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     hidden = lib.momcompress_select_hidden
     hidden.restype = ctypes.c_int
     hidden.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
@@ -97,6 +106,14 @@ class _Layer(ctypes.Structure):
     _fields_ = [("d", ctypes.c_int64), ("n", ctypes.c_int64), ("x_threshold", ctypes.c_void_p),
                 ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p), ("h_threshold", ctypes.c_void_p),
                 ("weight_type", ctypes.c_int32), ("act", ctypes.c_int32)]
+
+
+class _AmxLayer(ctypes.Structure):
+    """MomAmxLayer of momcompress_cpu_ops.cc."""
+
+    _fields_ = [("d", ctypes.c_int64), ("n", ctypes.c_int64), ("x_threshold", ctypes.c_void_p),
+                ("gate_up_packed", ctypes.c_void_p), ("down_packed", ctypes.c_void_p), ("h_threshold", ctypes.c_void_p),
+                ("act", ctypes.c_int32), ("reserved", ctypes.c_int32)]
 
 
 _LOCK = threading.Lock()
@@ -153,6 +170,22 @@ def reset() -> None:
 
 def available() -> bool:
     return library() is not None
+
+
+def amx_usable() -> bool:
+    """Whether the AMX products for bf16 tables (AmxLayer) run here: the library is there, the CPU has AMX-TILE,
+    AMX-BF16 and AVX512-BF16, Linux grants the tile state, and MOMCOMPRESS_AMX is not `off`."""
+    if os.environ.get(ENV_AMX, "").strip().lower() == "off":
+        return False
+    lib = library()
+    return lib is not None and bool(lib.momcompress_amx_usable())
+
+
+def amx_runs_on(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether AmxLayer can take x with these tables (fp32 x, bf16 tables, CPU, no autograd; see amx_usable())."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and gate_up.device.type == "cpu"
+            and gate_up.dtype == torch.bfloat16 and down.dtype == torch.bfloat16
+            and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def runs_on(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
@@ -255,3 +288,61 @@ def select_ffn_rows(x: torch.Tensor, x_threshold: torch.Tensor, gate_up: torch.T
     """The selector FFN on x (T, d) float32, reading only each token's kept rows: (T, d) float32 (see RowKernel
     for the tables; a layer called often keeps its RowKernel instead of calling this)."""
     return RowKernel(x_threshold, gate_up, down, h_threshold, activation)(x, threads)
+
+
+class AmxLayer:
+    """One frozen selector layer with bf16 tables, packed once for AMX tile products (csrc/amx_select.h): the layer
+    on fp32 x with two dense products over the masked inputs, each fp32 activation split into two bf16 parts (hi,
+    and lo = the rest) so that the tables are multiplied as they are with fp32 accumulation and nothing is rounded
+    to bf16 (relative difference to fp32 arithmetic on the same tables about 4e-6, see the header). The packed
+    copies take the tables' own size (the masked path's fp32 copies, which this replaces, take twice that).
+
+    Args: as RowKernel's, with gate_up (d, 2F') and down (F', d) bfloat16 (any layout: they are copied).
+    Raises:
+        CpuOpsError: the library or AMX is not usable here, or the tables do not fit.
+    """
+
+    def __init__(self, x_threshold: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, h_threshold: torch.Tensor,
+                 activation: str):
+        lib = library()
+        if lib is None:
+            raise CpuOpsError(f"the compiled CPU kernel is not available ({unavailable_reason()})")
+        if not lib.momcompress_amx_usable():
+            raise CpuOpsError("AMX is not usable here (it needs AMX-TILE, AMX-BF16 and AVX512-BF16, e.g. an Intel Xeon "
+                              "of the Sapphire Rapids generation or later, and Linux 5.16+): use the masked path")
+        if gate_up.dtype != torch.bfloat16 or down.dtype != torch.bfloat16 or gate_up.dim() != 2 or down.dim() != 2:
+            raise CpuOpsError(f"the AMX path takes bfloat16 tables gate_up (d, 2F') and down (F', d); got "
+                              f"{tuple(gate_up.shape)} {gate_up.dtype} and {tuple(down.shape)} {down.dtype}")
+        n, d = down.shape
+        if gate_up.shape != (d, 2 * n) or x_threshold.shape != (d,) or h_threshold.shape != (n,):
+            raise CpuOpsError(f"the AMX path: gate_up must be ({d}, {2 * n}), x_threshold ({d},), h_threshold ({n},) for "
+                              f"down ({n}, {d}); got {tuple(gate_up.shape)}, {tuple(x_threshold.shape)}, "
+                              f"{tuple(h_threshold.shape)}")
+        if activation not in ACTIVATION_CODES:
+            raise CpuOpsError(f"activation must be one of {sorted(ACTIVATION_CODES)}, got {activation!r}")
+        self.d, self.n, self._lib = d, n, lib
+        packed = []
+        for table in (gate_up, down):
+            table = table.detach().to("cpu").contiguous()
+            k, m = table.shape
+            out = torch.empty(int(lib.momcompress_amx_packed_size(k, m)), dtype=torch.bfloat16)
+            lib.momcompress_amx_pack(table.data_ptr(), k, m, out.data_ptr(), torch.get_num_threads())
+            packed.append(out)
+        self.tensors = (x_threshold.detach().to(torch.float32).contiguous(), *packed,
+                        h_threshold.detach().to(torch.float32).contiguous())
+        xt, gu, dn, ht = self.tensors
+        self.layer = _AmxLayer(d, n, xt.data_ptr(), gu.data_ptr(), dn.data_ptr(), ht.data_ptr(), ACTIVATION_CODES[activation], 0)
+        self._ref = ctypes.byref(self.layer)
+        self._fn = lib.momcompress_select_ffn_amx
+
+    def __call__(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """The layer on x (T, d) float32 CPU (no autograd): (T, d) float32."""
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.d or x.device.type != "cpu":
+            raise CpuOpsError(f"the AMX path takes x (T, {self.d}) float32 on CPU; got {tuple(x.shape)} {x.dtype} on {x.device}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise CpuOpsError("the AMX path has no backward: call it under torch.no_grad() (or use the masked path)")
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], self.d, dtype=torch.float32)
+        if self._fn(self._ref, x.shape[0], x.data_ptr(), out.data_ptr(), threads or torch.get_num_threads()) != 0:
+            raise CpuOpsError(f"the AMX path failed: {self._lib.momcompress_cpu_ops_last_error().decode(errors='replace')}")
+        return out

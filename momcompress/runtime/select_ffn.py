@@ -19,9 +19,12 @@ parameters, plus the d + F' thresholds (its selector).
 
 Execution paths (`FrozenSelectFFN.path` forces one):
 - masked (any device, any token count): the formula above with dense matmuls over masked inputs; it
-  computes the zeros too, at the speed of the dense FFN (16-bit tables: over fp32 copies of the tables, made at
-  the first masked call and kept, because torch's CPU GEMMs have no fp32-activation x 16-bit-weight form and
-  a bf16 GEMM would round x, h and the products' sums to bf16);
+  computes the zeros too, at the speed of the dense FFN. bf16 tables beside fp32 x on a CPU with AMX-BF16: the
+  AMX tile products of kernels/cpu_native.py (AmxLayer) multiply the bf16 tables themselves, each fp32
+  activation split into three bf16 parts so that the result is fp32 arithmetic's to rounding (the tables packed
+  once, their own size). Other 16-bit cases: fp32 copies of the tables, made at the first masked call and kept,
+  because torch's CPU GEMMs have no fp32-activation x 16-bit-weight form and a bf16 GEMM would round x, h and
+  the products' sums to bf16;
 - native (CPU, fp32 x, fp32/bf16/fp16 tables; a C++ compiler once): kernels/cpu_native.py, the compiled
   row kernel: each token reads only the kept channels' rows of gate_up and the kept neurons' rows of
   down, where they lie, on torch's OpenMP threads;
@@ -85,6 +88,8 @@ class FrozenSelectFFN(nn.Module):
         self._kernel_for: dict[tuple, str | None] = {}  # row_kernel's answers
         self._native = None  # (the tables' addresses and dtypes, cpu_native.RowKernel) once the native path ran
         self._wide = None  # (the tables' addresses, fp32 gate_up, fp32 down): 16-bit tables widened for masked
+        self._amx = None  # (the tables' addresses, cpu_native.AmxLayer): bf16 tables packed for the AMX products
+        self._amx_for: dict[tuple, bool] = {}  # amx_layer's answers per kind of call
         self.track_stats = False
         self.last_ratio: torch.Tensor | None = None  # (T,) fraction of the dense FFN's parameters each token read
         self.last_kept: tuple[torch.Tensor, torch.Tensor] | None = None  # (T,) kept channels, (T,) kept neurons
@@ -184,10 +189,28 @@ class FrozenSelectFFN(nn.Module):
     def masked(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on x (T, d) with dense matmuls over masked inputs (computes the zeros too); on CPU with the
         compiled ops, the activation and neuron threshold between the two matmuls run as one compiled pass."""
+        amx = self.amx_layer(x)
+        if amx is not None:
+            return amx(x)
         gate_up, down = self.tables_for(x)
         if gate_up.dtype == torch.float32 and self.row_kernel(x) == "native":
             return self.native_kernel().masked(x, gate_up, down)
         return select_ffn_reference(x, self.x_threshold, gate_up, down, self.h_threshold, self.activation)
+
+    def amx_layer(self, x: torch.Tensor):
+        """The AMX products prepared for this layer's bf16 tables (cpu_native.AmxLayer), when they can run x here;
+        else None. Packed at the first call and kept until a table is replaced."""
+        key = (x.dtype, x.device.type, self.gate_up.dtype, self.gate_up.device.type, torch.is_grad_enabled() and x.requires_grad)
+        usable = self._amx_for.get(key)
+        if usable is None:
+            usable = self._amx_for[key] = cpu_native.amx_runs_on(x, self.gate_up, self.down) and cpu_native.amx_usable()
+        if not usable:
+            return None
+        tables = (self.gate_up.data_ptr(), self.down.data_ptr(), self.x_threshold.data_ptr(), self.h_threshold.data_ptr())
+        if self._amx is None or self._amx[0] != tables:
+            self._amx = (tables, cpu_native.AmxLayer(self.x_threshold, self.gate_up, self.down, self.h_threshold,
+                                                     self.activation))
+        return self._amx[1]
 
     def tables_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up, down) for dense matmuls with x: the tables, or for fp32 x beside 16-bit tables their fp32

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "amx_select.h"
 #include "select_rows.h"
 
 #define MOM_EXPORT extern "C" __attribute__((visibility("default")))
@@ -56,7 +57,7 @@ struct MomSelectLayer {
 };
 
 // The version of the entry points' signatures and of MomSelectLayer (cpu_native.py refuses another).
-MOM_EXPORT int momcompress_cpu_ops_abi() { return 3; }
+MOM_EXPORT int momcompress_cpu_ops_abi() { return 4; }
 
 // OpenMP's thread count for the next parallel region of the calling thread: torch.get_num_threads() when the
 // library shares torch's OpenMP runtime (tests check that it does).
@@ -76,6 +77,136 @@ MOM_EXPORT int momcompress_select_hidden(const float* gu, int64_t T, int64_t n, 
   for (int64_t t0 = 0; t0 < T; t0 += per)
     hidden_thresholded(gu, t0, std::min(T, t0 + per), n, static_cast<Act>(act), h_threshold, h);
   return 0;
+}
+
+// ---------------------------------------------------------------------------- AMX, bf16 tables (amx_select.h)
+
+// 1 when the AMX many-token path can run here (CPU features and the OS's permission), else 0.
+MOM_EXPORT int momcompress_amx_usable() { return amx_usable() ? 1 : 0; }
+
+// bf16 elements of a (K, N) table packed for the AMX path.
+MOM_EXPORT int64_t momcompress_amx_packed_size(int64_t K, int64_t N) { return amx_packed_size(K, N); }
+
+// Pack w (K, N) bf16 row-major into out (momcompress_amx_packed_size(K, N) bf16). Returns 0.
+MOM_EXPORT int momcompress_amx_pack(const uint16_t* w, int64_t K, int64_t N, uint16_t* out, int threads) {
+  if (threads <= 0) threads = omp_get_max_threads();
+  const int64_t blocks = round_up(N, kAmxBlock) / 16;
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t id = omp_get_thread_num(), all = omp_get_num_threads();
+    amx_pack_blocks(w, K, N, out, blocks * id / all, blocks * (id + 1) / all);
+  }
+  return 0;
+}
+
+// A selector layer with bf16 tables packed by momcompress_amx_pack: gate_up (d, 2n) and down (n, d).
+struct MomAmxLayer {
+  int64_t d;
+  int64_t n;
+  const float* x_threshold;        // (d,)
+  const uint16_t* gate_up_packed;  // amx_packed_size(d, 2n)
+  const uint16_t* down_packed;     // amx_packed_size(n, d)
+  const float* h_threshold;        // (n,)
+  int32_t act;
+  int32_t reserved;
+};
+
+#if MOM_HAVE_AMX
+namespace {
+
+// This thread's share [lo, hi) of `count` items.
+inline void share_of(int64_t count, int64_t& lo, int64_t& hi) {
+  const int64_t id = omp_get_thread_num(), all = omp_get_num_threads();
+  lo = count * id / all;
+  hi = count * (id + 1) / all;
+}
+
+// The block-column loop of one product, rows in chunks of 128 so that a chunk of the A parts and the thread's
+// packed columns stay in L2 together.
+MOM_AMX_TARGET void amx_product(uint16_t* const* parts, int64_t Mp, int64_t Kp, const uint16_t* packed, float* C,
+                                int64_t Np) {
+  int64_t nb0, nb1;
+  share_of(Np / kAmxBlock, nb0, nb1);
+  for (int64_t mc = 0; mc < Mp; mc += 128) {
+    const uint16_t* chunk[3] = {parts[0] + mc * Kp, parts[1] + mc * Kp, parts[2] + mc * Kp};
+    amx_gemm_columns(chunk, std::min<int64_t>(128, Mp - mc), Kp, packed, C + mc * Np, Np, nb0, nb1);
+  }
+}
+
+MOM_AMX_TARGET void select_ffn_amx(const MomAmxLayer& l, int64_t T, const float* x, float* out, int threads) {
+  const int64_t d = l.d, n = l.n;
+  const int64_t Mp = round_up(T, kAmxBlock), Kd = round_up(d, kAmxBlock), Kn = round_up(n, kAmxBlock);
+  const int64_t Ngu = round_up(2 * n, kAmxBlock), Nd = round_up(d, kAmxBlock);
+  // Kept per calling thread between calls (no malloc per layer): x's and h's three bf16 parts, gu and the output.
+  thread_local std::vector<uint16_t> xparts, hparts;
+  thread_local std::vector<float> gu, y;
+  xparts.resize(3 * Mp * Kd);
+  hparts.resize(3 * Mp * Kn);
+  gu.resize(Mp * Ngu);
+  y.resize(Mp * Nd);
+  uint16_t* xp[3] = {xparts.data(), xparts.data() + Mp * Kd, xparts.data() + 2 * Mp * Kd};
+  uint16_t* hp[3] = {hparts.data(), hparts.data() + Mp * Kn, hparts.data() + 2 * Mp * Kn};
+  float *g = gu.data(), *yy = y.data();
+  const Act act = static_cast<Act>(l.act);
+#pragma omp parallel num_threads(threads)
+  {
+    amx_configure();
+    thread_local std::vector<float> h;
+    h.resize(n);
+    int64_t r0, r1;
+    share_of(Mp, r0, r1);
+    for (int64_t r = r0; r < r1; ++r) {  // x_s = x * (|x| > x_threshold), split (rows past T: zeros)
+      if (r < T) {
+        split_row(x + r * d, d, l.x_threshold, xp, r * Kd, Kd);
+      } else {
+        for (auto* p : xp) std::memset(p + r * Kd, 0, Kd * 2);
+      }
+    }
+#pragma omp barrier
+    amx_product(xp, Mp, Kd, l.gate_up_packed, g, Ngu);
+#pragma omp barrier
+    for (int64_t r = r0; r < r1; ++r) {  // h = act(g) * u, thresholded, split
+      if (r < T) {
+        activate_pairs(g + r * Ngu, n, act, h.data());
+        split_row(h.data(), n, l.h_threshold, hp, r * Kn, Kn);
+      } else {
+        for (auto* p : hp) std::memset(p + r * Kn, 0, Kn * 2);
+      }
+    }
+#pragma omp barrier
+    amx_product(hp, Mp, Kn, l.down_packed, yy, Nd);
+    amx_release();
+  }
+  for (int64_t r = 0; r < T; ++r) std::memcpy(out + r * d, yy + r * Nd, d * 4);
+}
+
+}  // namespace
+#endif
+
+// out (T, d) f32 = the layer on x (T, d) f32 by the AMX products (amx_select.h). Returns 0, or 1 with a message
+// (AMX not usable here, bad layer).
+MOM_EXPORT int momcompress_select_ffn_amx(const MomAmxLayer* layer, int64_t T, const float* x, float* out,
+                                          int threads) try {
+  if (!amx_usable()) {
+    g_error = "AMX (AMX-TILE, AMX-BF16, AVX512-BF16 and the OS's permission) is not usable on this machine";
+    return 1;
+  }
+  if (layer->act < 0 || layer->act > 2) {
+    g_error = "unknown activation code (0 silu, 1 gelu_tanh, 2 gelu)";
+    return 1;
+  }
+  if (threads <= 0) threads = omp_get_max_threads();
+  if (T <= 0) return 0;
+#if MOM_HAVE_AMX
+  select_ffn_amx(*layer, T, x, out, threads);
+#endif
+  return 0;
+} catch (const std::bad_alloc&) {
+  g_error = "out of memory";
+  return 1;
+} catch (const std::exception& e) {
+  g_error = e.what();
+  return 1;
 }
 
 // The message of the calling thread's last failed call.
