@@ -309,3 +309,38 @@ def test_amx_path_follows_replaced_tables(amx):
         first = layer.masked(x)
         layer.down.data = layer.down.data * 2  # a new tensor: the packed copy must be made again
         torch.testing.assert_close(layer.masked(x), first * 2, rtol=1e-4, atol=1e-4)
+
+
+def test_decided_calls_take_the_short_way_and_notice_changes(lib, monkeypatch):
+    """Once auto has decided a kind of call, forward runs the decided path directly (no trial bookkeeping); a
+    replaced table, a forced path or track_stats send it the long way again, with the right result."""
+    monkeypatch.delenv(runtime.ENV_MAX_TOKENS, raising=False)
+    layer = FrozenSelectFFN(24, 40, 40, "silu")
+    x_thr, gate_up, down, h_thr = _layer_tensors(24, 40, 9)
+    layer.gate_up.data.copy_(gate_up)
+    layer.down.data.copy_(down)
+    layer.x_threshold.copy_(x_thr)
+    layer.h_threshold.copy_(h_thr)
+    x = torch.randn(1, 24)
+    with torch.no_grad():
+        for _ in range(2 * (runtime.TRIALS + 1) + 1):
+            layer(x)
+        assert len(layer._ready) == 1
+        decided = layer.decisions()[f"T<=1 @{torch.get_num_threads()} threads"]
+        monkeypatch.setattr(layer, "run_auto", lambda x: pytest.fail("the decided call went the long way"))
+        torch.testing.assert_close(layer(x), layer.run_path("masked", x), rtol=1e-4, atol=1e-5)
+        monkeypatch.undo()
+        layer.down.data = layer.down.data * 2  # a new tensor: the remembered kernel must not read the old one
+        torch.testing.assert_close(layer(x), select_ffn_reference(x, x_thr, gate_up, down * 2, h_thr, "silu"),
+                                   rtol=1e-4, atol=1e-5)
+        layer.track_stats = True
+        layer(x)
+        assert layer.last_ratio is not None  # the stats path ran
+        layer.track_stats = False
+        layer.path = "masked"
+        seen = []
+        real = layer.run_path
+        monkeypatch.setattr(layer, "run_path", lambda p, x: seen.append(p) or real(p, x))
+        layer(x)
+        assert seen == ["masked"]
+    assert decided in ("native", "masked")

@@ -257,6 +257,14 @@ class RowKernel:
         self._check(self._fn(self._ref, x.shape[0], x.data_ptr(), out.data_ptr(), threads or torch.get_num_threads()))
         return out
 
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """__call__ without its checks, for a caller that has made them (FrozenSelectFFN's decided calls): x (T, d)
+        float32 on CPU, no autograd."""
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], self.d, dtype=torch.float32)
+        self._check(self._fn(self._ref, x.shape[0], x.data_ptr(), out.data_ptr(), torch.get_num_threads()))
+        return out
+
     def _check(self, rc: int) -> None:
         if rc != 0:
             raise CpuOpsError(f"the selector kernel failed: {self._lib.momcompress_cpu_ops_last_error().decode(errors='replace')}")

@@ -90,6 +90,7 @@ class FrozenSelectFFN(nn.Module):
         self._wide = None  # (the tables' addresses, fp32 gate_up, fp32 down): 16-bit tables widened for masked
         self._amx = None  # (the tables' addresses, cpu_native.AmxLayer): bf16 tables packed for the AMX products
         self._amx_for: dict[tuple, bool] = {}  # amx_layer's answers per kind of call
+        self._ready: dict[tuple, tuple] = {}  # kind of call -> (the tables' key, the decided path's function)
         self.track_stats = False
         self.last_ratio: torch.Tensor | None = None  # (T,) fraction of the dense FFN's parameters each token read
         self.last_kept: tuple[torch.Tensor, torch.Tensor] | None = None  # (T,) kept channels, (T,) kept neurons
@@ -100,6 +101,15 @@ class FrozenSelectFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.hidden_size)  # (T, d)
+        if self._ready:  # a kind of call auto has decided: its path without the bookkeeping (decode calls this a lot)
+            ready = self._ready.get((xf.shape, torch.get_num_threads(), x.dtype, x.is_cpu,
+                                     x.requires_grad and torch.is_grad_enabled()))
+            if ready is not None and self.path == "auto" and not self.track_stats:
+                gate_up, down = self._parameters["gate_up"], self._parameters["down"]
+                if (ready[0] == (gate_up.data_ptr(), gate_up.dtype, down.data_ptr(), self._buffers["x_threshold"].data_ptr(),
+                                 self._buffers["h_threshold"].data_ptr())
+                        and not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and ENV_MAX_TOKENS not in os.environ):
+                    return ready[1](xf).view(lead + (self.hidden_size,))
         if _tracing():
             from momcompress.kernels.select_op import select_ffn
 
@@ -109,6 +119,24 @@ class FrozenSelectFFN(nn.Module):
         else:
             out = self.run_auto(xf) if self.path == "auto" else self.run_path(self.path, xf)
         return out.view(*lead, self.hidden_size)
+
+    def _table_key(self) -> tuple:
+        gate_up, down = self._parameters["gate_up"], self._parameters["down"]
+        return (gate_up.data_ptr(), gate_up.dtype, down.data_ptr(), self._buffers["x_threshold"].data_ptr(),
+                self._buffers["h_threshold"].data_ptr())
+
+    def _remember(self, path: str, x: torch.Tensor) -> None:
+        """Keep the decided path for x's kind of call (shape, threads, dtype, device, autograd) for forward's short
+        way (which checks the same key inline); a replaced table, a forced path or track_stats send calls the long
+        way again."""
+        if path == "native":
+            run = self.native_kernel().run
+        elif path == "masked":
+            run = self.masked
+        else:
+            return
+        self._ready[(x.shape, torch.get_num_threads(), x.dtype, x.is_cpu, x.requires_grad and torch.is_grad_enabled())] = (
+            self._table_key(), run)
 
     def run_path(self, path: str, x: torch.Tensor) -> torch.Tensor:
         """The layer on x (T, d) by the named path (see PATHS)."""
@@ -170,6 +198,8 @@ class FrozenSelectFFN(nn.Module):
         """The layer on x by auto's choice, timing the call while the choice is being measured."""
         key, kernel = self._auto_key(x)
         if key is None:
+            if not os.environ.get(ENV_MAX_TOKENS):
+                self._remember(kernel, x)
             return self.run_path(kernel, x)
         side = self._trial_side(key)
         t0 = time.perf_counter()
