@@ -131,6 +131,9 @@ class OrtCausalLM:
 
     ``experts_path`` says which ran: "kernel", "function body", or None for a graph without momcompress nodes.
     ``custom_op`` names the node it is about: "MoMExperts", or "SelectFFN" (per-token selector).
+    ``long_calls`` says what runs a selector layer's calls of more than the file's row_tokens tokens: "amx" (the
+    kernel's AMX tile products, bf16 tables on a CPU with AMX-BF16: the session moves the file's switch so that
+    every call reaches SelectFFN), "matmul" (the file's MatMul branch), None (no selector).
     """
 
     def __init__(self, path: str | Path, provider: str = "CPUExecutionProvider", threads: int | None = None,
@@ -163,7 +166,20 @@ class OrtCausalLM:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.ops_library = None  # the momcompress ops library registered in this session, if any
         self.custom_op = "MoMExperts"  # the momcompress node the graph has per layer (SelectFFN for a per-token selector)
+        self.select_bf16_tables = False  # SelectFFN nodes whose tables are bf16 (set by _custom_nodes)
+        self.row_switch = False  # the file routes selector calls by token count (select_op.ROW_TOKENS_NAME)
         self.experts_path = self._register_ops(options, provider, experts)
+        # bf16 selector tables on a CPU with AMX: SelectFFN's kernel runs every call (rows for few tokens, AMX tile
+        # products for more), so the export's switch moves out of the way unless the caller set it
+        self.long_calls = None  # "amx" when that is so ("matmul": the file's MatMul branch; None: no selector)
+        if self.custom_op == "SelectFFN":
+            from momcompress.export import ort_ops, select_op
+
+            self.long_calls = "matmul"
+            if (self.experts_path == ort_ops.KERNEL and self.select_bf16_tables and self.row_switch
+                    and select_op.ROW_TOKENS_NAME not in (initializers or {}) and ort_ops.amx_usable(self.ops_library)):
+                initializers = {**(initializers or {}), select_op.ROW_TOKENS_NAME: np.array(2**62, dtype=np.int64)}
+                self.long_calls = "amx"
         # onnxruntime reads these buffers in place for the session's lifetime: keep them referenced
         self._overrides = [(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))) for name, v in (initializers or {}).items()]
         for name, value in self._overrides:
@@ -198,9 +214,14 @@ class OrtCausalLM:
         from momcompress.export import op, select_op
 
         model = onnx.load(str(self.path), load_external_data=False)
-        types = {n.op_type for n in select_op.iter_nodes(model.graph) if n.domain == op.DOMAIN}
+        nodes = [n for n in select_op.iter_nodes(model.graph) if n.domain == op.DOMAIN]
+        types = {n.op_type for n in nodes}
         if select_op.OP_TYPE in types:
             self.custom_op = select_op.OP_TYPE
+            inits = {i.name: i.data_type for i in model.graph.initializer}
+            tables = [inits.get(n.input[2]) for n in nodes if n.op_type == select_op.OP_TYPE]
+            self.select_bf16_tables = bool(tables) and all(t == onnx.TensorProto.BFLOAT16 for t in tables)
+            self.row_switch = select_op.ROW_TOKENS_NAME in inits
         if types & {op.OP_TYPE, op.SELECTED_ROWS_OP, select_op.OP_TYPE, select_op.HIDDEN_OP}:
             return "kernel"
         return "body" if types else None

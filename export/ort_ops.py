@@ -24,6 +24,7 @@ is not registered (slower: standard ops copy the rows first, or multiply the dro
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -43,7 +44,7 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "momcompress_ort_ops.cc"
 KERNELS_CSRC = Path(__file__).resolve().parent.parent / "kernels" / "csrc"
 if not KERNELS_CSRC.is_dir():  # a source checkout: export/ sits beside momcompress/
     KERNELS_CSRC = Path(__file__).resolve().parent.parent / "momcompress" / "kernels" / "csrc"
-SOURCES = (SOURCE, KERNELS_CSRC / "select_rows.h")
+SOURCES = (SOURCE, KERNELS_CSRC / "select_rows.h", KERNELS_CSRC / "amx_select.h")
 LIBRARY_NAME = "libmomcompress_ort_ops.so"
 API_VERSION = 21  # the C API the headers we fetch declare (onnxruntime 1.21)
 HEADERS_PACKAGE = "libonnxruntime-dev"
@@ -305,6 +306,17 @@ def register(options, library: Path | None = None, required: bool = False) -> Pa
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises untyped errors
         raise OrtOpsError(f"onnxruntime refused {path}: {exc}; rebuild it with `{BUILD_COMMAND} --force`") from None
     return path
+
+
+def amx_usable(library: Path) -> bool:
+    """Whether the library's SelectFFN runs its AMX path here (bf16 tables, fp32 x, 4 tokens or more): the CPU has
+    AMX-BF16 and the OS grants the tile state, and MOMCOMPRESS_AMX is not `off`."""
+    if os.environ.get("MOMCOMPRESS_AMX", "").strip().lower() == "off":
+        return False
+    try:
+        return bool(ctypes.CDLL(str(library)).momcompress_ort_amx_usable())
+    except (OSError, AttributeError):
+        return False
 
 
 def status() -> dict:

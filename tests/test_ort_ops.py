@@ -481,10 +481,10 @@ def select_problem(T, d, n, dtype=torch.float32, seed=0):
     return x, x_thr, gate_up, down, h_thr
 
 
-def select_model(x_thr, gate_up, down, h_thr, activation, opset=18):
+def select_model(x_thr, gate_up, down, h_thr, activation, opset=18, x_dtype=None):
     from momcompress.export import select_op
 
-    dtype = gate_up.dtype
+    dtype = x_dtype or gate_up.dtype
     d = gate_up.shape[0]
     node = helper.make_node(select_op.OP_TYPE, ["x", "x_threshold", "gate_up", "down", "h_threshold"], ["out"],
                             domain=op.DOMAIN, activation=activation)
@@ -493,7 +493,7 @@ def select_model(x_thr, gate_up, down, h_thr, activation, opset=18):
         [helper.make_tensor_value_info("out", ONNX_TYPES[dtype], ["T", d])],
         initializer=[_init("x_threshold", x_thr), _init("gate_up", gate_up), _init("down", down), _init("h_threshold", h_thr)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(op.DOMAIN, op.DOMAIN_VERSION)])
-    model.functions.append(select_op.function_body(activation, opset))
+    model.functions.append(select_op.function_body(activation, opset, widen_tables=dtype != gate_up.dtype))
     return model
 
 
@@ -546,6 +546,24 @@ def test_select_ffn_kernel_16_bit(library, dtype, T):
     got = _out_to_torch(out_np, dtype)
     want = _select_want(x, x_thr, gu, dn, h_thr, "silu")
     assert (got - want).abs().max() <= RTOL[dtype] * want.abs().max()
+
+
+@pytest.mark.parametrize("T", [4, 40, 100])
+@pytest.mark.parametrize("amx", ["on", "off"])
+def test_select_ffn_bf16_tables_fp32_x_at_any_token_count(library, monkeypatch, T, amx):
+    """bf16 tables beside fp32 x (freeze --table-dtype bfloat16): from 4 tokens on, on a CPU with AMX-BF16, the kernel
+    runs the AMX tile products (MOMCOMPRESS_AMX=off: the rows); fp32 arithmetic on the bf16 tables either way, the
+    same as the node's function body."""
+    monkeypatch.setenv("MOMCOMPRESS_AMX", amx)
+    monkeypatch.setenv("MOMCOMPRESS_ORT_SELECT_MAX_TOKENS", "1000")  # no MatMul path: rows or AMX
+    x, x_thr, gu, dn, h_thr = select_problem(T, 40, 400, seed=7)
+    gu, dn = gu.to(torch.bfloat16), dn.to(torch.bfloat16)
+    model = select_model(x_thr, gu, dn, h_thr, "silu", x_dtype=torch.float32)
+    got = _session(model, library)[0].run(None, {"x": x.numpy()})[0]
+    body = _session(model, None)[0].run(None, {"x": x.numpy()})[0]
+    want = _select_want(x, x_thr, gu, dn, h_thr, "silu").numpy()
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-5 * scale and np.abs(body - want).max() <= 1e-5 * scale
 
 
 def test_select_ffn_bad_inputs_are_clear_errors(library, monkeypatch):
@@ -654,6 +672,11 @@ def test_selector_export_with_bf16_tables(library, workdir, data_file):
             lm = OrtCausalLM(folder, experts=experts, initializers={select_op.ROW_TOKENS_NAME: np.array(row_tokens, np.int64)})
             logits.append(lm.run(ids, mask, pos, lm.first_past(2))[0][real])
     assert max(np.abs(a - logits[0]).max() for a in logits) <= 1e-4
+    # with the kernel and bf16 tables on a CPU with AMX, long calls go to SelectFFN's AMX path (the switch moved)
+    lm = OrtCausalLM(folder, experts="kernel")
+    assert lm.long_calls == ("amx" if ort_ops.amx_usable(lm.ops_library) else "matmul")
+    assert OrtCausalLM(folder, experts="body").long_calls == "matmul"
+    assert np.abs(lm.run(ids, mask, pos, lm.first_past(2))[0][real] - logits[0]).max() <= 1e-4
 
 
 def test_select_hidden_kernel_equals_its_function_body(library):

@@ -29,7 +29,10 @@
 //   a range of neurons per task, each with its own partial). More tokens: the union of the tokens' rows is
 //   nearly every row, so the two products run as onnxruntime's own MatMul (invoked from the kernel, weights
 //   not pre-packed) over the masked inputs with the activation and neuron threshold fused in between (fp32;
-//   16-bit weights always take the row path). The export routes many-token calls around this node instead.
+//   16-bit weights take the row path). The export routes many-token calls around this node instead. bf16 tables
+//   beside fp32 x on a CPU with AMX-BF16: from kSelectAmxMinTokens tokens on, the AMX tile products of
+//   amx_select.h (the tables packed once per node when they are constant initializers, fp32-exact arithmetic);
+//   momcompress's OrtCausalLM then moves the export's switch so that every call comes here.
 // - SelectHidden (gu, h_threshold): h = act(gu[:, 0::2]) * gu[:, 1::2] zeroed where |h| <= h_threshold, one pass;
 //   the export runs it between two standard MatMuls (weights packed by onnxruntime) for calls with many tokens.
 //
@@ -45,10 +48,12 @@
 #include <cstring>
 #include <exception>
 #include <new>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "amx_select.h"
 #include "select_rows.h"
 
 namespace {
@@ -640,14 +645,50 @@ OrtStatus* selected_rows_compute(void* kernel, OrtKernelContext* ctx) try {
 // ---------------------------------------------------------------------------------------- SelectFFN
 constexpr int64_t kSelectMaxTokens = 8;     // default most tokens per call for the row path (MOMCOMPRESS_ORT_SELECT_MAX_TOKENS)
 
+constexpr int64_t kSelectAmxMinTokens = 4;  // bf16 tables on AMX: the tile products from this many tokens on
+
 struct SelectFFNKernel {
   Act act = Act::Silu;
   int64_t max_tokens = kSelectMaxTokens;
   OrtOp* matmul = nullptr;  // onnxruntime's MatMul (float) for the many-token path; null: rows only
+  bool amx = false;         // AMX usable here and not turned off (MOMCOMPRESS_AMX=off)
+  bool tables_constant = false;  // gate_up and down are constant initializers: their packed copies are kept
+  std::mutex pack_mutex;
+  const void* packed_from[2] = {nullptr, nullptr};
+  std::vector<uint16_t> packed[2];  // gate_up, down packed for the AMX path (tables_constant)
   ~SelectFFNKernel() {
     if (matmul) g_api->ReleaseOp(matmul);
   }
 };
+
+#if MOM_HAVE_AMX
+void amx_task(void* data, size_t task, void (*phase)(const AmxJob&, int64_t)) {
+  phase(*static_cast<const AmxJob*>(data), static_cast<int64_t>(task));
+}
+void amx_split_task(void* data, size_t task) { amx_task(data, task, amx_split_x); }
+void amx_gate_up_task(void* data, size_t task) { amx_task(data, task, amx_gate_up); }
+void amx_hidden_task(void* data, size_t task) { amx_task(data, task, amx_hidden); }
+void amx_down_task(void* data, size_t task) { amx_task(data, task, amx_down); }
+
+// The bf16 tables (K, N) packed for the AMX path: the node's kept copy when they are constant (packed at the
+// first call), else packed into `scratch` for this call.
+const uint16_t* amx_packed(SelectFFNKernel& k, int which, const void* table, int64_t K, int64_t N,
+                           std::vector<uint16_t>& scratch) {
+  const int64_t blocks = round_up(N, kAmxBlock) / 16;
+  if (!k.tables_constant) {
+    scratch.resize(static_cast<size_t>(amx_packed_size(K, N)));
+    amx_pack_blocks(static_cast<const uint16_t*>(table), K, N, scratch.data(), 0, blocks);
+    return scratch.data();
+  }
+  std::lock_guard<std::mutex> lock(k.pack_mutex);
+  if (k.packed_from[which] != table) {
+    k.packed[which].resize(static_cast<size_t>(amx_packed_size(K, N)));
+    amx_pack_blocks(static_cast<const uint16_t*>(table), K, N, k.packed[which].data(), 0, blocks);
+    k.packed_from[which] = table;
+  }
+  return k.packed[which].data();
+}
+#endif
 
 
 template <typename W>
@@ -768,7 +809,7 @@ OrtStatus* select_dense_path(const SelectFFNKernel& k, OrtKernelContext* ctx, co
 }
 
 OrtStatus* select_ffn_compute(void* kernel, OrtKernelContext* ctx) try {
-  const auto& k = *static_cast<SelectFFNKernel*>(kernel);
+  auto& k = *static_cast<SelectFFNKernel*>(kernel);
   const std::string op = "SelectFFN";
   Tensor x, x_thr, gu, dn, h_thr;
   MOM_RETURN_IF(get_input(ctx, 0, &x));
@@ -799,6 +840,25 @@ OrtStatus* select_ffn_compute(void* kernel, OrtKernelContext* ctx) try {
     std::vector<float> zeros(static_cast<size_t>(T * d), 0.0f);
     return finish(ctx, x, zeros);
   }
+#if MOM_HAVE_AMX
+  if (k.amx && T >= kSelectAmxMinTokens && x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
+      gu.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) {
+    std::vector<uint16_t> scratch_gu, scratch_dn, xparts, hparts;
+    std::vector<float> gu_out, y, out(static_cast<size_t>(T * d));
+    AmxJob job;
+    job.T = T; job.d = d; job.n = n; job.tasks = std::max<int64_t>(1, target_tasks());
+    job.x = static_cast<const float*>(x.data); job.x_thr = xt; job.h_thr = ht; job.act = k.act;
+    job.gate_up_packed = amx_packed(k, 0, gu.data, d, 2 * n, scratch_gu);
+    job.down_packed = amx_packed(k, 1, dn.data, n, d, scratch_dn);
+    amx_plan(job, xparts, hparts, gu_out, y);
+    MOM_RETURN_IF(parallel(ctx, amx_split_task, job.tasks, &job));
+    MOM_RETURN_IF(parallel(ctx, amx_gate_up_task, job.tasks, &job));
+    MOM_RETURN_IF(parallel(ctx, amx_hidden_task, job.tasks, &job));
+    MOM_RETURN_IF(parallel(ctx, amx_down_task, job.tasks, &job));
+    amx_finish(job, out.data());
+    return finish(ctx, x, out);
+  }
+#endif
   const bool fp32 = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && gu.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   if (T > k.max_tokens && fp32 && k.matmul) {
     const OrtValue *gu_value = nullptr, *dn_value = nullptr;
@@ -947,6 +1007,20 @@ OrtStatus* create_select_ffn(const OrtCustomOp*, const OrtApi*, const OrtKernelI
     }
     k->max_tokens = v;
   }
+  const char* amx_env = std::getenv("MOMCOMPRESS_AMX");
+  k->amx = amx_usable() && !(amx_env && std::string(amx_env) == "off");
+  if (k->amx) {  // tables that are constant initializers are packed once; others at every call
+    int constant[2] = {0, 0};
+    for (int i = 0; i < 2; ++i) {
+      const OrtValue* value = nullptr;
+      OrtStatus* st = g_api->KernelInfoGetConstantInput_tensor(info, 2 + i, &constant[i], &value);
+      if (st) {
+        g_api->ReleaseStatus(st);
+        constant[i] = 0;
+      }
+    }
+    k->tables_constant = constant[0] && constant[1];
+  }
   // onnxruntime's own MatMul for the many-token path; where this build cannot make one, every call takes rows
   const char* names[1] = {"T"};
   const ONNXTensorElementDataType types[1] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
@@ -1009,6 +1083,11 @@ OpDef g_mom_experts, g_selected_rows, g_select_ffn, g_select_hidden;
 }  // namespace
 
 extern "C" {
+
+// 1 when SelectFFN's AMX path can run here (CPU features and the OS's permission), else 0 (for the Python side,
+// which moves the export's switch so that long calls reach SelectFFN; MOMCOMPRESS_AMX=off is checked there too).
+__attribute__((visibility("default"))) int momcompress_ort_amx_usable() { return mom::amx_usable() ? 1 : 0; }
+
 
 // The C API version this library was compiled against (read by momcompress before registering it).
 __attribute__((visibility("default"))) int MomcompressOrtOpsApiVersion() { return ORT_API_VERSION; }

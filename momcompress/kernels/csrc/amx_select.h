@@ -185,6 +185,108 @@ MOM_AMX_TARGET inline void amx_gemm_columns(const uint16_t* const* parts, int64_
   }
 }
 
+// One layer's call on the AMX path, split into four phases of independent tasks (the caller runs each phase's
+// `tasks` tasks, on any threads, before the next phase): split x (rows), gu = x_s @ gate_up (column blocks),
+// h = act, threshold and split (rows), y = h_s @ down (column blocks); then copies y's T rows out.
+struct AmxJob {
+  int64_t T = 0, d = 0, n = 0, tasks = 1;
+  int64_t Mp = 0, Kd = 0, Kn = 0, Ngu = 0, Nd = 0;
+  const float* x = nullptr;  // (T, d)
+  const float* x_thr = nullptr;
+  const float* h_thr = nullptr;
+  const uint16_t* gate_up_packed = nullptr;  // amx_packed_size(d, 2n)
+  const uint16_t* down_packed = nullptr;     // amx_packed_size(n, d)
+  Act act = Act::Silu;
+  uint16_t* xp[3] = {};  // x_s's parts (Mp, Kd)
+  uint16_t* hp[3] = {};  // h_s's parts (Mp, Kn)
+  float* gu = nullptr;   // (Mp, Ngu)
+  float* y = nullptr;    // (Mp, Nd)
+};
+
+// Sizes and scratch for a call of T tokens (buffers kept by the caller, resized here).
+inline void amx_plan(AmxJob& job, std::vector<uint16_t>& xparts, std::vector<uint16_t>& hparts, std::vector<float>& gu,
+                     std::vector<float>& y) {
+  job.Mp = round_up(job.T, kAmxBlock);
+  job.Kd = round_up(job.d, kAmxBlock);
+  job.Kn = round_up(job.n, kAmxBlock);
+  job.Ngu = round_up(2 * job.n, kAmxBlock);
+  job.Nd = round_up(job.d, kAmxBlock);
+  xparts.resize(static_cast<size_t>(3 * job.Mp * job.Kd));
+  hparts.resize(static_cast<size_t>(3 * job.Mp * job.Kn));
+  gu.resize(static_cast<size_t>(job.Mp * job.Ngu));
+  y.resize(static_cast<size_t>(job.Mp * job.Nd));
+  for (int i = 0; i < 3; ++i) {
+    job.xp[i] = xparts.data() + i * job.Mp * job.Kd;
+    job.hp[i] = hparts.data() + i * job.Mp * job.Kn;
+  }
+  job.gu = gu.data();
+  job.y = y.data();
+}
+
+inline void amx_share(int64_t count, int64_t task, int64_t tasks, int64_t& lo, int64_t& hi) {
+  lo = count * task / tasks;
+  hi = count * (task + 1) / tasks;
+}
+
+// Phase 1, task t: x_s = x * (|x| > x_threshold) split, for a share of the Mp rows (rows past T: zeros).
+MOM_AMX_TARGET inline void amx_split_x(const AmxJob& job, int64_t task) {
+  int64_t r0, r1;
+  amx_share(job.Mp, task, job.tasks, r0, r1);
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r < job.T) {
+      split_row(job.x + r * job.d, job.d, job.x_thr, job.xp, r * job.Kd, job.Kd);
+    } else {
+      for (auto* p : job.xp) std::memset(p + r * job.Kd, 0, static_cast<size_t>(job.Kd) * 2);
+    }
+  }
+}
+
+// The block-column loop of one product over a share of the column blocks, rows in chunks of 128 so that a chunk
+// of the A parts and the task's packed columns stay in L2 together.
+MOM_AMX_TARGET inline void amx_product(uint16_t* const* parts, int64_t Mp, int64_t Kp, const uint16_t* packed,
+                                       float* C, int64_t Np, int64_t task, int64_t tasks) {
+  int64_t nb0, nb1;
+  amx_share(Np / kAmxBlock, task, tasks, nb0, nb1);
+  if (nb0 == nb1) return;
+  amx_configure();
+  for (int64_t mc = 0; mc < Mp; mc += 128) {
+    const uint16_t* chunk[3] = {parts[0] + mc * Kp, parts[1] + mc * Kp, parts[2] + mc * Kp};
+    amx_gemm_columns(chunk, std::min<int64_t>(128, Mp - mc), Kp, packed, C + mc * Np, Np, nb0, nb1);
+  }
+  amx_release();
+}
+
+// Phase 2: gu = x_s @ gate_up.
+MOM_AMX_TARGET inline void amx_gate_up(const AmxJob& job, int64_t task) {
+  amx_product(job.xp, job.Mp, job.Kd, job.gate_up_packed, job.gu, job.Ngu, task, job.tasks);
+}
+
+// Phase 3: h = act(g) * u, thresholded by |h| > h_threshold, split, for a share of the rows.
+MOM_AMX_TARGET inline void amx_hidden(const AmxJob& job, int64_t task) {
+  thread_local std::vector<float> h;
+  h.resize(static_cast<size_t>(job.n));
+  int64_t r0, r1;
+  amx_share(job.Mp, task, job.tasks, r0, r1);
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r < job.T) {
+      activate_pairs(job.gu + r * job.Ngu, job.n, job.act, h.data());
+      split_row(h.data(), job.n, job.h_thr, job.hp, r * job.Kn, job.Kn);
+    } else {
+      for (auto* p : job.hp) std::memset(p + r * job.Kn, 0, static_cast<size_t>(job.Kn) * 2);
+    }
+  }
+}
+
+// Phase 4: y = h_s @ down.
+MOM_AMX_TARGET inline void amx_down(const AmxJob& job, int64_t task) {
+  amx_product(job.hp, job.Mp, job.Kn, job.down_packed, job.y, job.Nd, task, job.tasks);
+}
+
+// out (T, d) = y's first T rows.
+inline void amx_finish(const AmxJob& job, float* out) {
+  for (int64_t r = 0; r < job.T; ++r) std::memcpy(out + r * job.d, job.y + r * job.Nd, static_cast<size_t>(job.d) * 4);
+}
+
 #else
 
 inline bool amx_usable() { return false; }

@@ -114,70 +114,35 @@ struct MomAmxLayer {
 #if MOM_HAVE_AMX
 namespace {
 
-// This thread's share [lo, hi) of `count` items.
-inline void share_of(int64_t count, int64_t& lo, int64_t& hi) {
-  const int64_t id = omp_get_thread_num(), all = omp_get_num_threads();
-  lo = count * id / all;
-  hi = count * (id + 1) / all;
-}
-
-// The block-column loop of one product, rows in chunks of 128 so that a chunk of the A parts and the thread's
-// packed columns stay in L2 together.
-MOM_AMX_TARGET void amx_product(uint16_t* const* parts, int64_t Mp, int64_t Kp, const uint16_t* packed, float* C,
-                                int64_t Np) {
-  int64_t nb0, nb1;
-  share_of(Np / kAmxBlock, nb0, nb1);
-  for (int64_t mc = 0; mc < Mp; mc += 128) {
-    const uint16_t* chunk[3] = {parts[0] + mc * Kp, parts[1] + mc * Kp, parts[2] + mc * Kp};
-    amx_gemm_columns(chunk, std::min<int64_t>(128, Mp - mc), Kp, packed, C + mc * Np, Np, nb0, nb1);
-  }
-}
-
+// The four phases of amx_select.h on OpenMP's threads, one task per thread, a barrier between phases.
 MOM_AMX_TARGET void select_ffn_amx(const MomAmxLayer& l, int64_t T, const float* x, float* out, int threads) {
-  const int64_t d = l.d, n = l.n;
-  const int64_t Mp = round_up(T, kAmxBlock), Kd = round_up(d, kAmxBlock), Kn = round_up(n, kAmxBlock);
-  const int64_t Ngu = round_up(2 * n, kAmxBlock), Nd = round_up(d, kAmxBlock);
-  // Kept per calling thread between calls (no malloc per layer): x's and h's three bf16 parts, gu and the output.
+  // Kept per calling thread between calls (no malloc per layer).
   thread_local std::vector<uint16_t> xparts, hparts;
   thread_local std::vector<float> gu, y;
-  xparts.resize(3 * Mp * Kd);
-  hparts.resize(3 * Mp * Kn);
-  gu.resize(Mp * Ngu);
-  y.resize(Mp * Nd);
-  uint16_t* xp[3] = {xparts.data(), xparts.data() + Mp * Kd, xparts.data() + 2 * Mp * Kd};
-  uint16_t* hp[3] = {hparts.data(), hparts.data() + Mp * Kn, hparts.data() + 2 * Mp * Kn};
-  float *g = gu.data(), *yy = y.data();
-  const Act act = static_cast<Act>(l.act);
+  AmxJob job;
+  job.T = T; job.d = l.d; job.n = l.n; job.tasks = threads;
+  job.x = x; job.x_thr = l.x_threshold; job.h_thr = l.h_threshold;
+  job.gate_up_packed = l.gate_up_packed; job.down_packed = l.down_packed; job.act = static_cast<Act>(l.act);
+  amx_plan(job, xparts, hparts, gu, y);
 #pragma omp parallel num_threads(threads)
   {
-    amx_configure();
-    thread_local std::vector<float> h;
-    h.resize(n);
-    int64_t r0, r1;
-    share_of(Mp, r0, r1);
-    for (int64_t r = r0; r < r1; ++r) {  // x_s = x * (|x| > x_threshold), split (rows past T: zeros)
-      if (r < T) {
-        split_row(x + r * d, d, l.x_threshold, xp, r * Kd, Kd);
-      } else {
-        for (auto* p : xp) std::memset(p + r * Kd, 0, Kd * 2);
-      }
+    const int64_t task = omp_get_thread_num();
+    if (omp_get_num_threads() == threads) {
+      amx_split_x(job, task);
+#pragma omp barrier
+      amx_gate_up(job, task);
+#pragma omp barrier
+      amx_hidden(job, task);
+#pragma omp barrier
+      amx_down(job, task);
+    } else if (task == 0) {  // fewer threads than asked (nested region): one thread runs every task
+      for (int64_t t = 0; t < threads; ++t) amx_split_x(job, t);
+      for (int64_t t = 0; t < threads; ++t) amx_gate_up(job, t);
+      for (int64_t t = 0; t < threads; ++t) amx_hidden(job, t);
+      for (int64_t t = 0; t < threads; ++t) amx_down(job, t);
     }
-#pragma omp barrier
-    amx_product(xp, Mp, Kd, l.gate_up_packed, g, Ngu);
-#pragma omp barrier
-    for (int64_t r = r0; r < r1; ++r) {  // h = act(g) * u, thresholded, split
-      if (r < T) {
-        activate_pairs(g + r * Ngu, n, act, h.data());
-        split_row(h.data(), n, l.h_threshold, hp, r * Kn, Kn);
-      } else {
-        for (auto* p : hp) std::memset(p + r * Kn, 0, Kn * 2);
-      }
-    }
-#pragma omp barrier
-    amx_product(hp, Mp, Kn, l.down_packed, yy, Nd);
-    amx_release();
   }
-  for (int64_t r = 0; r < T; ++r) std::memcpy(out + r * d, yy + r * Nd, d * 4);
+  amx_finish(job, out);
 }
 
 }  // namespace
