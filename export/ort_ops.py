@@ -309,7 +309,7 @@ def register(options, library: Path | None = None, required: bool = False) -> Pa
 
 
 def amx_usable(library: Path) -> bool:
-    """Whether the library's SelectFFN runs its AMX path here (bf16 tables, fp32 x, 4 tokens or more): the CPU has
+    """Whether the library's SelectFFN runs its AMX path here (bf16 tables, fp32 x, 5 tokens or more): the CPU has
     AMX-BF16 and the OS grants the tile state, and MOMCOMPRESS_AMX is not `off`."""
     if os.environ.get("MOMCOMPRESS_AMX", "").strip().lower() == "off":
         return False

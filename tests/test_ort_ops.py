@@ -548,10 +548,10 @@ def test_select_ffn_kernel_16_bit(library, dtype, T):
     assert (got - want).abs().max() <= RTOL[dtype] * want.abs().max()
 
 
-@pytest.mark.parametrize("T", [4, 40, 100])
+@pytest.mark.parametrize("T", [5, 40, 100])
 @pytest.mark.parametrize("amx", ["on", "off"])
 def test_select_ffn_bf16_tables_fp32_x_at_any_token_count(library, monkeypatch, T, amx):
-    """bf16 tables beside fp32 x (freeze --table-dtype bfloat16): from 4 tokens on, on a CPU with AMX-BF16, the kernel
+    """bf16 tables beside fp32 x (freeze --table-dtype bfloat16): from 5 tokens on, on a CPU with AMX-BF16, the kernel
     runs the AMX tile products (MOMCOMPRESS_AMX=off: the rows); fp32 arithmetic on the bf16 tables either way, the
     same as the node's function body."""
     monkeypatch.setenv("MOMCOMPRESS_AMX", amx)
