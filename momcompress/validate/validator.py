@@ -312,6 +312,7 @@ def _onnx_speed(onnx_dense, onnx_sparse, dense, sparse, config, tokens, prefill,
     # which path ran the MoMExperts nodes: the compiled kernel (momcompress build-ops) or the function body
     result["experts_path"] = {name: r.experts_path for name, r in runners.items()}
     result["custom_op"] = runners["sparse"].custom_op  # MoMExperts, or SelectFFN for a per-token selector
+    result["long_calls"] = getattr(runners["sparse"], "long_calls", None)  # selector calls above the row switch: amx / matmul
     result["ops_library"] = next((str(r.ops_library) for r in runners.values() if r.ops_library), None)
     return result
 
