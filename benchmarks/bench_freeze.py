@@ -77,8 +77,11 @@ def narrow_dense(dense, dtype: torch.dtype):
 
 
 def layer_paths(model) -> tuple[str, ...]:
-    """The paths its layers can be forced onto."""
-    return MOM_PATHS if frozen_layers(model) else SELECT_PATHS
+    """The paths its layers can be forced onto (a selector's Numba kernel, fused, takes fp32 tables only)."""
+    if frozen_layers(model):
+        return MOM_PATHS
+    sel = select_layers(model)
+    return SELECT_PATHS if not sel or sel[0].gate_up.dtype == torch.float32 else tuple(p for p in SELECT_PATHS if p != "fused")
 
 
 def synthetic_frozen(dense_dir: Path, ratio: float, block_size: int, experts: int = 64, top_k: int = 1, shared_fraction: float = 0.05, seed: int = 0):

@@ -133,9 +133,10 @@ def learn(model, output, config_file, tokens, resume, overwrite, **flags):
               help="The source model folder, if it moved since learn ran (its sha256 must match).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per forward pass while measuring.")
-@click.option("--table-dtype", type=click.Choice(["model", "bfloat16", "float16"]), default="model", show_default=True,
+@click.option("--table-dtype", type=click.Choice(["auto", "model", "bfloat16", "float16"]), default="auto", show_default=True,
               help="Per-token selector runs: dtype of the FFN tables. bfloat16 / float16 in an fp32 model halve the bytes "
-                   "a token reads (the row kernels still multiply in fp32); the reported perplexity is the rounded tables'.")
+                   "a token reads (the row kernels still multiply in fp32); the reported perplexity is the rounded tables'. "
+                   "auto: bfloat16 in an fp32 model, else the model's; model: the model's dtype.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT folder.")
 def freeze(run_dir, output, target, tolerance, tokens, data, uniform_experts, model_dir, device, batch_size, table_dtype,
            overwrite):

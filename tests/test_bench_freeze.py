@@ -25,7 +25,7 @@ def frozen_pair(tmp_path_factory, text_data):
     out = {}
     for name, extra in (("selector", dict(selector="activations")), ("experts", dict(selector="experts", experts=4, top_k=1, block_size=8))):
         momcompress.learn(str(model), work / f"run-{name}", LearnConfig(data=str(text_data), **SMALL, **extra))
-        momcompress.freeze(work / f"run-{name}", work / f"frozen-{name}", tolerance=0.1)
+        momcompress.freeze(work / f"run-{name}", work / f"frozen-{name}", tolerance=0.1, table_dtype="model")  # fp32
         out[name] = work / f"frozen-{name}"
     return model, out
 
@@ -52,18 +52,20 @@ def test_selector_and_experts_columns_in_one_run(frozen_pair, tmp_path, capsys):
 
 
 def test_bf16_tables_beside_dense_with_bf16_ffn(frozen_pair, tmp_path):
-    """A selector frozen with --table-dtype bfloat16 and its fair reference, dense with bf16 FFN weights, as columns."""
+    """A selector frozen with bf16 tables (freeze's default in an fp32 model) and its fair reference, dense with bf16 FFN
+    weights, as columns."""
     model, frozen = frozen_pair
     bf16 = tmp_path / "frozen-bf16"
-    momcompress.freeze(Path(frozen["selector"]).parent / "run-selector", bf16, tolerance=0.1, table_dtype="bfloat16")
+    momcompress.freeze(Path(frozen["selector"]).parent / "run-selector", bf16, tolerance=0.1)  # the default: bf16 here
     js = tmp_path / "bench.json"
-    argv = ["--frozen", str(bf16), "--dense", str(model), "--dense-ffn-dtype", "bfloat16", "--tokens", "1,4", "--paths", "masked",
+    argv = ["--frozen", str(bf16), "--dense", str(model), "--dense-ffn-dtype", "bfloat16", "--tokens", "1,4", "--paths", "fused,masked",
             "--rounds", "1", "--prompt-tokens", "4", "--new-tokens", "2", "--threads", "1", "--json", str(js)]
     assert _bench().main(argv) == 0
     out = json.loads(js.read_text())
     assert [(m["name"], m.get("dtype", m.get("ffn_dtype"))) for m in out["models"]] == [
         ("selector", "torch.bfloat16"), ("dense_bf16ffn", "bfloat16")]
     assert {"selector", "selector_masked", "dense_bf16ffn"} <= set(out["ffn"][0]) and "dense_bf16ffn_masked" not in out["ffn"][0]
+    assert "selector_fused" not in out["ffn"][0]  # the Numba kernel takes fp32 tables only: not forced on bf16 ones
     assert out["decode_step"]["dense_bf16ffn"]["ratio"] > 0
 
 

@@ -207,7 +207,7 @@ def test_learning_the_selector_beats_its_untrained_init(data_file, workdir):
 def frozen(run, workdir):
     model_dir, out, _ = run
     fdir = workdir / "frozen"
-    manifest = momcompress.freeze(out, fdir)
+    manifest = momcompress.freeze(out, fdir, table_dtype="model")  # fp32 tables: the reference for the bf16 ones
     return model_dir, fdir, manifest
 
 
@@ -239,11 +239,12 @@ def test_frozen_folder_loads_with_momcompress_and_plain_transformers_alike(froze
 def frozen_bf16(run, workdir):
     _, out, _ = run
     fdir = workdir / "frozen-bf16"
-    return fdir, momcompress.freeze(out, fdir, table_dtype="bfloat16")
+    return fdir, momcompress.freeze(out, fdir)  # the default, auto: bf16 tables in this fp32 model
 
 
 def test_bf16_tables_halve_the_ffn_bytes_and_keep_the_model_fp32(frozen, frozen_bf16):
-    """freeze --table-dtype bfloat16: gate_up and down stored as bf16 (the rest fp32), loaded as such; the row kernel
+    """freeze's default (--table-dtype auto) in an fp32 model, bfloat16: gate_up and down stored as bf16 (the rest
+    fp32), loaded as such; the row kernel
     and the masked path (fp32 copies of the tables) compute the same function, within bf16 rounding of the fp32-table
     model, and plain transformers (which widens the tables as it loads them) computes it too."""
     from safetensors import safe_open
@@ -330,6 +331,9 @@ def test_fused_cpu_kernel_equals_the_reference(activation, tokens):
     want = select_ffn_reference(x, x_thr, gate_up, down, h_thr, activation)
     got = cpu_select.select_ffn_rows(x, x_thr, gate_up, down, h_thr, activation)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if tokens == 1:  # 16-bit tables are the compiled kernel's: a clear error, not numba's
+        with pytest.raises(TypeError, match="fp32 tables"):
+            cpu_select.select_ffn_rows(x, x_thr, gate_up.bfloat16(), down.bfloat16(), h_thr, activation)
 
 
 def test_auto_path_falls_back_to_the_numba_kernel_without_the_compiled_one(monkeypatch):

@@ -113,6 +113,9 @@ def select_ffn_rows(x, x_threshold, gate_up, down, h_threshold, activation: str)
         x: (T, d) fp32. x_threshold: (d,) fp32. gate_up: (d, 2F') fp32 contiguous, interleaved gate/up.
         down: (F', d) fp32 contiguous. h_threshold: (F',) fp32. activation: "silu", "gelu_tanh" or "gelu".
     """
+    if gate_up.dtype != torch.float32 or down.dtype != torch.float32:
+        raise TypeError(f"the fused (Numba) selector kernel takes fp32 tables, got {gate_up.dtype}: run the compiled row "
+                        "kernel (path native, `momcompress build-ops`) or the masked path for 16-bit tables")
     numba = _numba()
     if numba is None:
         raise ImportError("the fused CPU path needs Numba: pip install 'momcompress[cpu]'")
