@@ -41,6 +41,18 @@ def _layer_tensors(d, n, seed, dtype=torch.float32):
     return x_thr, gate_up, down, h_thr
 
 
+def _frozen_layer(d, n, seed, activation="silu", dtype=torch.float32, width=None):
+    """A FrozenSelectFFN holding _layer_tensors(d, n, seed, dtype), and those tensors."""
+    tensors = _layer_tensors(d, n, seed, dtype)
+    x_thr, gate_up, down, h_thr = tensors
+    layer = FrozenSelectFFN(d, width or n, n, activation, dtype=dtype)
+    layer.gate_up.data.copy_(gate_up)
+    layer.down.data.copy_(down)
+    layer.x_threshold.copy_(x_thr)
+    layer.h_threshold.copy_(h_thr)
+    return layer, tensors
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
 @pytest.mark.parametrize("tokens", [0, 1, 2, 3, 5, 8, 17, 70])
 def test_kernel_equals_the_reference(lib, activation, tokens):
@@ -136,12 +148,7 @@ def test_missing_library_falls_back_with_one_message(monkeypatch, caplog, tmp_pa
 
 
 def test_layer_runs_the_kernel_and_follows_replaced_tables(lib):
-    layer = FrozenSelectFFN(24, 48, 40, "silu")
-    x_thr, gate_up, down, h_thr = _layer_tensors(24, 40, 5)
-    layer.gate_up.data.copy_(gate_up)
-    layer.down.data.copy_(down)
-    layer.x_threshold.copy_(x_thr)
-    layer.h_threshold.copy_(h_thr)
+    layer, _ = _frozen_layer(24, 40, 5, width=48)
     x = torch.randn(3, 24)
     layer.path = "native"
     with torch.no_grad():
@@ -212,12 +219,7 @@ def test_kernel_shares_torchs_openmp_runtime(lib):
 def test_masked_path_with_the_compiled_middle_equals_the_reference(lib, activation):
     """Many tokens: torch's matmuls around the compiled activation-and-threshold pass; the reference's result."""
     d, n = 40, 203
-    x_thr, gate_up, down, h_thr = _layer_tensors(d, n, 11)
-    layer = FrozenSelectFFN(d, n, n, activation)
-    layer.gate_up.data.copy_(gate_up)
-    layer.down.data.copy_(down)
-    layer.x_threshold.copy_(x_thr)
-    layer.h_threshold.copy_(h_thr)
+    layer, (x_thr, gate_up, down, h_thr) = _frozen_layer(d, n, 11, activation)
     x = torch.randn(300, d, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert layer.row_kernel(x) == "native"
@@ -272,13 +274,7 @@ def test_amx_layer_refuses_what_it_cannot_run(amx):
 
 
 def _bf16_layer(d, n, seed):
-    x_thr, gate_up, down, h_thr = _layer_tensors(d, n, seed, torch.bfloat16)
-    layer = FrozenSelectFFN(d, n, n, "silu", dtype=torch.bfloat16)
-    layer.gate_up.data.copy_(gate_up)
-    layer.down.data.copy_(down)
-    layer.x_threshold.copy_(x_thr)
-    layer.h_threshold.copy_(h_thr)
-    return layer, (x_thr, gate_up, down, h_thr)
+    return _frozen_layer(d, n, seed, dtype=torch.bfloat16)
 
 
 def test_masked_path_of_bf16_tables_runs_amx_where_it_can(lib, monkeypatch):
@@ -315,12 +311,7 @@ def test_decided_calls_take_the_short_way_and_notice_changes(lib, monkeypatch):
     """Once auto has decided a kind of call, forward runs the decided path directly (no trial bookkeeping); a
     replaced table, a forced path or track_stats send it the long way again, with the right result."""
     monkeypatch.delenv(runtime.ENV_MAX_TOKENS, raising=False)
-    layer = FrozenSelectFFN(24, 40, 40, "silu")
-    x_thr, gate_up, down, h_thr = _layer_tensors(24, 40, 9)
-    layer.gate_up.data.copy_(gate_up)
-    layer.down.data.copy_(down)
-    layer.x_threshold.copy_(x_thr)
-    layer.h_threshold.copy_(h_thr)
+    layer, (x_thr, gate_up, down, h_thr) = _frozen_layer(24, 40, 9)
     x = torch.randn(1, 24)
     with torch.no_grad():
         for _ in range(2 * (runtime.TRIALS + 1) + 1):

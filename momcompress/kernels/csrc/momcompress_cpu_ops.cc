@@ -41,6 +41,19 @@ void run(SelectRows& job, int threads) {
 
 thread_local std::string g_error;  // the calling thread's last error (momcompress_cpu_ops_last_error)
 
+// f(), with an exception turned into 1 and its message in g_error (entry points must not throw into Python).
+template <typename F>
+int guarded(F&& f) {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+    g_error = "out of memory";
+  } catch (const std::exception& e) {
+    g_error = e.what();
+  }
+  return 1;
+}
+
 }  // namespace
 
 // A frozen selector layer as the Python side prepares it once (cpu_native.RowKernel): the tables stay where
@@ -148,10 +161,8 @@ MOM_AMX_TARGET void select_ffn_amx(const MomAmxLayer& l, int64_t T, const float*
 }  // namespace
 #endif
 
-// out (T, d) f32 = the layer on x (T, d) f32 by the AMX products (amx_select.h). Returns 0, or 1 with a message
-// (AMX not usable here, bad layer).
-MOM_EXPORT int momcompress_select_ffn_amx(const MomAmxLayer* layer, int64_t T, const float* x, float* out,
-                                          int threads) try {
+namespace {
+int select_ffn_amx_checked(const MomAmxLayer* layer, int64_t T, const float* x, float* out, int threads) {
   if (!amx_usable()) {
     g_error = "AMX (AMX-TILE, AMX-BF16, AVX512-BF16 and the OS's permission) is not usable on this machine";
     return 1;
@@ -166,12 +177,14 @@ MOM_EXPORT int momcompress_select_ffn_amx(const MomAmxLayer* layer, int64_t T, c
   select_ffn_amx(*layer, T, x, out, threads);
 #endif
   return 0;
-} catch (const std::bad_alloc&) {
-  g_error = "out of memory";
-  return 1;
-} catch (const std::exception& e) {
-  g_error = e.what();
-  return 1;
+}
+}  // namespace
+
+// out (T, d) f32 = the layer on x (T, d) f32 by the AMX products (amx_select.h). Returns 0, or 1 with a message
+// (AMX not usable here, bad layer, out of memory).
+MOM_EXPORT int momcompress_select_ffn_amx(const MomAmxLayer* layer, int64_t T, const float* x, float* out,
+                                          int threads) {
+  return guarded([&] { return select_ffn_amx_checked(layer, T, x, out, threads); });
 }
 
 // The message of the calling thread's last failed call.
@@ -180,37 +193,33 @@ MOM_EXPORT const char* momcompress_cpu_ops_last_error() { return g_error.c_str()
 // out (T, d) f32 = the layer on x (T, d) f32 (both contiguous). threads <= 0: OpenMP's default.
 // Returns 0, or 1 with a message in momcompress_cpu_ops_last_error() (bad layer, out of memory).
 MOM_EXPORT int momcompress_select_ffn_rows(const MomSelectLayer* layer, int64_t T, const float* x, float* out,
-                                           int threads) try {
-  const MomSelectLayer& l = *layer;
-  if (l.weight_type != kF32 && l.weight_type != kBF16 && l.weight_type != kF16) {
-    g_error = "unknown weight type (0 float32, 1 bfloat16, 2 float16)";
-    return 1;
-  }
-  if (l.act < 0 || l.act > 2) {
-    g_error = "unknown activation code (0 silu, 1 gelu_tanh, 2 gelu)";
-    return 1;
-  }
-  if (threads <= 0) threads = omp_get_max_threads();
-  if (T <= 0 || l.n <= 0) {
-    std::fill(out, out + (T > 0 ? T * l.d : 0), 0.0f);
+                                           int threads) {
+  return guarded([&] {
+    const MomSelectLayer& l = *layer;
+    if (l.weight_type != kF32 && l.weight_type != kBF16 && l.weight_type != kF16) {
+      g_error = "unknown weight type (0 float32, 1 bfloat16, 2 float16)";
+      return 1;
+    }
+    if (l.act < 0 || l.act > 2) {
+      g_error = "unknown activation code (0 silu, 1 gelu_tanh, 2 gelu)";
+      return 1;
+    }
+    if (threads <= 0) threads = omp_get_max_threads();
+    if (T <= 0 || l.n <= 0) {
+      std::fill(out, out + (T > 0 ? T * l.d : 0), 0.0f);
+      return 0;
+    }
+    // Kept per calling thread between calls: the lists and partials reuse their memory (no malloc per layer).
+    thread_local SelectRows job;
+    thread_local std::vector<float> gu_partial, partial;
+    job.T = T; job.d = l.d; job.n = l.n; job.h_thr = l.h_threshold; job.act = static_cast<Act>(l.act);
+    job.gate_up = l.gate_up; job.down = l.down;
+    gather_kept(x, l.x_threshold, job);
+    plan_tasks(job, threads, gu_partial, partial);
+    if (l.weight_type == kF32) run<float>(job, threads);
+    else if (l.weight_type == kBF16) run<bf16>(job, threads);
+    else run<f16>(job, threads);
+    sum_partials(job, out);
     return 0;
-  }
-  // Kept per calling thread between calls: the lists and partials reuse their memory (no malloc per layer).
-  thread_local SelectRows job;
-  thread_local std::vector<float> gu_partial, partial;
-  job.T = T; job.d = l.d; job.n = l.n; job.h_thr = l.h_threshold; job.act = static_cast<Act>(l.act);
-  job.gate_up = l.gate_up; job.down = l.down;
-  gather_kept(x, l.x_threshold, job);
-  plan_tasks(job, threads, gu_partial, partial);
-  if (l.weight_type == kF32) run<float>(job, threads);
-  else if (l.weight_type == kBF16) run<bf16>(job, threads);
-  else run<f16>(job, threads);
-  sum_partials(job, out);
-  return 0;
-} catch (const std::bad_alloc&) {
-  g_error = "out of memory";
-  return 1;
-} catch (const std::exception& e) {
-  g_error = e.what();
-  return 1;
+  });
 }
