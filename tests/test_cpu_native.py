@@ -317,6 +317,8 @@ def test_decided_calls_take_the_short_way_and_notice_changes(lib, monkeypatch):
         for _ in range(2 * (runtime.TRIALS + 1) + 1):
             layer(x)
         assert len(layer._ready) == 1
+        layer(torch.randn(runtime.MAX_TRIAL_TOKENS + 1, 24))  # long calls are not remembered (one entry per length)
+        assert len(layer._ready) == 1
         decided = layer.decisions()[f"T<=1 @{torch.get_num_threads()} threads"]
         monkeypatch.setattr(layer, "run_auto", lambda x: pytest.fail("the decided call went the long way"))
         torch.testing.assert_close(layer(x), layer.run_path("masked", x), rtol=1e-4, atol=1e-5)
