@@ -845,8 +845,9 @@ OrtStatus* select_ffn_compute(void* kernel, OrtKernelContext* ctx) try {
 #if MOM_HAVE_AMX
   if (k.amx && T >= kSelectAmxMinTokens && x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT &&
       gu.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) {
-    std::vector<uint16_t> scratch_gu, scratch_dn, xparts, hparts;
-    std::vector<float> gu_out, y, out(static_cast<size_t>(T * d));
+    // Kept per calling thread between calls, like the PyTorch side's (no allocation and zero-fill per layer).
+    thread_local std::vector<uint16_t> scratch_gu, scratch_dn, xparts, hparts;
+    thread_local std::vector<float> gu_out, y;
     AmxJob job;
     job.T = T; job.d = d; job.n = n; job.tasks = std::max<int64_t>(1, target_tasks());
     job.x = static_cast<const float*>(x.data); job.x_thr = xt; job.h_thr = ht; job.act = k.act;
@@ -857,8 +858,12 @@ OrtStatus* select_ffn_compute(void* kernel, OrtKernelContext* ctx) try {
     MOM_RETURN_IF(parallel(ctx, amx_gate_up_task, job.tasks, &job));
     MOM_RETURN_IF(parallel(ctx, amx_hidden_task, job.tasks, &job));
     MOM_RETURN_IF(parallel(ctx, amx_down_task, job.tasks, &job));
-    amx_finish(job, out.data());
-    return finish(ctx, x, out);
+    OrtValue* out = nullptr;
+    void* data = nullptr;
+    MOM_RETURN_IF(g_api->KernelContext_GetOutput(ctx, 0, x.shape.data(), x.shape.size(), &out));
+    MOM_RETURN_IF(g_api->GetTensorMutableData(out, &data));
+    amx_finish(job, static_cast<float*>(data));  // x is fp32 here, so is the output
+    return nullptr;
   }
 #endif
   const bool fp32 = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && gu.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
