@@ -261,10 +261,13 @@ void run_task(void* data, size_t task) {
   run_rows(tile, job.task_i0[task], job.task_i1[task], job.x, job.gate, job.up, job.down, job.d, job.act, partial);
 }
 
-int64_t target_tasks() {
-  static const int64_t n = std::max<int64_t>(1, 2 * static_cast<int64_t>(std::thread::hardware_concurrency()));
+int64_t hardware_threads() {
+  static const int64_t n = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
   return n;
 }
+
+// Tasks a parallel section is cut into (two per hardware thread: onnxruntime hands them out as threads free up).
+int64_t target_tasks() { return 2 * hardware_threads(); }
 
 // out (T, d) f32 += the selected rows of every token (see the file's header).
 template <typename W>
@@ -694,12 +697,8 @@ const uint16_t* amx_packed(SelectFFNKernel& k, int which, const void* table, int
 
 
 template <typename W>
-void share_task(void* data, size_t task) {
-  gate_up_share(*static_cast<const SelectRows*>(data), static_cast<int64_t>(task), static_cast<const W*>(nullptr));
-}
-template <typename W>
 void range_task(void* data, size_t task) {
-  down_range(*static_cast<const SelectRows*>(data), static_cast<int64_t>(task), static_cast<const W*>(nullptr));
+  select_range(*static_cast<const SelectRows*>(data), static_cast<int64_t>(task), static_cast<const W*>(nullptr));
 }
 
 OrtStatus* parallel(const OrtKernelContext* ctx, void (*fn)(void*, size_t), int64_t tasks, void* data) {
@@ -711,11 +710,12 @@ OrtStatus* parallel(const OrtKernelContext* ctx, void (*fn)(void*, size_t), int6
 }
 
 // The row path: out (T, d) f32 = the layer on x (T, d) f32.
+// The row path: out (T, d) f32 = the layer on x (T, d) f32, one task per thread (the tasks are independent: a
+// task per hardware thread keeps each table row's piece long; see select_rows.h).
 OrtStatus* select_rows_path(const OrtKernelContext* ctx, SelectRows& job, ONNXTensorElementDataType wtype, float* out) {
-  std::vector<float> gu_partial, partial;
-  plan_tasks(job, target_tasks(), gu_partial, partial);
+  std::vector<float> gu, partial;
+  plan_tasks(job, hardware_threads(), gu, partial);
   const bool f32 = wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, b16 = wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
-  MOM_RETURN_IF(parallel(ctx, f32 ? share_task<float> : b16 ? share_task<bf16> : share_task<f16>, job.shares, &job));
   MOM_RETURN_IF(parallel(ctx, f32 ? range_task<float> : b16 ? range_task<bf16> : range_task<f16>, job.ranges, &job));
   sum_partials(job, out);
   return nullptr;

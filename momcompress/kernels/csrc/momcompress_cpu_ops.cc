@@ -30,13 +30,8 @@ enum WeightType { kF32 = 0, kBF16 = 1, kF16 = 2 };
 template <typename W>
 void run(SelectRows& job, int threads) {
   const W* tag = nullptr;
-#pragma omp parallel num_threads(threads)
-  {
-#pragma omp for schedule(static)
-    for (int64_t a = 0; a < job.shares; ++a) gate_up_share(job, a, tag);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < job.ranges; ++b) down_range(job, b, tag);
-  }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < job.ranges; ++b) select_range(job, b, tag);
 }
 
 thread_local std::string g_error;  // the calling thread's last error (momcompress_cpu_ops_last_error)
@@ -211,11 +206,11 @@ MOM_EXPORT int momcompress_select_ffn_rows(const MomSelectLayer* layer, int64_t 
     }
     // Kept per calling thread between calls: the lists and partials reuse their memory (no malloc per layer).
     thread_local SelectRows job;
-    thread_local std::vector<float> gu_partial, partial;
+    thread_local std::vector<float> gu, partial;
     job.T = T; job.d = l.d; job.n = l.n; job.h_thr = l.h_threshold; job.act = static_cast<Act>(l.act);
     job.gate_up = l.gate_up; job.down = l.down;
     gather_kept(x, l.x_threshold, job);
-    plan_tasks(job, threads, gu_partial, partial);
+    plan_tasks(job, threads, gu, partial);
     if (l.weight_type == kF32) run<float>(job, threads);
     else if (l.weight_type == kBF16) run<bf16>(job, threads);
     else run<f16>(job, threads);

@@ -5,12 +5,11 @@
 // A layer (d channels, n stored neurons): x_s = x * (|x| > x_threshold); (g, u) = x_s @ gate_up (gate and up
 // interleaved per neuron, gate_up (d, 2n)); h = act(g) * u; out = (h * (|h| > h_threshold)) @ down (down (n, d)).
 // Each token reads only the gate_up rows of the channels it keeps and the down rows of the neurons it keeps,
-// where they lie, in two phases that each split into independent tasks (no atomics):
-//   (A) task a takes a 1/A share of every token's kept channels and adds their whole gate_up rows (2n values,
-//       contiguous) into its own partial gu (T, 2n);
-//   (B) task b takes a range of neurons, sums the A partials over it, applies act and the neuron threshold and
-//       adds the kept neurons' rows of down into its own partial output (T, d).
-// The caller runs A's tasks, then B's, then sum_partials. Arithmetic in fp32; tables float, bfloat16 or float16.
+// where they lie, in one parallel section of independent tasks (no atomics, no barrier): task b takes a range of
+// neurons [lo, hi), (A) adds the kept channels' gate_up row pieces [2lo, 2hi) (contiguous) into gu's columns of
+// those neurons, (B) applies act and the neuron threshold to them and adds the kept neurons' rows of down into its
+// own partial output (T, d). The caller runs the tasks, then sum_partials. Arithmetic in fp32; tables float,
+// bfloat16 or float16.
 
 #pragma once
 
@@ -167,27 +166,24 @@ MOM_INLINE void acc_row(float* __restrict acc, const W* __restrict r, float xv, 
 }
 
 
-// The per-token rows: token t keeps channels kept[ptr[t] .. ptr[t+1]) with values val[...]. With more than one
-// token (by_row), the same lists by channel too: channel j is kept by tokens ctok[cptr[j] .. cptr[j+1]) with
-// values cval[...], and phase A's shares are ranges of channels, [share_lo[a], share_lo[a+1]).
+// One call of the row kernel. Token t keeps channels kept[ptr[t] .. ptr[t+1]) with values val[...]; with more than
+// one token (by_row), urows are the channels some token keeps and uxu (T, urows) their values (0 where a token does
+// not keep one), so that a row kept by several tokens is read once for all of them.
 struct SelectRows {
   int64_t T = 0, d = 0, n = 0;  // tokens, hidden size, stored neurons
   std::vector<int64_t> ptr;
   std::vector<int32_t> kept;
   std::vector<float> val;
   bool by_row = false;
-  std::vector<int64_t> cptr;
-  std::vector<int32_t> ctok;
-  std::vector<float> cval;
-  std::vector<int64_t> share_lo;
+  std::vector<int32_t> urows;
+  std::vector<float> uxu;
   const float* h_thr = nullptr;
   Act act = Act::Silu;
   const void* gate_up = nullptr;  // (d, 2n)
   const void* down = nullptr;     // (n, d)
-  int64_t shares = 1;             // phase A tasks: shares of each token's kept channels
-  int64_t ranges = 1;             // phase B tasks: ranges of neurons
-  int64_t gstride = 0;            // floats from one token's gu partial to the next (2n, padded: see plan_tasks)
-  float* gu_partial = nullptr;    // (shares, T, gstride)
+  int64_t ranges = 1;             // tasks: ranges of neurons
+  int64_t gstride = 0;            // floats from one token's gu to the next (2n, padded: see plan_tasks)
+  float* gu = nullptr;            // (T, gstride): each task writes its neurons' columns
   float* partial = nullptr;       // (ranges, T, d), zeroed
 };
 
@@ -222,93 +218,70 @@ MOM_INLINE void union_rows_to_tokens(const W* const* rows, int64_t nr, const flo
   }
 }
 
-// Two phases, each split for streaming: (A) task a takes a 1/A share of every token's kept channels and adds
-// their whole gate_up rows (2F' values, contiguous) into its own gu partial (T, 2F'); (B) task b takes a range
-// of neurons, sums the A partials over it, applies act and the neuron threshold, and adds the kept neurons'
-// rows of down into its own output partial (T, d). The caller sums the B partials.
-// One token (decode): each task streams its share of the token's rows, 4 rows per pass. More tokens (by_row):
-// a row kept by several tokens is read once for all of them (task a takes a range of channels in A; B walks its
-// neurons once), so a call reads the union of its tokens' rows, not the sum.
-template <typename W>
-MOM_INLINE void gate_up_rows_impl(const SelectRows& job, int64_t a) {
-  const int64_t stride = 2 * job.n, T = job.T;
-  const W* gu = static_cast<const W*>(job.gate_up);
-  float* base = job.gu_partial + a * T * job.gstride;
-  std::fill(base, base + T * job.gstride, 0.0f);
-  thread_local std::vector<const W*> rows;  // the share's channels kept by some token: their gate_up rows
-  thread_local std::vector<float> xu;       // (T, rows): the tokens' values on them, 0 where not kept
-  thread_local std::vector<float*> accs;
-  rows.clear();
-  for (int64_t j = job.share_lo[a]; j < job.share_lo[a + 1]; ++j)
-    if (job.cptr[j + 1] > job.cptr[j]) rows.push_back(gu + j * stride);
-  const int64_t nr = static_cast<int64_t>(rows.size());
-  xu.assign(static_cast<size_t>(T * nr), 0.0f);
-  for (int64_t j = job.share_lo[a], k = 0; j < job.share_lo[a + 1]; ++j) {
-    if (job.cptr[j + 1] == job.cptr[j]) continue;
-    for (int64_t e = job.cptr[j]; e < job.cptr[j + 1]; ++e) xu[job.ctok[e] * nr + k] = job.cval[e];
-    ++k;
-  }
-  accs.resize(static_cast<size_t>(T));
-  for (int64_t t = 0; t < T; ++t) accs[t] = base + t * job.gstride;
-  // Columns in chunks: 4 row pieces and T accumulator pieces of `chunk` floats stay within about 32 KiB (L1).
-  const int64_t chunk = std::max<int64_t>(256, std::min<int64_t>(stride, 8192 / (4 + T) / 16 * 16));
-  for (int64_t c0 = 0; c0 < stride; c0 += chunk)
-    union_rows_to_tokens<W>(rows.data(), nr, xu.data(), T, accs.data(), c0, std::min(chunk, stride - c0));
+
+// h (m,) of token t over neurons [lo, lo + m): act(g) * u from the gu columns of those neurons.
+MOM_INLINE void hidden_of_token(const SelectRows& job, int64_t t, int64_t lo, int64_t m, float* h) {
+  activate_pairs(job.gu + t * job.gstride + 2 * lo, m, job.act, h);
 }
 
+// Task b's neurons [lo, hi): ranges of multiples of 16 (the last range takes the rest).
+MOM_INLINE void neuron_range(const SelectRows& job, int64_t b, int64_t* lo, int64_t* hi) {
+  *lo = job.n * b / job.ranges / 16 * 16;
+  *hi = b + 1 == job.ranges ? job.n : job.n * (b + 1) / job.ranges / 16 * 16;
+}
+
+// (A) gu[:, 2lo .. 2hi) = the kept channels' values times their gate_up rows' pieces [2lo, 2hi) (contiguous), for
+// every token: one token streams its kept rows' pieces 4 per pass, prefetching the next pass's; several tokens
+// read each union row's piece once for all of them.
 template <typename W>
-MOM_INLINE void gate_up_share_impl(const SelectRows& job, int64_t a) {
-  if (job.by_row) {
-    gate_up_rows_impl<W>(job, a);
-    return;
-  }
-  const int64_t stride = 2 * job.n;
+MOM_INLINE void gate_up_columns(const SelectRows& job, int64_t lo, int64_t hi) {
+  const int64_t stride = 2 * job.n, c0 = 2 * lo, len = 2 * (hi - lo), T = job.T;
   const W* gu = static_cast<const W*>(job.gate_up);
-  for (int64_t t = 0; t < job.T; ++t) {
-    float* acc = job.gu_partial + (a * job.T + t) * job.gstride;
-    std::fill(acc, acc + stride, 0.0f);
-    const int64_t nk = job.ptr[t + 1] - job.ptr[t];
-    const int64_t p0 = job.ptr[t] + nk * a / job.shares, p1 = job.ptr[t] + nk * (a + 1) / job.shares;
+  for (int64_t t = 0; t < T; ++t) std::fill_n(job.gu + t * job.gstride + c0, len, 0.0f);
+  if (!job.by_row) {
+    float* acc = job.gu + c0;
     const int32_t* j = job.kept.data();
     const float* v = job.val.data();
-    int64_t p = p0;
+    const W* g = gu + c0;
+    const int64_t p1 = job.ptr[1];
+    int64_t p = 0;
     for (; p + 8 <= p1; p += 4)
-      acc_rows4_ahead<W>(acc, gu + j[p] * stride, gu + j[p + 1] * stride, gu + j[p + 2] * stride, gu + j[p + 3] * stride,
-                         v[p], v[p + 1], v[p + 2], v[p + 3], stride, gu + j[p + 4] * stride, gu + j[p + 5] * stride,
-                         gu + j[p + 6] * stride, gu + j[p + 7] * stride);
+      acc_rows4_ahead<W>(acc, g + j[p] * stride, g + j[p + 1] * stride, g + j[p + 2] * stride, g + j[p + 3] * stride,
+                         v[p], v[p + 1], v[p + 2], v[p + 3], len, g + j[p + 4] * stride, g + j[p + 5] * stride,
+                         g + j[p + 6] * stride, g + j[p + 7] * stride);
     for (; p + 4 <= p1; p += 4)
-      acc_rows4<W>(acc, gu + j[p] * stride, gu + j[p + 1] * stride, gu + j[p + 2] * stride, gu + j[p + 3] * stride, v[p],
-                   v[p + 1], v[p + 2], v[p + 3], stride);
-    for (; p < p1; ++p) acc_row<W>(acc, gu + j[p] * stride, v[p], stride);
+      acc_rows4<W>(acc, g + j[p] * stride, g + j[p + 1] * stride, g + j[p + 2] * stride, g + j[p + 3] * stride, v[p],
+                   v[p + 1], v[p + 2], v[p + 3], len);
+    for (; p < p1; ++p) acc_row<W>(acc, g + j[p] * stride, v[p], len);
+    return;
   }
+  thread_local std::vector<const W*> rows;
+  thread_local std::vector<float*> accs;
+  const int64_t nr = static_cast<int64_t>(job.urows.size());
+  rows.resize(static_cast<size_t>(nr));
+  for (int64_t k = 0; k < nr; ++k) rows[k] = gu + static_cast<int64_t>(job.urows[k]) * stride;
+  accs.resize(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) accs[t] = job.gu + t * job.gstride;
+  // Columns in chunks: 4 row pieces and T accumulator pieces of `chunk` floats stay within about 32 KiB (L1).
+  const int64_t chunk = std::max<int64_t>(256, std::min<int64_t>(len, 8192 / (4 + T) / 16 * 16));
+  for (int64_t c = c0; c < c0 + len; c += chunk)
+    union_rows_to_tokens<W>(rows.data(), nr, job.uxu.data(), T, accs.data(), c, std::min(chunk, c0 + len - c));
 }
 
-// h (m,) of token t over neurons [lo, lo + m): the A partials summed, then act(g) * u.
-MOM_INLINE void hidden_of_token(const SelectRows& job, int64_t t, int64_t lo, int64_t m, float* gu, float* h) {
-  const int64_t stride = job.gstride;
-  const float* first = job.gu_partial + t * stride + 2 * lo;
-  std::copy(first, first + 2 * m, gu);
-  for (int64_t a = 1; a < job.shares; ++a) {
-    const float* part = job.gu_partial + (a * job.T + t) * stride + 2 * lo;
-    for (int64_t q = 0; q < 2 * m; ++q) gu[q] += part[q];
-  }
-  activate_pairs(gu, m, job.act, h);
-}
-
+// (B) on neurons [lo, hi): h from gu, act and the neuron threshold, then the kept neurons' rows of down added into
+// partial (T, d).
 template <typename W>
-MOM_INLINE void down_range_impl(const SelectRows& job, int64_t b) {
-  const int64_t lo = job.n * b / job.ranges / 16 * 16, hi = b + 1 == job.ranges ? job.n : job.n * (b + 1) / job.ranges / 16 * 16;
+MOM_INLINE void down_neurons(const SelectRows& job, int64_t lo, int64_t hi, float* partial) {
   const int64_t m = hi - lo;
   const W* down = static_cast<const W*>(job.down);
   // Scratch kept per thread between calls (a decode step calls this once per layer and task: no malloc).
-  thread_local std::vector<float> gu, h;
+  thread_local std::vector<float> h;
   thread_local std::vector<int64_t> kept;
-  gu.resize(static_cast<size_t>(2 * m));
   h.resize(static_cast<size_t>(job.by_row ? job.T * m : m));
   kept.resize(static_cast<size_t>(m));
   if (job.by_row) {  // every token's h first, then the union of kept neurons' rows, each read once
     const int64_t T = job.T;
-    for (int64_t t = 0; t < T; ++t) hidden_of_token(job, t, lo, m, gu.data(), h.data() + t * m);
+    for (int64_t t = 0; t < T; ++t) hidden_of_token(job, t, lo, m, h.data() + t * m);
     thread_local std::vector<const W*> rows;
     thread_local std::vector<float> hu;  // (T, union): h where kept, else 0
     thread_local std::vector<float*> accs;
@@ -333,13 +306,13 @@ MOM_INLINE void down_range_impl(const SelectRows& job, int64_t b) {
       }
     }
     accs.resize(static_cast<size_t>(T));
-    for (int64_t t = 0; t < T; ++t) accs[t] = job.partial + (b * T + t) * job.d;
+    for (int64_t t = 0; t < T; ++t) accs[t] = partial + t * job.d;
     union_rows_to_tokens<W>(rows.data(), nu, hu.data(), T, accs.data(), 0, job.d);
     return;
   }
   for (int64_t t = 0; t < job.T; ++t) {
-    hidden_of_token(job, t, lo, m, gu.data(), h.data());
-    float* out = job.partial + (b * job.T + t) * job.d;
+    hidden_of_token(job, t, lo, m, h.data());
+    float* out = partial + t * job.d;
     int64_t nk = 0;
     for (int64_t i = 0; i < m; ++i)
       if (std::fabs(h[i]) > job.h_thr[lo + i]) kept[nk++] = i;
@@ -360,15 +333,24 @@ MOM_INLINE void down_range_impl(const SelectRows& job, int64_t b) {
   }
 }
 
-MOM_MULTIVERSION void gate_up_share(const SelectRows& job, int64_t a, const float*) { gate_up_share_impl<float>(job, a); }
-MOM_MULTIVERSION void gate_up_share(const SelectRows& job, int64_t a, const bf16*) { gate_up_share_impl<bf16>(job, a); }
-MOM_MULTIVERSION void gate_up_share(const SelectRows& job, int64_t a, const f16*) { gate_up_share_impl<f16>(job, a); }
-MOM_MULTIVERSION void down_range(const SelectRows& job, int64_t b, const float*) { down_range_impl<float>(job, b); }
-MOM_MULTIVERSION void down_range(const SelectRows& job, int64_t b, const bf16*) { down_range_impl<bf16>(job, b); }
-MOM_MULTIVERSION void down_range(const SelectRows& job, int64_t b, const f16*) { down_range_impl<f16>(job, b); }
+// Task b of a call, one parallel section in all: (A) then (B) on its own neurons, into its own output partial.
+// Each task reads its pieces of the kept gate_up rows and its kept down rows, where they lie; no task waits for
+// another (the two phases share neither rows nor columns), which matters where threads sleep between calls
+// (onnxruntime without spinning: each extra synchronisation of a decode step's 30 small layers costs a wake-up).
+template <typename W>
+MOM_INLINE void range_task_impl(const SelectRows& job, int64_t b) {
+  int64_t lo, hi;
+  neuron_range(job, b, &lo, &hi);
+  gate_up_columns<W>(job, lo, hi);
+  down_neurons<W>(job, lo, hi, job.partial + b * job.T * job.d);
+}
+
+MOM_MULTIVERSION void select_range(const SelectRows& job, int64_t b, const float*) { range_task_impl<float>(job, b); }
+MOM_MULTIVERSION void select_range(const SelectRows& job, int64_t b, const bf16*) { range_task_impl<bf16>(job, b); }
+MOM_MULTIVERSION void select_range(const SelectRows& job, int64_t b, const f16*) { range_task_impl<f16>(job, b); }
 
 // The kept channels of x (T, d) f32: token t keeps channels kept[ptr[t] .. ptr[t+1]) with values val[...];
-// with T > 1 also by channel (by_row, see SelectRows).
+// with T > 1 also their union (by_row, see SelectRows).
 inline void gather_kept(const float* x, const float* x_thr, SelectRows& job) {
   job.ptr.assign(1, 0);
   job.kept.clear();
@@ -387,51 +369,36 @@ inline void gather_kept(const float* x, const float* x_thr, SelectRows& job) {
   }
   job.by_row = job.T > 1;
   if (!job.by_row) return;
-  job.cptr.assign(static_cast<size_t>(job.d + 1), 0);
-  for (int32_t j : job.kept) ++job.cptr[j + 1];
-  for (int64_t j = 0; j < job.d; ++j) job.cptr[j + 1] += job.cptr[j];
-  job.ctok.resize(job.kept.size());
-  job.cval.resize(job.kept.size());
-  thread_local std::vector<int64_t> fill;
-  fill.assign(job.cptr.begin(), job.cptr.end() - 1);
-  for (int64_t t = 0; t < job.T; ++t) {
-    for (int64_t p = job.ptr[t]; p < job.ptr[t + 1]; ++p) {
-      const int64_t e = fill[job.kept[p]]++;
-      job.ctok[e] = static_cast<int32_t>(t);
-      job.cval[e] = job.val[p];
+  thread_local std::vector<int32_t> slot;  // channel -> its index in urows, or -1
+  slot.assign(static_cast<size_t>(job.d), -1);
+  job.urows.clear();
+  for (int32_t j : job.kept) slot[j] = 0;
+  for (int64_t j = 0; j < job.d; ++j)
+    if (slot[j] == 0) {
+      slot[j] = static_cast<int32_t>(job.urows.size());
+      job.urows.push_back(static_cast<int32_t>(j));
     }
-  }
+  const int64_t nr = static_cast<int64_t>(job.urows.size());
+  job.uxu.assign(static_cast<size_t>(job.T * nr), 0.0f);
+  for (int64_t t = 0; t < job.T; ++t)
+    for (int64_t p = job.ptr[t]; p < job.ptr[t + 1]; ++p) job.uxu[t * nr + slot[job.kept[p]]] = job.val[p];
 }
 
-// Split the job into `tasks` shares (phase A) and up to `tasks` neuron ranges of >= 16 (phase B), with their
-// partial buffers (kept by the caller).
-inline void plan_tasks(SelectRows& job, int64_t tasks, std::vector<float>& gu_partial, std::vector<float>& partial) {
-  job.shares = std::max<int64_t>(1, tasks);
+// Split the job into up to `tasks` neuron ranges of >= 16, with their buffers (kept by the caller).
+inline void plan_tasks(SelectRows& job, int64_t tasks, std::vector<float>& gu, std::vector<float>& partial) {
   job.ranges = std::max<int64_t>(1, std::min<int64_t>(tasks, job.n / 16));
-  if (job.by_row) {  // channel ranges with about equal numbers of kept rows (distinct rows: the bytes read)
-    int64_t rows = 0;
-    for (int64_t j = 0; j < job.d; ++j) rows += job.cptr[j + 1] > job.cptr[j];
-    job.share_lo.assign(1, 0);
-    int64_t seen = 0;
-    for (int64_t j = 0; j < job.d && static_cast<int64_t>(job.share_lo.size()) < job.shares; ++j) {
-      seen += job.cptr[j + 1] > job.cptr[j];
-      if (seen * job.shares >= rows * static_cast<int64_t>(job.share_lo.size())) job.share_lo.push_back(j + 1);
-    }
-    while (static_cast<int64_t>(job.share_lo.size()) <= job.shares) job.share_lo.push_back(job.d);
-    job.share_lo.back() = job.d;
-  }
-  // One token's gu partial to the next: 2n floats plus a cache line, so that the tokens' accumulators a row is
-  // added into are not a multiple of 4 KiB apart (they would be for 2n = 3072: the CPU then takes each load for
-  // one depending on the previous token's store, "4K aliasing", and the multi-token loop runs at half speed).
+  // One token's gu to the next: 2n floats plus a cache line, so that the tokens' accumulators a row is added into
+  // are not a multiple of 4 KiB apart (they would be for 2n = 3072: the CPU then takes each load for one depending
+  // on the previous token's store, "4K aliasing", and the multi-token loop runs at half speed).
   job.gstride = 2 * job.n + 16;
   if ((job.gstride * 4) % 4096 == 0) job.gstride += 16;
-  gu_partial.resize(static_cast<size_t>(job.shares * job.T * job.gstride));  // phase A overwrites it
+  gu.resize(static_cast<size_t>(job.T * job.gstride));  // every task writes its columns
   partial.assign(static_cast<size_t>(job.ranges * job.T * job.d), 0.0f);
-  job.gu_partial = gu_partial.data();
+  job.gu = gu.data();
   job.partial = partial.data();
 }
 
-// out (T, d) = the sum of phase B's partial outputs.
+// out (T, d) = the sum of the tasks' partial outputs.
 inline void sum_partials(const SelectRows& job, float* out) {
   const int64_t size = job.T * job.d;
   std::memcpy(out, job.partial, static_cast<size_t>(size) * 4);
