@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
              f"block size {block_size}, {mom_config.get('num_experts')} experts top-{mom_config.get('top_k')}")
     print(f"onnxruntime CPU, fp32, batch 1, {args.threads} threads; frozen model measured ratio "
           f"{frozen_manifest.get('measured_ratio', float('nan')):.3f}, {shape}; median of {args.repeats} rounds; CPU: {cpu_name()}")
-    long_calls = {name: lm.long_calls for name, lm in sessions.items() if getattr(lm, "long_calls", None)}
+    long_calls = {name: lm.long_calls + (" (no If nodes)" if getattr(lm, "row_switch_removed", False) else "")
+                  for name, lm in sessions.items() if getattr(lm, "long_calls", None)}
     if long_calls:  # what ran a selector layer's calls of more than the file's row_tokens tokens
         print("selector calls above the file's row switch: " + ", ".join(f"{k}: {v}" for k, v in long_calls.items()))
     header = f"{'workload':<26} {'dense ms':>9} " + " ".join(f"{v + ' ms':>18} {'ratio':>6}" for v in mom_names)
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             "experts": mom_config.get("num_experts"), "top_k": mom_config.get("top_k"), "rows": rows, "raw_seconds": times, "decode_goal_met": goal,
             "experts_paths": {name: lm.experts_path for name, lm in sessions.items()},
             "long_calls": {name: getattr(lm, "long_calls", None) for name, lm in sessions.items()},
+            "row_switch_removed": {name: getattr(lm, "row_switch_removed", False) for name, lm in sessions.items()},
         }
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -132,8 +132,10 @@ class OrtCausalLM:
     ``experts_path`` says which ran: "kernel", "function body", or None for a graph without momcompress nodes.
     ``custom_op`` names the node it is about: "MoMExperts", or "SelectFFN" (per-token selector).
     ``long_calls`` says what runs a selector layer's calls of more than the file's row_tokens tokens: "amx" (the
-    kernel's AMX tile products, bf16 tables on a CPU with AMX-BF16: the session moves the file's switch so that
-    every call reaches SelectFFN), "matmul" (the file's MatMul branch), None (no selector).
+    kernel's AMX tile products, bf16 tables on a CPU with AMX-BF16: every call reaches SelectFFN, the session
+    running the graph without the switch's If nodes, ``row_switch_removed``, or, for a file over protobuf's 2 GiB
+    or with external data, with the switch moved out of the way), "matmul" (the file's MatMul branch), None (no
+    selector).
     """
 
     def __init__(self, path: str | Path, provider: str = "CPUExecutionProvider", threads: int | None = None,
@@ -165,6 +167,7 @@ class OrtCausalLM:
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.ops_library = None  # the momcompress ops library registered in this session, if any
+        self._proto = None  # the file's ModelProto while __init__ may change the graph (set by _custom_nodes)
         self.custom_op = "MoMExperts"  # the momcompress node the graph has per layer (SelectFFN for a per-token selector)
         self.select_bf16_tables = False  # SelectFFN nodes whose tables are bf16 (set by _custom_nodes)
         self.row_switch = False  # the file routes selector calls by token count (select_op.ROW_TOKENS_NAME)
@@ -172,20 +175,29 @@ class OrtCausalLM:
         # bf16 selector tables on a CPU with AMX: SelectFFN's kernel runs every call (rows for few tokens, AMX tile
         # products for more), so the export's switch moves out of the way unless the caller set it
         self.long_calls = None  # "amx" when that is so ("matmul": the file's MatMul branch; None: no selector)
+        self.row_switch_removed = False  # the session runs the graph without the switch's If nodes (see below)
+        source: str | bytes = str(self.path)
         if self.custom_op == "SelectFFN":
             from momcompress.export import ort_ops, select_op
 
             self.long_calls = "matmul"
             if (self.experts_path == ort_ops.KERNEL and self.select_bf16_tables and self.row_switch
                     and select_op.ROW_TOKENS_NAME not in (initializers or {}) and ort_ops.amx_usable(self.ops_library)):
-                initializers = {**(initializers or {}), select_op.ROW_TOKENS_NAME: np.array(2**62, dtype=np.int64)}
                 self.long_calls = "amx"
+                # The graph without the If nodes (each If is a subgraph call per layer and step, about 4% of a decode
+                # step): possible when the file fits one protobuf; else the switch moves out of the way.
+                if self._proto is not None and select_op.unroute(self._proto):
+                    source = self._proto.SerializeToString()
+                    self.row_switch_removed = True
+                else:
+                    initializers = {**(initializers or {}), select_op.ROW_TOKENS_NAME: np.array(2**62, dtype=np.int64)}
+        self._proto = None
         # onnxruntime reads these buffers in place for the session's lifetime: keep them referenced
         self._overrides = [(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))) for name, v in (initializers or {}).items()]
         for name, value in self._overrides:
             options.add_initializer(name, value)
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=[provider])
+            self.session = ort.InferenceSession(source, options, providers=[provider])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise OnnxModelError(f"onnxruntime cannot load {self.path}: {e}") from None
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -214,6 +226,9 @@ class OrtCausalLM:
         from momcompress.export import op, select_op
 
         model = onnx.load(str(self.path), load_external_data=False)
+        external = any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
+        # kept for __init__'s graph changes when the whole model is in this one file (under protobuf's 2 GiB)
+        self._proto = None if external or self.path.stat().st_size >= 2**31 - 2**24 else model
         nodes = [n for n in select_op.iter_nodes(model.graph) if n.domain == op.DOMAIN]
         types = {n.op_type for n in nodes}
         if select_op.OP_TYPE in types:

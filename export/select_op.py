@@ -210,6 +210,48 @@ def route_by_tokens(model: onnx.ModelProto, row_tokens: int = DEFAULT_ROW_TOKENS
     return count
 
 
+def unroute(model: onnx.ModelProto) -> int:
+    """Undo route_by_tokens in place: each If whose then branch is a lone SelectFFN node becomes that node (writing
+    the If's output), and the token count's Shape / Squeeze / LessOrEqual that only fed it go too; return how many.
+
+    For a session whose SelectFFN kernel runs every call itself (AMX tile products for many tokens): the If and
+    its condition cost a subgraph call per layer and step."""
+    producer = {o: node for node in model.graph.node for o in node.output}
+    uses: dict[str, int] = {}
+    for node in iter_nodes(model.graph):
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for out in model.graph.output:
+        uses[out.name] = uses.get(out.name, 0) + 1
+    replaced: dict[int, onnx.NodeProto] = {}
+    dropped: set[int] = set()
+    for node in model.graph.node:
+        branch = next((a.g for a in node.attribute if a.name == "then_branch"), None) if node.op_type == "If" else None
+        if branch is None or len(branch.node) != 1:
+            continue
+        inner = branch.node[0]
+        if inner.domain != DOMAIN or inner.op_type != OP_TYPE or list(inner.output) != [branch.output[0].name]:
+            continue
+        lone = onnx.NodeProto()
+        lone.CopyFrom(inner)
+        del lone.output[:]
+        lone.output.append(node.output[0])
+        replaced[id(node)] = lone
+        name = node.input[0]  # the condition, back through nodes that feed nothing else
+        while name in producer and uses.get(name, 0) == 1 and producer[name].op_type in ("LessOrEqual", "Squeeze", "Shape"):
+            dropped.add(id(producer[name]))
+            name = producer[name].input[0]
+    if replaced:
+        nodes = [replaced.get(id(n), n) for n in model.graph.node if id(n) not in dropped]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        if not any(ROW_TOKENS_NAME in n.input for n in iter_nodes(model.graph)):
+            kept = [i for i in model.graph.initializer if i.name != ROW_TOKENS_NAME]
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(kept)
+    return len(replaced)
+
+
 def _hidden_nodes(activation: str, opset: int, out: str) -> list[onnx.NodeProto]:
     """gu (T, 2F') interleaved -> out (T, F') = act(g) * u, zeroed where |h| <= h_threshold (standard ops)."""
     n = helper.make_node

@@ -672,11 +672,43 @@ def test_selector_export_with_bf16_tables(library, workdir, data_file):
             lm = OrtCausalLM(folder, experts=experts, initializers={select_op.ROW_TOKENS_NAME: np.array(row_tokens, np.int64)})
             logits.append(lm.run(ids, mask, pos, lm.first_past(2))[0][real])
     assert max(np.abs(a - logits[0]).max() for a in logits) <= 1e-4
-    # with the kernel and bf16 tables on a CPU with AMX, long calls go to SelectFFN's AMX path (the switch moved)
+    # with the kernel and bf16 tables on a CPU with AMX, long calls go to SelectFFN's AMX path (the session runs the
+    # graph without the If nodes)
     lm = OrtCausalLM(folder, experts="kernel")
-    assert lm.long_calls == ("amx" if ort_ops.amx_usable(lm.ops_library) else "matmul")
-    assert OrtCausalLM(folder, experts="body").long_calls == "matmul"
+    amx = ort_ops.amx_usable(lm.ops_library)
+    assert lm.long_calls == ("amx" if amx else "matmul") and lm.row_switch_removed == amx
+    body = OrtCausalLM(folder, experts="body")
+    assert body.long_calls == "matmul" and not body.row_switch_removed
     assert np.abs(lm.run(ids, mask, pos, lm.first_past(2))[0][real] - logits[0]).max() <= 1e-4
+    if amx:  # the switch moved instead (a caller's own value is kept as it is): the same logits
+        kept = OrtCausalLM(folder, experts="kernel", initializers={select_op.ROW_TOKENS_NAME: np.array(10**6, np.int64)})
+        assert kept.long_calls == "matmul" and not kept.row_switch_removed
+        assert np.abs(kept.run(ids, mask, pos, kept.first_past(2))[0][real] - logits[0]).max() <= 1e-4
+
+
+def test_unroute_undoes_route_by_tokens():
+    """select_op.unroute: each If on the token count becomes its SelectFFN node again, writing the If's output, and
+    the count's Shape / Squeeze / LessOrEqual and the switch's initializer go; other Ifs and nodes stay."""
+    from momcompress.export import select_op
+
+    d, n = 8, 16
+    nodes, inits = [], []
+    for i in range(2):
+        nodes.append(helper.make_node(select_op.OP_TYPE, [f"x{i}", f"xt{i}", f"gu{i}", f"dn{i}", f"ht{i}"], [f"x{i + 1}"],
+                                      domain=op.DOMAIN, activation="silu", name=f"sel{i}"))
+        inits += [_init(f"xt{i}", torch.zeros(d)), _init(f"gu{i}", torch.zeros(d, 2 * n)), _init(f"dn{i}", torch.zeros(n, d)),
+                  _init(f"ht{i}", torch.zeros(n))]
+    nodes.append(helper.make_node("Relu", ["x2"], ["y"], name="relu"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["T", d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", d])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(op.DOMAIN, op.DOMAIN_VERSION)])
+    before = [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
+    assert select_op.route_by_tokens(model, 4) == 2
+    assert [n.op_type for n in model.graph.node].count("If") == 2
+    assert select_op.unroute(model) == 2
+    assert [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node] == before
+    assert select_op.ROW_TOKENS_NAME not in {i.name for i in model.graph.initializer}
+    assert select_op.unroute(model) == 0  # nothing left to undo
 
 
 def test_select_hidden_kernel_equals_its_function_body(library):

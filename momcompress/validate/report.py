@@ -210,8 +210,10 @@ def format_markdown(report: dict, plot_files: list[str]) -> str:
         if sparse_path == "kernel":
             out += [f"The MoM export's {node} nodes ran the compiled momcompress kernel (`{ort['ops_library']}`)."]
             if ort.get("long_calls") == "amx":
+                how = ("ran the graph without the file's If nodes" if ort.get("row_switch_removed")
+                       else "moved the file's row switch")
                 out += [("Its bf16 tables took the kernel's AMX tile products for calls of 5 tokens or more (the "
-                         "file's MatMul branch unused: the session moved its row switch).")]
+                         f"file's MatMul branch unused: the session {how}).")]
         elif sparse_path:
             out += [f"The MoM export's {node} nodes ran their ONNX function body: the compiled kernel was not "
                     "registered (build it with `momcompress build-ops`)."]

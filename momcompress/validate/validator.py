@@ -313,6 +313,7 @@ def _onnx_speed(onnx_dense, onnx_sparse, dense, sparse, config, tokens, prefill,
     result["experts_path"] = {name: r.experts_path for name, r in runners.items()}
     result["custom_op"] = runners["sparse"].custom_op  # MoMExperts, or SelectFFN for a per-token selector
     result["long_calls"] = getattr(runners["sparse"], "long_calls", None)  # selector calls above the row switch: amx / matmul
+    result["row_switch_removed"] = getattr(runners["sparse"], "row_switch_removed", False)  # the session ran no If nodes
     result["ops_library"] = next((str(r.ops_library) for r in runners.values() if r.ops_library), None)
     return result
 
