@@ -709,15 +709,36 @@ OrtStatus* parallel(const OrtKernelContext* ctx, void (*fn)(void*, size_t), int6
   return g_api->KernelContext_ParallelFor(ctx, fn, static_cast<size_t>(tasks), 0, data);
 }
 
-// The row path: out (T, d) f32 = the layer on x (T, d) f32.
-// The row path: out (T, d) f32 = the layer on x (T, d) f32, one task per thread (the tasks are independent: a
-// task per hardware thread keeps each table row's piece long; see select_rows.h).
-OrtStatus* select_rows_path(const OrtKernelContext* ctx, SelectRows& job, ONNXTensorElementDataType wtype, float* out) {
-  std::vector<float> gu, partial;
+// The row path: the layer on x (T, d) into the node's output, one task per hardware thread (the tasks are
+// independent; one per thread keeps each table row's piece long: see select_rows.h). The lists and buffers are
+// kept per calling thread between calls (a decode step calls this once per layer: no allocation), and fp32 x
+// and output are used where they lie.
+OrtStatus* select_rows_path(OrtKernelContext* ctx, const Tensor& x, const float* x_thr, SelectRows& job,
+                            ONNXTensorElementDataType wtype) {
+  thread_local std::vector<float> xf, gu, partial, out;
+  const int64_t size = job.T * job.d;
+  const bool fp32_x = x.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  const float* xv = static_cast<const float*>(x.data);
+  if (!fp32_x) {
+    xf.resize(static_cast<size_t>(size));
+    load_f32(x, size, xf.data());
+    xv = xf.data();
+  }
+  gather_kept(xv, x_thr, job);
   plan_tasks(job, hardware_threads(), gu, partial);
   const bool f32 = wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, b16 = wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
   MOM_RETURN_IF(parallel(ctx, f32 ? range_task<float> : b16 ? range_task<bf16> : range_task<f16>, job.ranges, &job));
-  sum_partials(job, out);
+  OrtValue* value = nullptr;
+  void* data = nullptr;
+  MOM_RETURN_IF(g_api->KernelContext_GetOutput(ctx, 0, x.shape.data(), x.shape.size(), &value));
+  MOM_RETURN_IF(g_api->GetTensorMutableData(value, &data));
+  if (fp32_x) {
+    sum_partials(job, static_cast<float*>(data));
+    return nullptr;
+  }
+  out.resize(static_cast<size_t>(size));
+  sum_partials(job, out.data());
+  store(out.data(), size, x.type, data);
   return nullptr;
 }
 
@@ -873,15 +894,10 @@ OrtStatus* select_ffn_compute(void* kernel, OrtKernelContext* ctx) try {
     MOM_RETURN_IF(g_api->KernelContext_GetInput(ctx, 3, &dn_value));
     return select_dense_path(k, ctx, x, xt, gu_value, dn_value, ht, n);
   }
-  SelectRows job;
+  thread_local SelectRows job;
   job.T = T; job.d = d; job.n = n; job.h_thr = ht; job.act = k.act;
   job.gate_up = gu.data; job.down = dn.data;
-  std::vector<float> xf(static_cast<size_t>(T * d));
-  load_f32(x, T * d, xf.data());
-  gather_kept(xf.data(), xt, job);
-  std::vector<float> out(static_cast<size_t>(T * d));
-  MOM_RETURN_IF(select_rows_path(ctx, job, gu.type, out.data()));
-  return finish(ctx, x, out);
+  return select_rows_path(ctx, x, xt, job, gu.type);
 } catch (const std::bad_alloc&) {
   return g_api->CreateStatus(ORT_FAIL, "momcompress::SelectFFN: out of memory");
 } catch (const std::exception& e) {
