@@ -83,3 +83,26 @@ def test_trt_rtx_builds_the_dense_export_for_every_target(workdir, tmp_path):
 def _export(frozen, out, body):
     momcompress.export(frozen, out, body=body, new_tokens=2)
     return out
+
+
+@pytest.mark.trt
+def test_trt_rtx_builds_a_per_token_selector_export_with_bf16_tables(workdir, data_file, tmp_path):
+    """The default freeze of a per-token selector (bf16 tables in an fp32 model): its export (an If per layer
+    around SelectFFN, the masked-dense function bodies with CastLike of the bf16 tables) parses with no node
+    refused and builds an SM89 engine; the export's own --trt-rtx-check line passes."""
+    pytest.importorskip("tensorrt_rtx")
+    model_dir = make_tiny_model_dir(workdir / "model-select", "llama")
+    cfg = LearnConfig(target=0.5, selector="activations", steps=4, batch_size=4, seq_len=32, data=str(data_file),
+                      eval_tokens=256, init_tokens=512, log_every=100, dtype="float32")
+    momcompress.learn(str(model_dir), tmp_path / "run", cfg)
+    momcompress.freeze(tmp_path / "run", tmp_path / "frozen")
+    manifest = momcompress.export(tmp_path / "frozen", tmp_path / "onnx", new_tokens=2, trt_rtx_check="SM89")
+    rtx = manifest["tensorrt_rtx"]
+    assert rtx["parsed"] and rtx["built"] and rtx["refused"] == [] and rtx["engine_bytes"] > 0
+    assert manifest["checks"][-1]["ok"] and "no node refused" in manifest["checks"][-1]["detail"]
+    import onnx
+    from momcompress.export import select_op
+
+    model = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    assert {inits[n.input[2]] for n in select_op.select_nodes(model)} == {onnx.TensorProto.BFLOAT16}
