@@ -173,7 +173,8 @@ class OrtCausalLM:
         self.row_switch = False  # the file routes selector calls by token count (select_op.ROW_TOKENS_NAME)
         self.experts_path = self._register_ops(options, provider, experts)
         # bf16 selector tables on a CPU with AMX: SelectFFN's kernel runs every call (rows for few tokens, AMX tile
-        # products for more), so the export's switch moves out of the way unless the caller set it
+        # products for more), so the export's switch goes (its If nodes removed, or the switch moved) unless the
+        # caller set it
         self.long_calls = None  # "amx" when that is so ("matmul": the file's MatMul branch; None: no selector)
         self.row_switch_removed = False  # the session runs the graph without the switch's If nodes (see below)
         source: str | bytes = str(self.path)
