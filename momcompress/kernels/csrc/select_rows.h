@@ -218,7 +218,6 @@ MOM_INLINE void union_rows_to_tokens(const W* const* rows, int64_t nr, const flo
   }
 }
 
-
 // h (m,) of token t over neurons [lo, lo + m): act(g) * u from the gu columns of those neurons.
 MOM_INLINE void hidden_of_token(const SelectRows& job, int64_t t, int64_t lo, int64_t m, float* h) {
   activate_pairs(job.gu + t * job.gstride + 2 * lo, m, job.act, h);
