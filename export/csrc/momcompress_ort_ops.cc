@@ -728,17 +728,16 @@ OrtStatus* select_rows_path(OrtKernelContext* ctx, const Tensor& x, const float*
   plan_tasks(job, hardware_threads(), gu, partial);
   const bool f32 = wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, b16 = wtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
   MOM_RETURN_IF(parallel(ctx, f32 ? range_task<float> : b16 ? range_task<bf16> : range_task<f16>, job.ranges, &job));
+  if (!fp32_x) {
+    out.resize(static_cast<size_t>(size));
+    sum_partials(job, out.data());
+    return finish(ctx, x, out);
+  }
   OrtValue* value = nullptr;
   void* data = nullptr;
   MOM_RETURN_IF(g_api->KernelContext_GetOutput(ctx, 0, x.shape.data(), x.shape.size(), &value));
   MOM_RETURN_IF(g_api->GetTensorMutableData(value, &data));
-  if (fp32_x) {
-    sum_partials(job, static_cast<float*>(data));
-    return nullptr;
-  }
-  out.resize(static_cast<size_t>(size));
-  sum_partials(job, out.data());
-  store(out.data(), size, x.type, data);
+  sum_partials(job, static_cast<float*>(data));
   return nullptr;
 }
 
